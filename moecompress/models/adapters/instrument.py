@@ -1,0 +1,64 @@
+"""Route an experts module through `MoEAdapter.run_experts` using transformers' own dispatch.
+
+transformers 5 experts classes decorated with `@use_experts_implementation` look up their
+forward in `ALL_EXPERTS_FUNCTIONS` by `config._experts_implementation`. We register one
+implementation, ``"moecompress"``, and give each instrumented experts module a private copy of
+its config that selects it. The model's block code (router call, shared experts, residual)
+runs unchanged, and un-instrumented layers keep their usual implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+if TYPE_CHECKING:
+    from moecompress.models.adapters.base import ExpertVisitor, MoEAdapter, MoELayerRef
+
+IMPLEMENTATION = "moecompress"
+_RUNNER_ATTR = "_moecompress_runner"
+
+
+def _instrumented_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    runner = self.__dict__.get(_RUNNER_ATTR)
+    if runner is None:
+        raise RuntimeError("experts module selected the moecompress implementation outside an instrument() context")
+    return runner(hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _instrumented_forward)
+
+
+@contextlib.contextmanager
+def instrumented_experts(
+    adapter: MoEAdapter, layers: Sequence[MoELayerRef], visitors: dict[int, ExpertVisitor]
+) -> Iterator[None]:
+    """Within the context, each layer's experts compute through `adapter.run_experts` with its visitor."""
+    saved = []
+    try:
+        for layer in layers:
+            experts = layer.experts
+            if not hasattr(experts, "config"):
+                raise RuntimeError(f"{type(experts).__name__} does not use transformers' experts dispatch")
+            saved.append((experts, experts.config))
+            private = copy.copy(experts.config)
+            private._experts_implementation_internal = IMPLEMENTATION
+            experts.config = private
+            visit = visitors[layer.index]
+
+            def runner(hidden, index, weights, _layer=layer, _visit=visit):
+                return adapter.run_experts(_layer, hidden, index, weights, _visit)
+
+            experts.__dict__[_RUNNER_ATTR] = runner
+        yield
+    finally:
+        for experts, config in saved:
+            experts.config = config
+            experts.__dict__.pop(_RUNNER_ATTR, None)

@@ -1,0 +1,231 @@
+"""Open local Hugging Face MoE checkpoints, offline, whole or one decoder layer at a time.
+
+* `inspect_checkpoint(path)`: validate the folder (config, safetensors files, MoE architecture)
+  without loading weights; every problem is a one-line `MoecompressError`.
+* `load_model(path, dtype=..., streaming=False)`: the model and its adapter. With
+  `streaming=True` the decoder layers stay on disk (accelerate's disk offload, which also
+  applies transformers' fused-expert conversion) and each layer's weights are read only while
+  that layer runs, so peak memory is about one layer plus activations.
+* `load_tokenizer(path)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.models.adapters import MoEAdapter, get_adapter, supported_model_types
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint folder holds, read from its config and safetensors headers only."""
+
+    path: Path
+    config: Any
+    adapter: MoEAdapter
+    weight_files: list[Path]
+    tensor_names: list[str]
+    bytes_on_disk: int
+
+
+def parse_dtype(name: str) -> torch.dtype | str:
+    """A dtype from its CLI name (auto, float32, bfloat16, float16)."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise MoecompressError(f"unknown dtype {name!r}; use one of: auto, float32, bfloat16, float16") from None
+
+
+def load_config(path: str | Path) -> Any:
+    """The checkpoint's transformers config, read offline, with clear errors."""
+    from transformers import AutoConfig
+
+    folder = Path(path)
+    if not folder.exists():
+        raise MoecompressError(f"checkpoint folder {str(folder)!r} does not exist; pass a local folder with config.json")
+    if not folder.is_dir():
+        raise MoecompressError(f"{str(folder)!r} is a file; pass the checkpoint folder that holds config.json")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise MoecompressError(f"{str(folder)!r} has no config.json; is it a Hugging Face checkpoint folder?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoecompressError(f"{config_file} is not valid JSON ({err}); the checkpoint is corrupt") from None
+    if "model_type" not in raw:
+        raise MoecompressError(f"{config_file} has no model_type; moecompress needs a transformers config")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError) as err:
+        raise MoecompressError(
+            f"transformers cannot read {config_file} (model_type {raw['model_type']!r}): {str(err).splitlines()[0]}"
+        ) from None
+
+
+def text_config(config: Any) -> Any:
+    """The language-model config inside a multimodal config, or the config itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def adapter_for(config: Any) -> MoEAdapter:
+    """The adapter for a config, with a helpful message for dense or unknown models."""
+    config = text_config(config)
+    model_type = getattr(config, "model_type", None)
+    try:
+        return get_adapter(config)
+    except MoecompressError:
+        if model_type is not None and not _looks_moe(config):
+            raise MoecompressError(
+                f"{model_type!r} is a dense model with no routed experts; moecompress compresses Mixture-of-Experts "
+                f"models (supported: {', '.join(supported_model_types())})"
+            ) from None
+        raise
+
+
+def _looks_moe(config: Any) -> bool:
+    keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+    return any(getattr(config, key, None) for key in keys)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files (single file or the shards named by the index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            raise MoecompressError(f"{index} is corrupt; re-download or re-save the checkpoint") from None
+        files = [folder / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MoecompressError(f"{folder} is missing shard(s) {', '.join(missing[:3])} named in {index.name}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise MoecompressError(
+            f"{folder} holds pickled weights (.bin); moecompress reads safetensors only: re-save with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    raise MoecompressError(f"{folder} has no model.safetensors or safetensors shards")
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Validate a checkpoint folder without loading weights: config, architecture, file headers."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    config = load_config(folder)
+    adapter = adapter_for(config)
+    files = weight_files(folder)
+    names: list[str] = []
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                names.extend(handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise MoecompressError(f"{file} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
+        total += file.stat().st_size
+    return CheckpointInfo(
+        path=folder, config=config, adapter=adapter, weight_files=files, tensor_names=names, bytes_on_disk=total
+    )
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    streaming: bool = False,
+    offload_dir: str | Path | None = None,
+) -> tuple[torch.nn.Module, MoEAdapter]:
+    """Load a local checkpoint for inference (eval mode) and return (model, adapter).
+
+    streaming: keep decoder layers on disk and read each layer's weights only while it runs
+    (peak memory about one layer); `offload_dir` holds converted fused-expert tensors
+    (a temporary folder by default, removed with the process).
+    """
+    from transformers import AutoModelForCausalLM
+
+    info = inspect_checkpoint(path)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, local_files_only=True)
+    if streaming:
+        kwargs["device_map"] = _streaming_device_map(info)
+        if offload_dir is None:
+            offload_dir = tempfile.mkdtemp(prefix="moecompress-offload-")
+        kwargs["offload_folder"] = str(offload_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(info.path, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoecompressError(f"could not load {info.path}: {first}") from None
+    model.eval()
+    return model, info.adapter
+
+
+def _streaming_device_map(info: CheckpointInfo) -> dict[str, str]:
+    """Decoder layers on disk, everything else (embeddings, final norm, head) in memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(info.config)
+    layers_path = info.adapter.layers_path
+    layers = info.adapter.decoder_layers(skeleton)
+    device_map: dict[str, str] = {}
+    for name, child in skeleton.named_children():
+        _map_children(skeleton, name, layers_path, len(layers), device_map)
+    return device_map
+
+
+def _map_children(root: torch.nn.Module, path: str, layers_path: str, num_layers: int, out: dict[str, str]) -> None:
+    if path == layers_path:
+        for i in range(num_layers):
+            out[f"{path}.{i}"] = "disk"
+        return
+    if layers_path.startswith(path + "."):
+        module = root.get_submodule(path)
+        for name, _ in module.named_children():
+            _map_children(root, f"{path}.{name}", layers_path, num_layers, out)
+        for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            out[f"{path}.{name}"] = "cpu"
+        return
+    out[path] = "cpu"
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint's tokenizer, offline; a clear error when the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise MoecompressError(
+            f"{path} has no usable tokenizer ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            "save one beside the model with tokenizer.save_pretrained"
+        ) from None

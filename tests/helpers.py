@@ -1,0 +1,41 @@
+"""Shared helpers for tests: seeded tiny models with decisive routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every weight from a seeded normal so routing is decisive and biases non-zero.
+
+    Norm weights stay near 1; matrices get std 0.15, vectors (biases, correction biases) std 0.1.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_floating_point() or "inv_freq" in name:
+                continue
+            if "norm" in name.lower() or name.endswith("layernorm.weight"):
+                tensor.copy_(1.0 + 0.05 * torch.randn(tensor.shape, generator=gen))
+            elif tensor.dim() >= 2:
+                tensor.copy_(0.15 * torch.randn(tensor.shape, generator=gen))
+            else:
+                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=gen))
+    return model
+
+
+def tiny_model(config: Any, seed: int = 0) -> torch.nn.Module:
+    """A tiny fp32 model from `config` with seeded random weights, in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def token_batch(vocab_size: int, batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
+    """Seeded random token ids (batch, length)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen)
