@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 
 # Command modules, in the order `--help` lists them. Each defines its command(s) on `app`.
-COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "eval_cmd", "demo_cmd")
+COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "eval_cmd", "demo_cmd")
 
 
 @app.callback()

@@ -206,6 +206,15 @@ class MoEAdapter:
                 break
         return refs
 
+    def residual_module(self, model: nn.Module, layer: MoELayerRef) -> nn.Module | None:
+        """The module whose INPUT is the residual stream entering the MoE block (h_t in EASY-EP).
+
+        Default: the decoder layer's `post_attention_layernorm`. None means the block's own
+        input is used instead.
+        """
+        decoder_layer = self.decoder_layers(model)[layer.index]
+        return getattr(decoder_layer, "post_attention_layernorm", None)
+
     def is_moe_block(self, block: nn.Module) -> bool:
         """True when `block` is a routed MoE block (not a dense MLP in the same slot)."""
         try:

@@ -40,7 +40,11 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _instrumented_forward)
 def instrumented_experts(
     adapter: MoEAdapter, layers: Sequence[MoELayerRef], visitors: dict[int, ExpertVisitor]
 ) -> Iterator[None]:
-    """Within the context, each layer's experts compute through `adapter.run_experts` with its visitor."""
+    """Within the context, each layer's experts compute through `adapter.run_experts` with its visitor.
+
+    A visitor may also have a `finish(hidden (T, H), index (T, k), weights (T, k), combined (T, H))`
+    method, called once per experts call after every expert has been visited.
+    """
     saved = []
     try:
         for layer in layers:
@@ -54,7 +58,11 @@ def instrumented_experts(
             visit = visitors[layer.index]
 
             def runner(hidden, index, weights, _layer=layer, _visit=visit):
-                return adapter.run_experts(_layer, hidden, index, weights, _visit)
+                combined = adapter.run_experts(_layer, hidden, index, weights, _visit)
+                finish = getattr(_visit, "finish", None)
+                if finish is not None:
+                    finish(hidden, index, weights, combined)
+                return combined
 
             experts.__dict__[_RUNNER_ATTR] = runner
         yield

@@ -1,0 +1,1 @@
+"""Benchmarks for moecompress: trained MoE fixtures and the harness that writes RESULTS.md."""

@@ -1,0 +1,181 @@
+"""The calibration pass: calibration data -> one observed forward -> `RoutingStats`.
+
+Two equivalent modes:
+
+* ``layerwise`` (default): the decoder runs one layer at a time over cached hidden states
+  (`LayerwiseRunner`), with decoder layers streamed from the checkpoint files, so peak
+  memory is about one layer plus activations;
+* ``whole-model``: an ordinary forward per batch with the whole model in memory; required
+  for the gradient statistic (HEAPr's neuron_grad_proj needs a backward pass from the loss).
+
+Both give the same statistics (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
+from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
+from moecompress.errors import MoecompressError
+from moecompress.models.adapters.base import MoEAdapter
+
+log = logging.getLogger(__name__)
+
+MODES = ("layerwise", "whole-model")
+
+
+def _batches(input_ids: torch.Tensor, domain_ids: torch.Tensor, domains: Sequence[str], batch_size: int
+             ) -> list[tuple[str, torch.Tensor]]:
+    """Single-domain batches (domain, (B, S)) in domain order, then sample order."""
+    out = []
+    for d, name in enumerate(domains):
+        rows = input_ids[domain_ids == d]
+        for start in range(0, rows.shape[0], batch_size):
+            out.append((name, rows[start : start + batch_size]))
+    return out
+
+
+def collect_statistics(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    input_ids: torch.Tensor,
+    domain_ids: torch.Tensor,
+    domains: Sequence[str],
+    statistics: Sequence[str] = DEFAULT_STATISTICS,
+    batch_size: int = 8,
+    mode: str = "layerwise",
+    progress: bool = True,
+) -> Observer:
+    """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer."""
+    if mode not in MODES:
+        raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
+    statistics = validate_statistics(statistics)
+    needs_grad = any(name in GRADIENT_STATISTICS for name in statistics)
+    if needs_grad and mode != "whole-model":
+        raise MoecompressError("gradient statistics (neuron_grad_proj) need mode 'whole-model' (a backward pass)")
+    observer = Observer(model, adapter, domains, statistics)
+    batches = _batches(input_ids, domain_ids, domains, batch_size)
+    if mode == "whole-model":
+        _whole_model_pass(model, observer, batches, needs_grad, progress)
+    else:
+        _layerwise_pass(model, adapter, observer, batches, progress)
+    return observer
+
+
+def _whole_model_pass(model: nn.Module, observer: Observer, batches: list[tuple[str, torch.Tensor]],
+                      needs_grad: bool, progress: bool) -> None:
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    handle = None
+    if needs_grad:
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        with observer.active():
+            for domain, ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+                observer.set_domain(domain)
+                if needs_grad:
+                    with torch.enable_grad():
+                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                        loss.backward()
+                else:
+                    with torch.no_grad():
+                        model(input_ids=ids, use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+
+
+def _layerwise_pass(model: nn.Module, adapter: MoEAdapter, observer: Observer,
+                    batches: list[tuple[str, torch.Tensor]], progress: bool) -> None:
+    runner = LayerwiseRunner(model, adapter)
+    runner.prepare(batches)
+    moe_indices = {ref.index for ref in observer.layers}
+    with tqdm(total=len(runner.layers), desc="calibrating", unit="layer", disable=not progress) as bar:
+        for index in range(len(runner.layers)):
+            if index in moe_indices:
+                with observer.active(layers=[index]):
+                    runner.run_layer(index, before_batch=observer.set_domain)
+            else:
+                runner.run_layer(index)
+            bar.update(1)
+
+
+def build_stats(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    observer: Observer,
+    model_path: str | Path,
+    data_digest: str,
+    data: dict[str, Any],
+    mode: str,
+    seed: int,
+) -> RoutingStats:
+    """Package an observer's sums with their header."""
+    refs = observer.layers
+    header = StatsHeader(
+        model_type=model.config.model_type,
+        config_hash=config_hash(model.config),
+        model_path=str(model_path),
+        moe_layers=[ref.index for ref in refs],
+        num_experts=refs[0].num_experts,
+        top_k=refs[0].top_k,
+        intermediate_size=observer.observers[refs[0].index].intermediate_size,
+        domains=list(observer.domains),
+        statistics=list(observer.statistics),
+        tokens=observer.token_counts(),
+        data_digest=data_digest,
+        data=data,
+        mode=mode,
+        seed=seed,
+        versions=library_versions(),
+    )
+    return RoutingStats(header, observer.tensors())
+
+
+def calibrate(
+    model_path: str | Path,
+    sources: Sequence[Any] | None = None,
+    num_samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    statistics: Sequence[str] = DEFAULT_STATISTICS,
+    mode: str = "layerwise",
+    progress: bool = True,
+) -> RoutingStats:
+    """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
+
+    sources: calibration domains (`DomainSource`); None uses the shipped calibration sets.
+    num_samples: windows of seq_len tokens per domain, chosen with `seed`.
+    """
+    from moecompress.calibration.data import build_calibration_set, default_calibration_sources
+    from moecompress.models.load import load_model, load_tokenizer
+
+    statistics = validate_statistics(statistics)
+    if any(name in GRADIENT_STATISTICS for name in statistics):
+        mode = "whole-model"
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_path)
+    sources = list(sources) if sources else default_calibration_sources()
+    calib = build_calibration_set(tokenizer, sources, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    model, adapter = load_model(model_path, dtype=dtype, streaming=(mode == "layerwise"))
+    observer = collect_statistics(
+        model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics, batch_size, mode, progress
+    )
+    data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
+            "seed": seed, "batch_size": batch_size, "dtype": dtype}
+    return build_stats(model, adapter, observer, model_path, calib.digest, data, mode, seed)

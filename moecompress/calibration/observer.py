@@ -1,0 +1,204 @@
+"""One-pass routing observer: every statistic of METHODS.md section 1 from one forward pass.
+
+Per MoE layer l, expert j, domain d, over the tokens routed to j only (X_j), in float64:
+
+    count           N_j = sum_t 1[j in K_t]
+    soft_count      sum_t g_{j,t}                      (g = the coefficient the model really applies)
+    out_norm        sum_{t in X_j} ||f_j(x_t)||
+    out_norm_sq     sum_{t in X_j} ||f_j(x_t)||^2
+    gated_out_norm  sum_{t in X_j} g_{j,t} ||f_j(x_t)||                        (REAP, arXiv 2510.13999)
+    easy_ep         sum_{t in X_j} g_{j,t} ||f_j(x_t)|| s_t,
+                    s_t = max(0, 1 - cos(h_t, h_t + y_t))                       (EASY-EP, arXiv 2504.06792)
+    top1_logit      sum_t 1[j = argmax_i l_{t,i}] l_{t,j}   (divide by tokens)  (PreMoe TCESS, arXiv 2505.17639)
+    max_act         max_{t in X_j} max |f_j(x_t)|                               (super experts, arXiv 2507.23279)
+    neuron_act_sq   sum_{t in X_j} a_{t,k}^2, a = down_proj input  (E, I)       (HEAPr, arXiv 2509.22299)
+    neuron_grad_proj sum_{t in X_j} (g'_t . w_k)^2  (E, I), g'_t = dLoss/df_j(x_t), w_k = column k of W_down;
+                    the O(E x I) identity for w_k^T M_e w_k, never a d x d matrix (opt-in: needs backward)
+
+h_t is the residual stream entering the MoE block and y_t the routed experts' combined output
+(shared experts excluded). g, the chosen experts and the logits come from the model's own
+router; expert outputs are computed once, for routed tokens only, by the adapter's
+`run_experts` (the same arithmetic as the model), so the pass costs one forward plus
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecompress.errors import MoecompressError
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
+
+EXPERT_STATISTICS = ("count", "soft_count", "out_norm", "out_norm_sq", "gated_out_norm", "easy_ep", "top1_logit", "max_act")
+NEURON_STATISTICS = ("neuron_act_sq",)
+GRADIENT_STATISTICS = ("neuron_grad_proj",)
+DEFAULT_STATISTICS = EXPERT_STATISTICS + NEURON_STATISTICS
+ALL_STATISTICS = DEFAULT_STATISTICS + GRADIENT_STATISTICS
+
+
+def validate_statistics(names: Sequence[str]) -> list[str]:
+    """Known statistic names, in canonical order; unknown ones raise a one-line error."""
+    unknown = sorted(set(names) - set(ALL_STATISTICS))
+    if unknown:
+        raise MoecompressError(f"unknown statistic(s) {', '.join(unknown)}; known: {', '.join(ALL_STATISTICS)}")
+    return [name for name in ALL_STATISTICS if name in set(names)]
+
+
+class LayerObserver:
+    """Accumulates the statistics of one MoE layer; called by `run_experts` once per expert."""
+
+    def __init__(self, adapter: MoEAdapter, layer: MoELayerRef, statistics: Sequence[str], domains: Sequence[str]) -> None:
+        self.adapter = adapter
+        self.layer = layer
+        self.statistics = set(statistics)
+        num_experts = layer.num_experts
+        width = adapter.expert_weights(layer, 0).intermediate_size
+        self.intermediate_size = width
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        for domain in domains:
+            per = {}
+            for name in statistics:
+                shape = (num_experts, width) if name in NEURON_STATISTICS + GRADIENT_STATISTICS else (num_experts,)
+                per[name] = torch.zeros(shape, dtype=torch.float64)
+            self.sums[domain] = per
+        self.tokens: dict[str, int] = {domain: 0 for domain in domains}
+        self.domain = domains[0]
+        self.residual: torch.Tensor | None = None  # (T, H) set by the residual hook
+        self._pending_easy: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    # called by run_experts
+    def __call__(self, expert: int, token_idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor,
+                 act: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
+        acc = self.sums[self.domain]
+        stats = self.statistics
+        if "neuron_grad_proj" in stats and out.requires_grad:
+            self._hook_gradient(expert, out)
+        with torch.no_grad():
+            out_d = out.detach().double()
+            gate_d = gate.detach().double()
+            norms = out_d.norm(dim=-1)  # (N_e,)
+            if "count" in stats:
+                acc["count"][expert] += token_idx.numel()
+            if "soft_count" in stats:
+                acc["soft_count"][expert] += gate_d.sum()
+            if "out_norm" in stats:
+                acc["out_norm"][expert] += norms.sum()
+            if "out_norm_sq" in stats:
+                acc["out_norm_sq"][expert] += norms.square().sum()
+            gated = gate_d * norms  # (N_e,)
+            if "gated_out_norm" in stats:
+                acc["gated_out_norm"][expert] += gated.sum()
+            if "easy_ep" in stats:
+                self._pending_easy.append((expert, token_idx, gated))
+            if "max_act" in stats:
+                acc["max_act"][expert] = torch.maximum(acc["max_act"][expert], out_d.abs().max())
+            if "neuron_act_sq" in stats:
+                acc["neuron_act_sq"][expert] += act.detach().double().square().sum(dim=0)
+
+    def _hook_gradient(self, expert: int, out: torch.Tensor) -> None:
+        down = self.adapter.expert_weights(self.layer, expert).down.detach().double()  # (H, I)
+        target = self.sums[self.domain]["neuron_grad_proj"]
+
+        def on_grad(grad: torch.Tensor) -> None:
+            projected = grad.detach().double() @ down  # (N_e, I) = g'_t . w_k
+            target[expert] += projected.square().sum(dim=0)
+
+        out.register_hook(on_grad)
+
+    def finish(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, combined: torch.Tensor) -> None:
+        """After all experts of one call: EASY-EP's s_t needs the combined routed output y_t."""
+        if not self._pending_easy:
+            return
+        with torch.no_grad():
+            h = self.residual if self.residual is not None and self.residual.shape[0] == hidden.shape[0] else hidden
+            h = h.detach().double()
+            y = combined.detach().double()
+            shift = (1.0 - nn.functional.cosine_similarity(h, h + y, dim=-1)).clamp(min=0.0)  # (T,)
+            acc = self.sums[self.domain]["easy_ep"]
+            for expert, token_idx, gated in self._pending_easy:
+                acc[expert] += (gated * shift[token_idx]).sum()
+        self._pending_easy.clear()
+        self.residual = None
+
+    def on_router_output(self, logits: torch.Tensor) -> None:
+        """Router forward hook: token count and the TCESS top-1 logit sum."""
+        logits = logits.detach().reshape(-1, logits.shape[-1])  # (T, E)
+        self.tokens[self.domain] += logits.shape[0]
+        if "top1_logit" in self.statistics:
+            with torch.no_grad():
+                top = logits.argmax(dim=-1)  # (T,)
+                values = logits.gather(1, top[:, None]).squeeze(1).double()
+                self.sums[self.domain]["top1_logit"].index_add_(0, top, values)
+
+
+class Observer:
+    """Collects statistics for the MoE layers of one model while `active()` is entered."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, domains: Sequence[str],
+                 statistics: Sequence[str] = DEFAULT_STATISTICS, layers: Sequence[int] | None = None) -> None:
+        if not domains:
+            raise MoecompressError("the observer needs at least one calibration domain")
+        self.model = model
+        self.adapter = adapter
+        self.domains = list(domains)
+        self.statistics = validate_statistics(statistics)
+        refs = adapter.moe_layers(model)
+        if layers is not None:
+            refs = [ref for ref in refs if ref.index in set(layers)]
+        self.layers = refs
+        self.observers = {ref.index: LayerObserver(adapter, ref, self.statistics, self.domains) for ref in refs}
+
+    def set_domain(self, domain: str) -> None:
+        """Attribute the following forward passes to `domain`."""
+        if domain not in self.domains:
+            raise MoecompressError(f"unknown domain {domain!r}; observer domains: {', '.join(self.domains)}")
+        for obs in self.observers.values():
+            obs.domain = domain
+
+    @contextlib.contextmanager
+    def active(self, layers: Sequence[int] | None = None) -> Iterator[Observer]:
+        """Within the context, forward passes through the chosen layers (default all) are observed."""
+        chosen = [ref for ref in self.layers if layers is None or ref.index in set(layers)]
+        handles: list[Any] = []
+        adapter = self.adapter
+        try:
+            for ref in chosen:
+                obs = self.observers[ref.index]
+
+                def router_hook(module, args, output, _obs=obs):
+                    _obs.on_router_output(adapter.router_logits_from_output(output))
+
+                handles.append(ref.router.register_forward_hook(router_hook))
+                residual_module = adapter.residual_module(self.model, ref)
+                if residual_module is not None and "easy_ep" in self.statistics:
+
+                    def residual_hook(module, args, _obs=obs):
+                        hidden = args[0]
+                        _obs.residual = hidden.detach().reshape(-1, hidden.shape[-1])
+
+                    handles.append(residual_module.register_forward_pre_hook(residual_hook))
+            with adapter.instrument(self.model, {ref.index: self.observers[ref.index] for ref in chosen}):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every accumulated tensor, named as in `RoutingStats.key`."""
+        from moecompress.calibration.stats import RoutingStats
+
+        out = {}
+        for index, obs in self.observers.items():
+            for domain, per in obs.sums.items():
+                for name, tensor in per.items():
+                    out[RoutingStats.key(name, index, domain)] = tensor.clone()
+        return out
+
+    def token_counts(self) -> dict[str, dict[str, int]]:
+        """layer -> domain -> tokens seen by the router."""
+        return {str(index): dict(obs.tokens) for index, obs in self.observers.items()}

@@ -1,0 +1,226 @@
+"""`moecompress inspect`: what a checkpoint is and where its bytes go, without loading weights.
+
+The checkpoint's config and safetensors headers are read (`inspect_checkpoint`); the module
+tree is built on the meta device, so inspecting a 100 GB model takes seconds and no memory.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moecompress.cli.app import app
+from moecompress.cli.options import JsonOption
+from moecompress.errors import MoecompressError
+from moecompress.models.adapters.base import MoEAdapter
+
+ROLE_LABELS: dict[str, str] = {
+    "attention": "attention",
+    "routed_experts": "routed experts",
+    "shared_experts": "shared experts",
+    "dense_mlp": "dense MLPs",
+    "routers": "routers",
+    "embeddings": "embeddings + head",
+    "norms_other": "norms / other",
+}
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Everything `inspect` shows, as a JSON-ready dict (config, MoE layout, sizes by role)."""
+    from moecompress.models.load import inspect_checkpoint, text_config
+    from moecompress.sizes import checkpoint_dtype, size_report, skeleton_model
+
+    info = inspect_checkpoint(path)
+    adapter = info.adapter
+    config = text_config(info.config)
+    dtype = checkpoint_dtype(info)
+    skeleton = skeleton_model(info.config, dtype)
+    moe_layers = adapter.moe_layers(skeleton)
+    num_layers = len(adapter.decoder_layers(skeleton))
+    moe_indices = [ref.index for ref in moe_layers]
+    layers = []
+    for ref in moe_layers:
+        shared_params = sum(p.numel() for module in ref.shared for p in module.parameters())
+        layers.append(
+            {
+                "index": ref.index,
+                "path": ref.path,
+                "experts": ref.num_experts,
+                "top_k": ref.top_k,
+                "expert_intermediate_size": adapter.expert_weights(ref, 0).intermediate_size,
+                "shared_modules": len(ref.shared),
+                "shared_params": shared_params,
+            }
+        )
+    groups = adapter.groups(config)
+    sizes = size_report(skeleton, adapter, dtype=dtype)
+    return {
+        "path": str(info.path),
+        "model_type": getattr(config, "model_type", None),
+        "architectures": list(getattr(info.config, "architectures", None) or []),
+        "adapter": type(adapter).__name__,
+        "supported": True,
+        "description": adapter_description(adapter),
+        "routing": getattr(adapter, "routing", None),
+        "groups": None if groups is None else {"n_group": groups[0], "topk_group": groups[1]},
+        "num_layers": num_layers,
+        "moe_layer_indices": moe_indices,
+        "dense_layer_indices": [i for i in range(num_layers) if i not in set(moe_indices)],
+        "num_experts": _uniform([layer["experts"] for layer in layers]),
+        "top_k": adapter.top_k(config),
+        "expert_intermediate_size": _uniform([layer["expert_intermediate_size"] for layer in layers]),
+        "shared_modules_per_layer": _uniform([layer["shared_modules"] for layer in layers]),
+        "shared_params_per_layer": _uniform([layer["shared_params"] for layer in layers]),
+        "moe_layers": layers,
+        "dtype": sizes.dtype,
+        "sizes": sizes.to_dict(),
+        "bytes_on_disk": info.bytes_on_disk,
+        "weight_files": [f.name for f in info.weight_files],
+        "num_tensors_on_disk": len(info.tensor_names),
+    }
+
+
+def adapter_description(adapter: MoEAdapter) -> str:
+    """One line describing the adapter's routing: its class docstring, else its module's."""
+    doc = type(adapter).__doc__ or pyinspect.getmodule(type(adapter)).__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _uniform(values: list[Any]) -> Any:
+    """The common value of a list, or the list itself when values differ (None when empty)."""
+    if not values:
+        return None
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (or '-' when empty)."""
+    if not indices:
+        return "-"
+    parts = []
+    start = prev = indices[0]
+    for index in indices[1:] + [None]:  # type: ignore[list-item]
+        if index is not None and index == prev + 1:
+            prev = index
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if index is not None:
+            start = prev = index
+    return ", ".join(parts)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moecompress.sizes import format_bytes, format_count
+
+    console = Console()
+    overview = Table(title=f"{summary['path']}", show_header=False, box=None, pad_edge=False)
+    overview.add_column(style="bold")
+    overview.add_column()
+    groups = summary["groups"]
+    shared_params = summary["shared_params_per_layer"]
+    rows = [
+        ("model_type", summary["model_type"]),
+        ("adapter", f"{summary['adapter']} (supported)"),
+        ("routing", summary["routing"] or summary["description"] or "-"),
+        ("expert groups", "-" if groups is None else f"{groups['n_group']} groups, top {groups['topk_group']} kept"),
+        ("decoder layers", str(summary["num_layers"])),
+        ("MoE layers", f"{_ranges(summary['moe_layer_indices'])} ({len(summary['moe_layer_indices'])})"),
+        ("dense layers", f"{_ranges(summary['dense_layer_indices'])} ({len(summary['dense_layer_indices'])})"),
+        ("experts per layer", str(summary["num_experts"])),
+        ("experts per token", str(summary["top_k"])),
+        ("expert width", str(summary["expert_intermediate_size"])),
+        (
+            "shared experts",
+            "none"
+            if not summary["shared_modules_per_layer"]
+            else f"{summary['shared_modules_per_layer']} module(s)/layer, "
+            f"{format_count(shared_params) if isinstance(shared_params, int) else shared_params} params/layer",
+        ),
+        ("dtype", str(summary["dtype"])),
+        ("on disk", f"{format_bytes(summary['bytes_on_disk'])} in {len(summary['weight_files'])} file(s)"),
+    ]
+    for key, value in rows:
+        overview.add_row(key, value)
+    console.print(overview)
+
+    sizes = summary["sizes"]
+    table = Table(title="Parameters by role")
+    table.add_column("role")
+    table.add_column("params", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    total = max(sizes["total_params"], 1)
+    for role, entry in sizes["roles"].items():
+        if entry["params"] == 0:
+            continue
+        table.add_row(
+            ROLE_LABELS.get(role, role),
+            format_count(entry["params"]),
+            format_bytes(entry["bytes"]),
+            f"{100 * entry['params'] / total:.1f}%",
+        )
+    table.add_row("total", format_count(sizes["total_params"]), format_bytes(sizes["total_bytes"]), "100%", style="bold")
+    console.print(table)
+
+
+def _print_architectures(as_json: bool) -> None:
+    from moecompress.models.adapters import supported_model_types, unsupported_model_types
+
+    supported = supported_model_types()
+    unsupported = unsupported_model_types()
+    if as_json:
+        typer.echo(json.dumps({"supported": supported, "unsupported": unsupported}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Architectures (transformers model_type)")
+    table.add_column("model_type")
+    table.add_column("status")
+    for name in supported:
+        table.add_row(name, "supported")
+    for name, reason in unsupported.items():
+        table.add_row(name, f"not supported: {reason}")
+    Console().print(table)
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="Local Hugging Face checkpoint folder (config.json + safetensors).", show_default=False),
+    ] = None,
+    json_output: JsonOption = False,
+    list_architectures: Annotated[
+        bool, typer.Option("--list-architectures", help="List supported and unsupported model_types and exit.")
+    ] = False,
+) -> None:
+    """Show a checkpoint's MoE layout and where its parameters go, without loading weights.
+
+    Reads config.json and the safetensors headers only: model type, MoE and dense layers,
+    experts per layer and per token, shared experts, routing, and parameters and bytes by
+    role (attention, routed experts, shared experts, dense MLPs, routers, embeddings, norms).
+
+    Examples:
+
+    * `moecompress inspect ./Qwen3-30B-A3B`
+    * `moecompress inspect ./my-moe --json`
+    * `moecompress inspect --list-architectures`
+    """
+    if list_architectures:
+        _print_architectures(json_output)
+        return
+    if model is None:
+        raise MoecompressError("pass a checkpoint folder (moecompress inspect MODEL) or --list-architectures")
+    summary = describe_checkpoint(model)
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)

@@ -1,0 +1,85 @@
+"""Option aliases shared by every command, so the same flag means the same thing everywhere.
+
+Use them as parameter annotations and give the default in the signature, e.g.
+
+    def calibrate(model: ModelArg, data: DataOption = None, seq_len: SeqLenOption = 256) -> None:
+
+Each command picks its own defaults; the flag names, short forms and help texts stay equal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelArg = Annotated[
+    Path,
+    typer.Argument(help="Local Hugging Face checkpoint folder (config.json + safetensors).", show_default=False),
+]
+
+DataOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Text data as NAME=PATH or PATH (.txt, .jsonl, .parquet, or a folder saved with datasets' "
+        "save_to_disk); "
+        "repeat for several domains. Default: the shipped calibration sets.",
+        show_default=False,
+    ),
+]
+
+FieldOption = Annotated[
+    str,
+    typer.Option("--field", help="Field (column) holding the text in .jsonl, .parquet and saved-dataset data."),
+]
+
+DtypeOption = Annotated[
+    str,
+    typer.Option("--dtype", help="Weights dtype while working: auto, float32, bfloat16 or float16."),
+]
+
+SeqLenOption = Annotated[
+    int,
+    typer.Option("--seq-len", min=2, help="Tokens per window (sequence length)."),
+]
+
+SamplesOption = Annotated[
+    int,
+    typer.Option("--samples", min=1, help="Number of token windows to use per domain."),
+]
+
+SeedOption = Annotated[
+    int,
+    typer.Option("--seed", help="Random seed (window sampling, tie breaking)."),
+]
+
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON object on stdout instead of tables."),
+]
+
+OutputOption = Annotated[
+    Path,
+    typer.Option("--output", "-o", help="Where to write the result.", show_default=False),
+]
+
+ForceOption = Annotated[
+    bool,
+    typer.Option("--force", help="Overwrite the output if it exists."),
+]
+
+BatchSizeOption = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, help="Windows per forward pass (lower it to save memory)."),
+]
+
+StreamingOption = Annotated[
+    bool,
+    typer.Option(
+        "--streaming",
+        help="Keep decoder layers on disk and read each one only while it runs (low memory, slower).",
+    ),
+]

@@ -1,0 +1,48 @@
+"""Write output folders atomically: build in a temporary sibling, rename into place when complete.
+
+Nothing is lost on failure or interruption: the temporary folder is removed, an existing
+output is only replaced with `force=True`, and never before the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from moecompress.errors import MoecompressError
+
+
+def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Validate an output folder before any work: not an input, not a non-empty folder without force."""
+    out = Path(path)
+    for item in inputs:
+        if Path(item).resolve() == out.resolve():
+            raise MoecompressError(f"output {str(out)!r} is the input checkpoint; choose another folder (inputs are never modified)")
+    if out.exists() and not out.is_dir():
+        raise MoecompressError(f"output {str(out)!r} exists and is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise MoecompressError(f"output folder {str(out)!r} is not empty; pass --force to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it becomes `path`."""
+    out = check_output_dir(path, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

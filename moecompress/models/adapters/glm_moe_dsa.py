@@ -1,0 +1,13 @@
+"""GLM-5 style GLM-MoE-DSA (sparse indexed attention): the DeepSeek-V3 router (sigmoid + correction bias + groups).
+
+See deepseek_v3.py for the routing formula and masking argument. MoE layers are the
+"sparse" entries of config.mlp_layer_types.
+"""
+
+from moecompress.models.adapters import register
+from moecompress.models.adapters.deepseek_v3 import DeepseekV3Adapter
+
+
+@register
+class GlmMoeDsaAdapter(DeepseekV3Adapter):
+    model_types = ("glm_moe_dsa",)
