@@ -135,7 +135,8 @@ def _jamba() -> Any:
 def _nemotron_h() -> Any:
     # one mixer per layer: Mamba-2, MoE, attention, MoE; group-limited sigmoid routing
     return transformers.NemotronHConfig(
-        **{**COMMON, "num_hidden_layers": 4}, layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+        **{**COMMON, "num_hidden_layers": 4},
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
         intermediate_size=96, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_routed_experts=8,
         num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
         mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=1, chunk_size=16,

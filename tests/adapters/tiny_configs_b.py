@@ -191,3 +191,82 @@ def _hy_v4() -> Any:
         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.0, hc_mult=2,
         swiglu_limit=0.5,
     )
+
+
+@tiny("axk1")
+def _axk1() -> Any:
+    return transformers.AXK1Config(
+        **MLA, **TOKENS, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"],
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+
+
+@tiny("axk2")
+def _axk2() -> Any:
+    return transformers.AXK2Config(
+        **DSA, **TOKENS, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"],
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, gated_norm_rank=8,
+    )
+
+
+@tiny("beam")
+def _beam() -> Any:
+    return transformers.BeamConfig(
+        **COMMON, **TOKENS, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+
+
+@tiny("dots3_note_text")
+def _dots3_note_text() -> Any:
+    return transformers.Dots3NoteTextConfig(
+        **DSA, **TOKENS, intermediate_size=96, moe_intermediate_size=32, shared_experts_intermediate_size=48,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=2.0, sliding_window=8,
+        layer_types=["indexed_attention", "sliding_attention", "indexed_attention"],
+    )
+
+
+@tiny("kolibri1")
+def _kolibri1() -> Any:
+    return transformers.Kolibri1Config(
+        **COMMON, **TOKENS, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+
+
+@tiny("flint")
+def _flint() -> Any:
+    return transformers.FlintConfig(
+        **COMMON, **TOKENS, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        mlp_only_layers=[0], sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+
+
+@tiny("inkling2_text")
+def _inkling2_text() -> Any:
+    return transformers.Inkling2TextConfig(
+        **COMMON, **TOKENS, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+        sliding_window_size=8, d_rel=4, rel_extent=8, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, route_scale=2.0, n_layers_per_attn_res_block=2, unpadded_vocab_size=128,
+        layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], mlp_gate_softcap=1.0, mlp_up_softcap=1.0,
+    )
+
+
+@tiny("inkling_text")
+def _inkling_text() -> Any:
+    return transformers.InklingTextConfig(
+        **COMMON, **TOKENS, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+        sliding_window_size=8, d_rel=4, rel_extent=8, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, route_scale=2.0,
+        mlp_layer_types=["dense", "sparse", "sparse"], logits_mup_width_multiplier=1.0,
+        layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], unpadded_vocab_size=128,
+    )

@@ -20,28 +20,8 @@ from moecompress.evaluate import evaluate_perplexity
 from moecompress.models.load import load_model, load_tokenizer
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.helpers import tiny_model
+from tests.cli_helpers import error_lines, run_cli
 from tests.tiny_tokenizer import sample_text, save_tokenizer
-
-
-def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Run `moecompress ARGS` in-process; return (exit code, stdout, stderr)."""
-    from moecompress.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["moecompress", *args])
-    monkeypatch.setenv("COLUMNS", "120")
-    capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_lines(err: str) -> list[str]:
-    assert "Traceback" not in err
-    return [line for line in err.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")

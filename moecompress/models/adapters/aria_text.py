@@ -19,6 +19,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class AriaTextAdapter(MoEAdapter):
     model_types = ("aria_text",)
+    routing = "topk-softmax"
     block_attrs = ("mlp",)
     router_attr = "router"
     shared_attrs = ("shared_experts",)

@@ -21,6 +21,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class BailingHybridAdapter(MoEAdapter):
     model_types = ("bailing_hybrid",)
+    routing = "sigmoid-bias-group"
     block_attrs = ("mlp",)
     router_attr = "gate"
     shared_attrs = ("shared_experts",)
@@ -28,6 +29,7 @@ class BailingHybridAdapter(MoEAdapter):
     top_k_key = "num_experts_per_token"
     intermediate_size_key = "moe_intermediate_size"
     correction_bias_paths = ("gate.e_score_correction_bias",)
+    min_kept_per_group = 2  # a group is scored by the sum of its top two experts
     group_keys = ("num_expert_group", "topk_group")
 
     def check_width_patchable(self, config: Any) -> None:

@@ -174,6 +174,12 @@ class MoEAdapter:
     group_keys: ClassVar[tuple[str, str] | None] = None
     layers_path: ClassVar[str] = "model.layers"
     notes: ClassVar[str] = ""
+    # How the router turns logits into combine weights, for `inspect` and the docs:
+    # "softmax", "softmax-renorm", "topk-softmax", "sigmoid", "sigmoid-bias-group", "sparsemixer", ...
+    routing: ClassVar[str | None] = None
+    # Group-limited routers score a group by its best experts (DeepSeek-V3 sums the top two),
+    # so each group must keep at least this many experts.
+    min_kept_per_group: ClassVar[int] = 1
 
     # ------------------------------------------------------------------ discovery
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

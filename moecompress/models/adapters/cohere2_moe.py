@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters import register
-from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
 
 @register
 class Cohere2MoeAdapter(MoEAdapter):
     model_types = ("cohere2_moe",)
+    routing = "topk-softmax or topk-sigmoid (expert_selection_fn)"
     block_attrs = ("mlp",)
     router_attr = "gate"
     shared_attrs = ("shared_experts",)
@@ -33,3 +36,7 @@ class Cohere2MoeAdapter(MoEAdapter):
                 "this cohere2_moe model sizes its shared experts with the routed experts' intermediate_size; "
                 "uniform neuron pruning cannot be saved as a stock config: prune whole experts instead"
             )
+
+    def residual_module(self, model: nn.Module, layer: MoELayerRef) -> nn.Module | None:
+        """Attention and MoE run in parallel on `input_layernorm(h)`; its input h is the residual stream."""
+        return self.decoder_layers(model)[layer.index].input_layernorm

@@ -15,6 +15,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class GptOssAdapter(MoEAdapter):
     model_types = ("gpt_oss",)
+    routing = "topk-softmax (router bias)"
     block_attrs = ("mlp",)
     router_attr = "router"
     router_bias_attr = "bias"

@@ -20,6 +20,7 @@ from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 @register
 class HunYuanMoEV1Adapter(MoEAdapter):
     model_types = ("hunyuan_v1_moe",)
+    routing = "softmax-renorm"
     block_attrs = ("mlp",)
     router_attr = "gate"
     router_weight_attr = "wg.weight"
@@ -43,6 +44,6 @@ class HunYuanMoEV1Adapter(MoEAdapter):
     def check_width_patchable(self, config: Any) -> None:
         """The shared MLP is sized by `intermediate_size` too: one key cannot give the two different widths."""
         raise MoecompressError(
-            "hunyuan_v1_moe sizes its shared MLP and its routed experts with the same intermediate_size; "
-            "uniform neuron pruning of the routed experts cannot be saved as a stock config: prune whole experts instead"
+            "hunyuan_v1_moe sizes its shared MLP and its routed experts with the same intermediate_size; uniform "
+            "neuron pruning of the routed experts cannot be saved as a stock config: prune whole experts instead"
         )

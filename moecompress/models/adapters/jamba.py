@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters import register
-from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
 
 @register
 class JambaAdapter(MoEAdapter):
     model_types = ("jamba",)
+    routing = "softmax"
     block_attrs = ("feed_forward",)
     router_attr = "router"
     expert_count_keys = ("num_experts",)
@@ -30,3 +33,7 @@ class JambaAdapter(MoEAdapter):
                 "this jamba model has dense MLP layers sized by the routed experts' intermediate_size; "
                 "uniform neuron pruning cannot be saved as a stock config: prune whole experts instead"
             )
+
+    def residual_module(self, model: nn.Module, layer: MoELayerRef) -> nn.Module | None:
+        """The pre-MoE norm is `pre_ff_layernorm`; its input is the residual stream."""
+        return self.decoder_layers(model)[layer.index].pre_ff_layernorm

@@ -100,6 +100,7 @@ class Llama4LayerRef(MoELayerRef):
 @register
 class Llama4TextAdapter(MoEAdapter):
     model_types = ("llama4_text",)
+    routing = "topk-sigmoid, score scales the expert input"
     block_attrs = ("feed_forward",)
     router_attr = "router"
     shared_attrs = ("shared_expert",)
@@ -151,7 +152,8 @@ class Llama4TextAdapter(MoEAdapter):
                 captured: dict[str, torch.Tensor] = {}
 
                 def keep_logits(module: nn.Module, args: Any, output: Any, _captured=captured) -> None:
-                    _captured["logits"] = output[1]
+                    _captured["hidden"] = args[0]  # (T, H) the block's input
+                    _captured["logits"] = output[1]  # (T, E)
 
                 handle = layer.router.register_forward_hook(keep_logits)
                 restores.append(handle.remove)
@@ -167,7 +169,8 @@ class Llama4TextAdapter(MoEAdapter):
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(routed_in: torch.Tensor) -> torch.Tensor:
             logits = captured.pop("logits", None)
-            if logits is None:
+            hidden = captured.pop("hidden", None)
+            if logits is None or hidden is None:
                 raise RuntimeError("Llama4 experts ran without their router inside an instrument() context")
             hidden_size = routed_in.shape[-1]
             dense_in = routed_in.view(layer.num_experts, -1, hidden_size)  # (E, T, H): row (e, t) = score * x_t
@@ -176,18 +179,20 @@ class Llama4TextAdapter(MoEAdapter):
             index = self._top_k_index(layer, logits.view(num_tokens, -1))  # (T, k)
             ones = torch.ones(num_tokens, 1, dtype=routed_in.dtype, device=routed_in.device)
             dense_out = torch.zeros_like(dense_in)
+            combined = torch.zeros_like(dense_in[0])  # (T, H) the routed experts' sum the block adds
             for j in range(index.shape[1]):
                 slot_index = index[:, j : j + 1]  # (T, 1)
                 scaled = dense_in[index[:, j], tokens]  # (T, H): the input the model feeds expert index[t, j]
                 out = self.run_experts(layer, scaled, slot_index, ones, _with_slot(visit, j))
                 dense_out[index[:, j], tokens] = out
+                combined += out
+            finish = getattr(visit, "finish", None)
+            if finish is not None:
+                weights = torch.ones(index.shape, dtype=combined.dtype, device=combined.device)
+                finish(hidden.reshape(num_tokens, hidden_size), index, weights, combined)
             return dense_out.view(-1, hidden_size)
 
         return forward
-
-    def expert_param_names(self, layer: MoELayerRef) -> list[str]:
-        """State-dict names (relative to the experts module) of per-expert tensors."""
-        return [name for name, _ in layer.experts.module.named_parameters()]
 
     def check_width_patchable(self, config: Any) -> None:
         """The shared expert is sized by `intermediate_size` too: one key cannot give two widths."""

@@ -16,6 +16,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class MiniMaxM3VLTextAdapter(MoEAdapter):
     model_types = ("minimax_m3_vl_text",)
+    routing = "sigmoid-bias"
     block_attrs = ("mlp",)
     router_attr = "gate"
     shared_attrs = ("shared_experts",)

@@ -10,6 +10,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class MixtralAdapter(MoEAdapter):
     model_types = ("mixtral",)
+    routing = "softmax-renorm"
     block_attrs = ("mlp",)
     router_attr = "gate"
     expert_count_keys = ("num_local_experts",)

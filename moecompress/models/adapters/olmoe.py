@@ -10,6 +10,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class OlmoeAdapter(MoEAdapter):
     model_types = ("olmoe",)
+    routing = "softmax (renorm iff norm_topk_prob)"
     block_attrs = ("mlp",)
     router_attr = "gate"
     expert_count_keys = ("num_experts",)

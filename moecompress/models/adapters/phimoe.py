@@ -12,6 +12,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class PhimoeAdapter(MoEAdapter):
     model_types = ("phimoe",)
+    routing = "sparsemixer"
     block_attrs = ("mlp",)
     router_attr = "router"
     expert_count_keys = ("num_local_experts",)

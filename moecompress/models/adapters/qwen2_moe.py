@@ -12,6 +12,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class Qwen2MoeAdapter(MoEAdapter):
     model_types = ("qwen2_moe",)
+    routing = "softmax (renorm iff norm_topk_prob)"
     block_attrs = ("mlp",)
     router_attr = "gate"
     shared_attrs = ("shared_expert",)

@@ -13,6 +13,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class Qwen3_5MoeTextAdapter(MoEAdapter):
     model_types = ("qwen3_5_moe_text",)
+    routing = "softmax-renorm"
     block_attrs = ("mlp",)
     router_attr = "gate"
     shared_attrs = ("shared_expert",)

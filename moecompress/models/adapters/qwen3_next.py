@@ -13,6 +13,7 @@ from moecompress.models.adapters.base import MoEAdapter
 @register
 class Qwen3NextAdapter(MoEAdapter):
     model_types = ("qwen3_next",)
+    routing = "softmax (renorm iff norm_topk_prob)"
     block_attrs = ("mlp",)
     router_attr = "gate"
     shared_attrs = ("shared_expert",)
