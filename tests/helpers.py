@@ -18,7 +18,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if not tensor.is_floating_point() or "inv_freq" in name:
                 continue
-            if "norm" in name.lower() or name.endswith("layernorm.weight"):
+            owner = name.rpartition(".")[0].rpartition(".")[2].lower()  # module that owns the tensor
+            if tensor.dim() == 1 and "norm" in owner:
                 tensor.copy_(1.0 + 0.05 * torch.randn(tensor.shape, generator=gen))
             elif tensor.dim() >= 2:
                 tensor.copy_(0.15 * torch.randn(tensor.shape, generator=gen))

@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 
 # Command modules, in the order `--help` lists them. Each defines its command(s) on `app`.
-COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "eval_cmd", "demo_cmd")
+COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "condense_cmd", "route_task_cmd", "eval_cmd", "demo_cmd")
 
 
 @app.callback()
@@ -87,3 +87,4 @@ def main() -> None:
         if isinstance(err, click.exceptions.Abort):
             sys.exit(1)
         raise
+

@@ -1,4 +1,4 @@
-"""`moecompress prune`: remove routed experts and write a checkpoint standard loaders open."""
+"""`moecompress prune`: remove routed experts (or expert neurons) and write a smaller checkpoint."""
 
 from __future__ import annotations
 
@@ -45,17 +45,29 @@ def prune_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the pruned checkpoint.",
                                                 show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Scoring method: frequency, soft_count, reap, ean, "
-                                        "easy_ep, premoe, random (see docs/methods).")] = "reap",
-    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of routed experts to remove per layer.",
-                                                show_default=False)] = None,
+                                        "easy_ep, premoe, naee, random (experts) or heapr (neurons); see "
+                                        "docs/methods.")] = "reap",
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of routed experts (heapr: of routed-expert "
+                                                "neurons) to remove.", show_default=False)] = None,
     keep: Annotated[int | None, typer.Option("--keep", help="Routed experts to keep per layer (instead of --ratio).",
                                              show_default=False)] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="Method parameter key=value (repeatable).",
-                                                    show_default=False)] = None,
-    domain: Annotated[str | None, typer.Option("--domain", help="Score on this calibration domain only.",
-                                               show_default=False)] = None,
+    allocation: Annotated[str | None, typer.Option(
+        "--allocation", help="uniform: same count per layer / same width per expert (loads in transformers); global: "
+        "one threshold across layers (needs moecompress.load). Default: uniform for expert methods, global for "
+        "heapr.", show_default=False)] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Method parameter key=value (repeatable), e.g. "
+                                                    "--param top_k=2 for premoe.", show_default=False)] = None,
+    domain: Annotated[str | None, typer.Option("--domain", help="Score on this calibration domain only "
+                                               "(domain-specific pruning).", show_default=False)] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Reuse statistics from `moecompress calibrate`.",
                                                show_default=False)] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Also write this experts-per-token value into the "
+                                              "config.", show_default=False)] = None,
+    dynamic_skip: Annotated[bool, typer.Option("--dynamic-skip", help="NAEE dynamic skipping (top-2 routers): store a "
+                                               "per-layer threshold that moecompress.load applies.")] = False,
+    patterns: Annotated[Path | None, typer.Option("--patterns", help="premoe: also write one expert pattern per "
+                                                  "calibration domain to this JSON file (for `route-task`).",
+                                                  show_default=False)] = None,
     data: DataOption = None,
     field: FieldOption = "text",
     samples: SamplesOption = 32,
@@ -68,15 +80,23 @@ def prune_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without writing anything.")] = False,
     force: ForceOption = False,
 ) -> None:
-    """Prune routed experts: calibrate (or reuse --stats), score, select per layer, write.
+    """Prune routed experts (or HEAPr neurons): calibrate (or reuse --stats), score, select, write.
 
-    The output loads with plain `AutoModelForCausalLM.from_pretrained`: the config's expert
+    Uniform plans load with plain `AutoModelForCausalLM.from_pretrained`: the config's expert
     count is patched and router rows (and correction biases) are sliced with the experts.
-    Super experts are protected unless --no-protect-super-experts.
+    Global allocation and per-expert neuron widths are written in moecompress's own layout,
+    opened with `moecompress.load(path)`. Super experts are protected unless
+    --no-protect-super-experts.
 
-    Example:
+    Examples:
 
         moecompress prune ./Qwen3-30B-A3B --method reap --ratio 0.5 --data code=code.jsonl -o ./pruned
+
+        moecompress prune ./Qwen3-30B-A3B --method heapr --ratio 0.25 -o ./heapr
+
+        moecompress prune ./Mixtral --method naee --keep 6 --dynamic-skip -o ./naee
+
+        moecompress prune ./model --method premoe --ratio 0.5 --data code=c.jsonl --data math=m.jsonl --patterns p.json
     """
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.stats import RoutingStats
@@ -90,25 +110,55 @@ def prune_command(
     result = prune_checkpoint(model, output, method, ratio=ratio, keep=keep, params=parse_params(param),
                               domain=domain, stats=loaded_stats, sources=sources, samples=samples, seq_len=seq_len,
                               seed=seed, batch_size=batch_size, dtype=dtype,
-                              protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force)
+                              protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
+                              allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns)
     print_prune_summary(result, dry_run)
 
 
+def _ids(ids: list[int], limit: int = 16) -> str:
+    return ", ".join(map(str, ids)) if len(ids) <= limit else ", ".join(map(str, ids[:limit])) + ", ..."
+
+
 def print_prune_summary(result, dry_run: bool, console: Console | None = None) -> None:
-    """Kept experts per layer, protected super experts, parameters and bytes before/after."""
+    """Kept experts (or widths) per layer, protected super experts, parameters and bytes before/after."""
     console = console or Console()
     plan = result.plan
-    table = Table(title=f"{'Planned' if dry_run else 'Pruned'}: {plan.method}, {plan.allocation} allocation")
-    for column in ("layer", "kept", "kept experts", "protected"):
-        table.add_column(column)
-    for layer, ids in sorted(plan.keep.items()):
-        shown = ", ".join(map(str, ids)) if len(ids) <= 16 else ", ".join(map(str, ids[:16])) + ", ..."
-        table.add_row(str(layer), f"{len(ids)}/{plan.num_experts}", shown,
-                      ", ".join(map(str, plan.protected.get(layer, []))) or "-")
+    title = f"{'Planned' if dry_run else 'Pruned'}: {plan.method}, {plan.allocation} allocation"
+    table = Table(title=title + (f", domain {plan.domain}" if plan.domain else ""))
+    if plan.granularity == "neuron":
+        for column in ("layer", "neurons kept", "width min / mean / max", "protected (full width)"):
+            table.add_column(column)
+        for layer, widths in sorted(plan.widths.items()):
+            total = plan.intermediate_size * len(widths)
+            table.add_row(str(layer), f"{sum(widths)}/{total}",
+                          f"{min(widths)} / {sum(widths) / len(widths):.1f} / {max(widths)}",
+                          _ids(plan.protected.get(layer, [])) or "-")
+    else:
+        for column in ("layer", "kept", "kept experts", "protected"):
+            table.add_column(column)
+        for layer, ids in sorted(plan.keep.items()):
+            table.add_row(str(layer), f"{len(ids)}/{plan.num_experts}", _ids(ids),
+                          _ids(plan.protected.get(layer, [])) or "-")
     console.print(table)
+    protected = sum(len(v) for v in plan.protected.values())
+    console.print(f"super experts protected: {protected}"
+                  + (" (" + "; ".join(f"layer {k}: {_ids(v)}" for k, v in sorted(plan.protected.items())) + ")"
+                     if protected else ""))
     verb = "would be" if dry_run else "is"
     console.print(f"parameters: {result.params_before:,} -> {result.params_after:,} "
                   f"({100 * (1 - result.params_after / max(result.params_before, 1)):.1f}% fewer)")
     console.print(f"bytes on disk: {result.bytes_before:,} -> {result.bytes_after:,}{' (estimate)' if dry_run else ''}")
+    if plan.dynamic_skip:
+        console.print(f"dynamic skipping: {100 * (plan.skip_fraction or 0):.1f}% of expert calls skipped on the "
+                      "calibration data (beta per layer: "
+                      + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(plan.dynamic_skip.items())) + ")")
+    if plan.new_top_k is not None:
+        console.print(f"top-k: {plan.top_k} -> {plan.new_top_k}")
+    if result.patterns is not None:
+        console.print(f"expert patterns for route-task written to {result.patterns}")
     if result.output is not None:
-        console.print(f"checkpoint {verb} in {result.output}; it loads with AutoModelForCausalLM.from_pretrained")
+        if result.notice:
+            console.print(f"[bold yellow]note:[/] {result.notice}")
+            console.print(f"checkpoint {verb} in {result.output}; load it with moecompress.load({str(result.output)!r})")
+        else:
+            console.print(f"checkpoint {verb} in {result.output}; it loads with AutoModelForCausalLM.from_pretrained")

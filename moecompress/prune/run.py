@@ -1,8 +1,10 @@
 """Expert pruning end to end: statistics -> scores -> plan -> smaller checkpoint.
 
-`plan_pruning` needs only the config and statistics (fast, used by --dry-run);
-`prune_checkpoint` also loads the model, drops the experts (router rows, correction biases and
-config patched by the adapter) and writes a checkpoint plain transformers loads.
+`plan_pruning` needs only the config and statistics (plus a `ScoringContext` for model-based
+scorers such as NAEE); `prune_checkpoint` validates every request that needs no model first,
+then calibrates (or reuses --stats), scores, selects, optionally measures NAEE dynamic-skip
+thresholds, and writes the checkpoint (`moecompress.prune.materialize`) and, for PreMoe,
+the expert patterns used by `route-task` (`moecompress.prune.patterns`).
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moecompress.calibration.stats import RoutingStats
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global, select_neurons_uniform
 from moecompress.prune.plan import PrunePlan
-from moecompress.prune.scorers import get_scorer
-from moecompress.prune.select import RoutingShape, kept_count, select_uniform
+from moecompress.prune.scorers import Scorer, ScoringContext, get_scorer
+from moecompress.prune.select import RoutingShape, kept_count, select_global, select_uniform
 from moecompress.prune.super_experts import find_super_experts
 
 log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "global")
 
 
 def routing_shape(adapter: MoEAdapter, config: Any) -> RoutingShape:
@@ -33,9 +40,9 @@ def routing_shape(adapter: MoEAdapter, config: Any) -> RoutingShape:
     )
 
 
-def required_statistics(method: str, protect_super_experts: bool) -> list[str]:
+def required_statistics(method: str, protect_super_experts: bool, params: dict[str, Any] | None = None) -> list[str]:
     """Statistics calibration must collect for `method` (plus max_act for super-expert protection)."""
-    needs = list(get_scorer(method).needs)
+    needs = list(get_scorer(method).statistics(params))
     if protect_super_experts and "max_act" not in needs:
         needs.append("max_act")
     if "count" not in needs:
@@ -43,31 +50,91 @@ def required_statistics(method: str, protect_super_experts: bool) -> list[str]:
     return needs
 
 
+def default_allocation(scorer: Scorer) -> str:
+    """uniform for expert scorers (loads in transformers), global for neuron scorers (HEAPr's ranking)."""
+    return "global" if scorer.granularity == "neuron" else "uniform"
+
+
+def check_allocation(allocation: str | None, scorer: Scorer, shape: RoutingShape) -> str:
+    """The allocation to use; group-limited routers cannot drop a different count per layer."""
+    allocation = allocation or default_allocation(scorer)
+    if allocation not in ALLOCATIONS:
+        raise MoecompressError(f"--allocation must be one of {', '.join(ALLOCATIONS)} (got {allocation!r})")
+    if allocation == "global" and scorer.granularity == "expert" and shape.groups is not None:
+        raise MoecompressError("global (non-uniform) allocation is not available for group-limited routers: drops must "
+                               "be equal per group; use --allocation uniform")
+    return allocation
+
+
+def check_new_top_k(new_top_k: int | None, shape: RoutingShape, kept: int) -> None:
+    """A requested top-k must be >= 1, <= the experts kept, and reachable through the groups."""
+    if new_top_k is None:
+        return
+    if not 1 <= new_top_k <= kept:
+        raise MoecompressError(f"--top-k must be between 1 and the {kept} experts kept per layer (got {new_top_k})")
+    if shape.groups is not None:
+        n_group, topk_group = shape.groups
+        if topk_group * (kept // n_group) < new_top_k:
+            raise MoecompressError(f"--top-k {new_top_k} exceeds topk_group={topk_group} x {kept // n_group} experts "
+                                   "kept per group")
+
+
+def protected_experts(stats: RoutingStats, config: Any, protect: bool) -> dict[int, list[int]]:
+    """Super experts per layer (empty when protection is off)."""
+    if not protect:
+        return {}
+    if not stats.has("max_act"):
+        raise MoecompressError("super-expert protection needs the max_act statistic; re-run calibrate or pass "
+                               "--no-protect-super-experts")
+    num_layers = getattr(config, "num_hidden_layers", max(stats.header.moe_layers) + 1)
+    return find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers}, num_layers)
+
+
 def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: str, ratio: float | None = None,
                  keep: int | None = None, params: dict[str, Any] | None = None, domain: str | None = None,
-                 protect_super_experts: bool = True) -> PrunePlan:
-    """Score experts with `method` and choose the kept set per layer (uniform allocation)."""
+                 protect_super_experts: bool = True, allocation: str | None = None,
+                 context: ScoringContext | None = None, scores: dict[int, torch.Tensor] | None = None,
+                 new_top_k: int | None = None) -> PrunePlan:
+    """Score with `method` and choose what each layer keeps (experts, or neurons for neuron scorers).
+
+    allocation: "uniform" (same count per layer / same width per expert) or "global" (one
+    threshold across layers); default per scorer. `scores` skips scoring (precomputed).
+    """
     scorer = get_scorer(method)
-    if scorer.granularity != "expert":
-        raise MoecompressError(f"method {method!r} prunes neurons, not experts")
-    shape = routing_shape(adapter, config)
-    count = kept_count(shape, ratio=ratio, keep=keep)
     parsed = scorer.parse_params(params)
+    shape = routing_shape(adapter, config)
+    allocation = check_allocation(allocation, scorer, shape)
     if domain is not None and domain not in stats.header.domains:
         raise MoecompressError(f"--domain {domain!r} is not a calibration domain; have: {', '.join(stats.header.domains)}")
-    scores = scorer.score(stats, parsed, domain)
-    protected: dict[int, list[int]] = {}
-    if protect_super_experts:
-        if not stats.has("max_act"):
-            raise MoecompressError("super-expert protection needs the max_act statistic; re-run calibrate or pass "
-                                   "--no-protect-super-experts")
-        num_layers = getattr(config, "num_hidden_layers", max(stats.header.moe_layers) + 1)
-        protected = find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers},
-                                       num_layers)
-    kept = select_uniform(scores, shape, count, protected)
-    return PrunePlan(method=method, params=parsed.model_dump(), allocation="uniform", domain=domain,
-                     num_experts=shape.num_experts, top_k=shape.top_k, keep=kept, protected=protected,
-                     scores={layer: [round(float(v), 8) for v in s] for layer, s in scores.items()})
+    protected = protected_experts(stats, config, protect_super_experts)
+    if scorer.granularity == "neuron":
+        fraction = check_neuron_ratio(ratio, keep)
+        if scores is None:
+            scores = scorer.score(stats, parsed, domain, context)
+        if allocation == "uniform":
+            neurons = select_neurons_uniform(scores, fraction)
+        else:
+            neurons = select_neurons_global(scores, fraction, protected)
+        plan = PrunePlan(method=method, params=parsed.model_dump(), granularity="neuron", allocation=allocation,
+                         domain=domain, num_experts=shape.num_experts, top_k=shape.top_k, new_top_k=new_top_k,
+                         keep={layer: list(range(s.shape[0])) for layer, s in scores.items()}, protected=protected,
+                         intermediate_size=stats.header.intermediate_size)
+        plan.set_neurons(neurons)
+        return plan
+    count = kept_count(shape, ratio=ratio, keep=keep)
+    check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
+    if scores is None:
+        if context is not None:
+            context.shape, context.protected = shape, protected
+            context.keep = count if allocation == "uniform" else None
+        scores = scorer.score(stats, parsed, domain, context)
+    if allocation == "uniform":
+        kept = select_uniform(scores, shape, count, protected)
+    else:
+        kept = select_global(scores, shape, count, protected)
+    return PrunePlan(method=method, params=parsed.model_dump(), allocation=allocation, domain=domain,
+                     num_experts=shape.num_experts, top_k=shape.top_k, new_top_k=new_top_k, keep=kept,
+                     protected=protected, scores={layer: [round(float(v), 8) for v in s] for layer, s in scores.items()})
 
 
 @dataclass
@@ -80,28 +147,29 @@ class PruneResult:
     params_after: int
     bytes_before: int
     bytes_after: int
+    format: str | None = None  # "transformers" or "moecompress-layout"
+    notice: str | None = None  # said at write time when the output needs moecompress.load
+    patterns: Path | None = None
 
 
-def readme_for(plan: PrunePlan, source: Path) -> str:
-    """The short README written into a pruned checkpoint."""
-    kept = next(iter(plan.kept_counts().values()))
-    return (
-        f"# Pruned with moecompress\n\n"
-        f"Source: `{source}`. Method: `{plan.method}` ({plan.allocation} allocation), "
-        f"{kept} of {plan.num_experts} routed experts kept in every MoE layer"
-        f"{f', calibrated on domain `{plan.domain}`' if plan.domain else ''}.\n\n"
-        "The config's expert count is patched and router rows (and correction biases) are sliced, so this folder "
-        "loads with plain `transformers.AutoModelForCausalLM.from_pretrained` (no remote code).\n\n"
-        "`moecompress_manifest.json` records the method, parameters, kept experts per layer, the calibration "
-        "statistics digest, the seed and library versions.\n"
-    )
-
-
-def _expert_numel(adapter: MoEAdapter, model: Any) -> int:
+def _expert_sizes(adapter: MoEAdapter, model: Any) -> tuple[int, int]:
+    """(parameters of one routed expert, parameters per intermediate neuron)."""
     layer = adapter.moe_layers(model)[0]
     expert = adapter.expert_weights(layer, 0)
     parts = [expert.gate, expert.up, expert.down, expert.gate_bias, expert.up_bias, expert.down_bias]
-    return sum(p.numel() for p in parts if p is not None)
+    per_neuron = [expert.gate, expert.up, expert.down, expert.gate_bias, expert.up_bias]
+    width = expert.intermediate_size
+    return sum(p.numel() for p in parts if p is not None), sum(p.numel() for p in per_neuron if p is not None) // width
+
+
+def params_after(plan: PrunePlan, params_before: int, adapter: MoEAdapter, model: Any) -> int:
+    """Parameters of the pruned model (padding of in-memory layouts not counted)."""
+    expert_numel, neuron_numel = _expert_sizes(adapter, model)
+    removed_experts = sum(plan.num_experts - n for n in plan.kept_counts().values())
+    removed_neurons = 0
+    if plan.widths and plan.intermediate_size:
+        removed_neurons = sum(plan.intermediate_size - w for per in plan.widths.values() for w in per)
+    return params_before - removed_experts * expert_numel - removed_neurons * neuron_numel
 
 
 def _skeleton(config: Any) -> Any:
@@ -110,6 +178,52 @@ def _skeleton(config: Any) -> Any:
 
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config)
+
+
+def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
+              params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
+              patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None):
+    """Every check that needs no model; returns (info, scorer, allocation)."""
+    from moecompress.calibration.stats import config_hash
+    from moecompress.io.output import check_output_dir
+    from moecompress.models.load import inspect_checkpoint
+
+    if not dry_run and output is None and patterns is None:
+        raise MoecompressError("pass -o/--output for the pruned checkpoint (or --dry-run)")
+    if not dry_run and output is not None:
+        check_output_dir(output, force, inputs=(source,))
+    info = inspect_checkpoint(source)
+    adapter, config = info.adapter, info.config
+    scorer = get_scorer(method)
+    scorer.parse_params(params)
+    shape = routing_shape(adapter, config)
+    allocation = check_allocation(allocation, scorer, shape)
+    if scorer.granularity == "neuron":
+        check_neuron_ratio(ratio, keep)
+        if allocation == "uniform":
+            adapter.check_width_patchable(config)
+        if new_top_k is not None:
+            check_new_top_k(new_top_k, shape, shape.num_experts)
+    else:
+        count = kept_count(shape, ratio=ratio, keep=keep)
+        check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
+    if dynamic_skip:
+        top_k = new_top_k if new_top_k is not None else shape.top_k
+        if top_k != 2:
+            raise MoecompressError(f"--dynamic-skip is defined for top-2 routers; this output routes to top-{top_k}")
+    if patterns is not None:
+        if method != "premoe":
+            raise MoecompressError("--patterns stores PreMoe expert patterns: use --method premoe")
+        if allocation != "uniform":
+            raise MoecompressError("--patterns needs --allocation uniform (one kept count per layer)")
+        if Path(patterns).exists() and not force and not dry_run:
+            raise MoecompressError(f"patterns file {str(patterns)!r} exists; pass --force to replace it")
+    if stats is not None:
+        if stats.header.config_hash != config_hash(config):
+            raise MoecompressError("--stats were collected on a different model; re-run calibrate on this checkpoint")
+        if domain is not None and domain not in stats.header.domains:
+            raise MoecompressError(f"--domain {domain!r} is not a domain of --stats; have: {', '.join(stats.header.domains)}")
+    return info, scorer, allocation
 
 
 def prune_checkpoint(
@@ -131,54 +245,92 @@ def prune_checkpoint(
     dry_run: bool = False,
     force: bool = False,
     progress: bool = True,
+    allocation: str | None = None,
+    dynamic_skip: bool = False,
+    new_top_k: int | None = None,
+    patterns: str | Path | None = None,
 ) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
-    Every check that needs no model (method, ratio feasibility, output folder, stats identity)
-    runs before any model work. The input checkpoint is never modified; the output folder is
-    written to a temporary sibling and renamed into place when complete.
+    Every check that needs no model (method, parameters, ratio feasibility, allocation, output
+    folder, stats identity) runs before any model work. The input checkpoint is never
+    modified; the output is written to a temporary sibling and renamed into place when
+    complete. `patterns` (PreMoe) also writes one expert pattern per calibration domain.
     """
     from moecompress.calibration.calibrate import calibrate
-    from moecompress.calibration.stats import config_hash
-    from moecompress.io.checkpoint import folder_bytes, write_checkpoint
-    from moecompress.io.manifest import build_manifest
-    from moecompress.io.output import atomic_output_dir, check_output_dir
-    from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
 
     source = Path(checkpoint)
-    if not dry_run:
-        if output is None:
-            raise MoecompressError("pass -o/--output for the pruned checkpoint (or --dry-run)")
-        check_output_dir(output, force, inputs=(source,))
-    info = inspect_checkpoint(source)
+    info, scorer, allocation = _validate(source, output, method, ratio, keep, params, allocation, dynamic_skip,
+                                         new_top_k, patterns, dry_run, force, stats, domain)
     adapter, config = info.adapter, info.config
-    scorer = get_scorer(method)
-    scorer.parse_params(params)
-    kept_count(routing_shape(adapter, config), ratio=ratio, keep=keep)
-    if stats is not None and stats.header.config_hash != config_hash(config):
-        raise MoecompressError("--stats were collected on a different model; re-run calibrate on this checkpoint")
-    if stats is None:
+    parsed = scorer.parse_params(params)
+    needs = required_statistics(method, protect_super_experts, params)
+    needs_model = scorer.uses_model(parsed) or dynamic_skip or not dry_run
+    model = tokenizer = context = None
+    if needs_model:
+        model, tokenizer, context, stats = _load_and_calibrate(source, stats, needs, sources, samples, seq_len, seed,
+                                                               batch_size, dtype, progress)
+    elif stats is None:
         stats = calibrate(source, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                          dtype=dtype, statistics=required_statistics(method, protect_super_experts), progress=progress)
+                          dtype=dtype, statistics=needs, progress=progress)
     plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
-                        protect_super_experts=protect_super_experts)
-    skeleton = _skeleton(config)
-    params_before = sum(p.numel() for p in skeleton.parameters())
-    removed = sum(plan.num_experts - n for n in plan.kept_counts().values())
-    params_after = params_before - removed * _expert_numel(adapter, skeleton)
-    bytes_before = info.bytes_on_disk
-    if dry_run:
-        estimate = int(bytes_before * params_after / max(params_before, 1))
-        return PruneResult(plan, None, params_before, params_after, bytes_before, estimate)
+                        protect_super_experts=protect_super_experts, allocation=allocation, context=context,
+                        new_top_k=new_top_k)
+    if dynamic_skip:
+        from moecompress.prune.dynamic_skip import measure_betas
 
-    model, _ = load_model(source, dtype=dtype)
-    pruned = adapter.drop(model, keep_experts=plan.keep)
-    del model
+        keep_masked = plan.keep if plan.granularity == "expert" else None
+        plan.dynamic_skip, plan.skip_fraction = measure_betas(model, adapter, context.batches, keep_masked, progress)
+    skeleton = model if model is not None else _skeleton(config)
+    before = sum(p.numel() for p in skeleton.parameters())
+    after = params_after(plan, before, adapter, skeleton)
+    patterns_path = None
+    if patterns is not None:
+        from moecompress.prune.patterns import build_patterns, save_patterns
+
+        built = build_patterns(stats, adapter, config, source, ratio=ratio, keep=keep, params=params,
+                               protect_super_experts=protect_super_experts, context=context)
+        patterns_path = None if dry_run else save_patterns(built, patterns)
+    if dry_run or output is None:
+        estimate = int(info.bytes_on_disk * after / max(before, 1))
+        return PruneResult(plan, None, before, after, info.bytes_on_disk, estimate, patterns=patterns_path)
+    written = _write(model, adapter, plan, tokenizer, output, source, config, stats, seed, force)
+    from moecompress.io.checkpoint import folder_bytes
+
+    return PruneResult(plan, written.path, before, after, info.bytes_on_disk, folder_bytes(written.path),
+                       format=written.format, notice=written.notice, patterns=patterns_path)
+
+
+def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[str], sources: list[Any] | None,
+                        samples: int, seq_len: int, seed: int, batch_size: int, dtype: str, progress: bool):
+    """Load the whole model once, build the calibration batches, and collect statistics unless given."""
+    from moecompress.calibration.calibrate import build_stats, collect_statistics
+    from moecompress.calibration.data import build_calibration_set, default_calibration_sources
+    from moecompress.calibration.observer import GRADIENT_STATISTICS
+    from moecompress.models.load import load_model, load_tokenizer
+
     tokenizer = load_tokenizer(source)
-    manifest = build_manifest("prune", method, plan.params, seed, source, config, stats, plan=plan.model_dump(
-        exclude={"scores"}), loads_with="transformers.AutoModelForCausalLM.from_pretrained")
-    with atomic_output_dir(output, force=force) as tmp:
-        write_checkpoint(pruned, tokenizer, tmp, manifest, readme_for(plan, source))
-        (tmp / "prune_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
-    params_after = sum(p.numel() for p in pruned.parameters())
-    return PruneResult(plan, Path(output), params_before, params_after, bytes_before, folder_bytes(output))
+    calib = build_calibration_set(tokenizer, list(sources) if sources else default_calibration_sources(),
+                                  num_samples=samples, seq_len=seq_len, seed=seed)
+    model, adapter = load_model(source, dtype=dtype)
+    if stats is None:
+        mode = "whole-model" if any(name in GRADIENT_STATISTICS for name in needs) else "layerwise"
+        torch.manual_seed(seed)
+        observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains, needs,
+                                      batch_size, mode, progress)
+        data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": samples, "seed": seed,
+                "batch_size": batch_size, "dtype": dtype}
+        stats = build_stats(model, adapter, observer, source, calib.digest, data, mode, seed)
+    context = ScoringContext(model=model, adapter=adapter, batches=list(calib.domain_batches(batch_size)), seed=seed,
+                             progress=progress)
+    return model, tokenizer, context, stats
+
+
+def _write(model: Any, adapter: MoEAdapter, plan: PrunePlan, tokenizer: Any, output: str | Path, source: Path,
+           config: Any, stats: RoutingStats, seed: int, force: bool):
+    from moecompress.io.manifest import build_manifest
+    from moecompress.prune.materialize import write_pruned
+
+    manifest = build_manifest("prune", plan.method, plan.params, seed, source, config, stats,
+                              plan=plan.model_dump(exclude={"scores"}))
+    return write_pruned(model, adapter, plan, tokenizer, output, manifest, source, force=force)

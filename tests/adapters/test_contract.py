@@ -60,7 +60,7 @@ def test_canonical_experts_reproduce_module_forward(arch) -> None:
         hidden = torch.randn(40, model.config.hidden_size, generator=gen)
         route = adapter.route(layer, hidden)
         assert route.logits.shape == (40, layer.num_experts)
-        expected = layer.experts(hidden, route.index, route.weights)
+        expected = layer.experts(hidden, route.index, route.weights).reshape(hidden.shape)
         canonical = torch.zeros_like(hidden)
         for e in range(layer.num_experts):
             rows, slots = torch.where(route.index == e)

@@ -148,8 +148,9 @@ def _bailing_hybrid() -> Any:
     # layers: KDA + dense MLP, MLA + MoE, KDA + MoE. MLA needs as many KV heads as heads, and
     # qk_rope_head_dim == head_dim keeps the config stable through save/reload.
     return transformers.BailingHybridConfig(
-        **{**COMMON, "num_key_value_heads": 4}, intermediate_size=96, moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, layer_group_size=2,
+        **{**COMMON, "num_key_value_heads": 4}, intermediate_size=96, moe_intermediate_size=32,
+        num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+        first_k_dense_replace=1, layer_group_size=2,
         kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, pad_token_id=0, eos_token_id=2,
     )
 

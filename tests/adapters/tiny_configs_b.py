@@ -101,7 +101,7 @@ def _glm_moe_dsa() -> Any:
 @tiny("minimax_m2")
 def _minimax_m2() -> Any:
     return transformers.MiniMaxM2Config(
-        **COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+        **COMMON, **TOKENS, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
     )
 
 
@@ -117,8 +117,8 @@ def _lfm2_moe() -> Any:
 @tiny("kimi_linear")
 def _kimi_linear() -> Any:
     return transformers.KimiLinearConfig(
-        **MLA, **TOKENS, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_token=2,
-        num_shared_experts=1, num_expert_group=2, topk_group=1, moe_renormalize=True,
+        **MLA, **TOKENS, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_token=2, num_shared_experts=1, num_expert_group=2, topk_group=1, moe_renormalize=True,
         routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse", "sparse"],
         layer_types=["linear_attention", "full_attention", "linear_attention"],
         linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4,
@@ -229,6 +229,9 @@ def _dots3_note_text() -> Any:
         mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1, norm_topk_prob=True,
         routed_scaling_factor=2.0, sliding_window=8,
         layer_types=["indexed_attention", "sliding_attention", "indexed_attention"],
+        # The sliding-window layers' attention has its own (swa_*) sizes.
+        swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=24, swa_kv_lora_rank=16,
+        swa_head_dim=24, swa_qk_nope_head_dim=8, swa_v_head_dim=16,
     )
 
 
@@ -269,4 +272,15 @@ def _inkling_text() -> Any:
         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, route_scale=2.0,
         mlp_layer_types=["dense", "sparse", "sparse"], logits_mup_width_multiplier=1.0,
         layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], unpadded_vocab_size=128,
+    )
+
+
+@tiny("dbrx")
+def _dbrx() -> Any:
+    # DBRX's attention reads attn_config.rope_theta and clamps with clip_qkv, which released
+    # configs set but the config class leaves undefined / None.
+    return transformers.DbrxConfig(
+        d_model=64, n_heads=4, n_layers=3, max_seq_len=256, vocab_size=128, tie_word_embeddings=False,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), **TOKENS,
+        ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0),
     )

@@ -1,4 +1,4 @@
-"""Beam: DeepSeek-V3 style sigmoid router (correction bias + groups), no shared experts.
+"""Beam (Reflection): DeepSeek-V3 style sigmoid router (correction bias + groups), no shared experts.
 
 Routing as in deepseek_v3.py, except that routed_scaling_factor multiplies the block's
 combined routed output (outside the router, so `RouterOutput.weights` excludes it). No shared

@@ -14,7 +14,10 @@ from moecompress.models.adapters.base import MoEAdapter, MoELayerRef, RouterOutp
 
 
 class BlockBiasRouterAdapter(MoEAdapter):
-    """Adapter whose router is called as router(hidden (T, H), block.<block_bias_attr> (E,))."""
+    """Adapter whose router is called as router(hidden (T, H), block.<block_bias_attr> (E,)).
+
+    Subclasses set `block_bias_attr`; `correction_bias_paths` is derived from it.
+    """
 
     block_bias_attr: str = "e_score_correction_bias"
 

@@ -1,4 +1,4 @@
-"""EXAONE-MoE (LG AI Research): the DeepSeek-V3 router (sigmoid + correction bias + groups).
+"""EXAONE-MoE (LG AI Research, K-EXAONE): the DeepSeek-V3 router (sigmoid + correction bias + groups).
 
 See deepseek_v3.py for the routing formula and masking argument. Keys: num_experts,
 num_shared_experts (shared experts are moe_intermediate_size * num_shared_experts wide);

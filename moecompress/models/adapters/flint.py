@@ -1,4 +1,4 @@
-"""Flint: sigmoid router without a correction bias, top-k, optional renormalisation.
+"""Flint (RecursiveSI): sigmoid router without a correction bias, top-k, optional renormalisation.
 
 Routing per token (router `gate`, weight (E, H)): s = sigmoid(W x); the top-k s weight the
 chosen experts, divided by their sum when norm_topk_prob. An ungated shared expert

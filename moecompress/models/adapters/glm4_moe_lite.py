@@ -1,7 +1,7 @@
-"""GLM-4.7-Flash style GLM-MoE-Lite (latent attention): the DeepSeek-V3 router (sigmoid + correction bias + groups).
+"""GLM-MoE-Lite (GLM family, latent attention): the DeepSeek-V3 router.
 
-See deepseek_v3.py for the routing formula and masking argument. MoE layers are the
-"sparse" entries of config.mlp_layer_types.
+Sigmoid scores, score-correction bias, group-limited top-k: see deepseek_v3.py for the routing
+formula and masking argument. MoE layers are the "sparse" entries of config.mlp_layer_types.
 """
 
 from moecompress.models.adapters import register

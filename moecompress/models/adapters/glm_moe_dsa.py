@@ -1,7 +1,7 @@
-"""GLM-5 style GLM-MoE-DSA (sparse indexed attention): the DeepSeek-V3 router (sigmoid + correction bias + groups).
+"""GLM-MoE-DSA (GLM-5, sparse indexed attention): the DeepSeek-V3 router.
 
-See deepseek_v3.py for the routing formula and masking argument. MoE layers are the
-"sparse" entries of config.mlp_layer_types.
+Sigmoid scores, score-correction bias, group-limited top-k: see deepseek_v3.py for the routing
+formula and masking argument. MoE layers are the "sparse" entries of config.mlp_layer_types.
 """
 
 from moecompress.models.adapters import register

@@ -1,4 +1,4 @@
-"""HY-V3 (Tencent Hunyuan): sigmoid router with a block-level score-correction bias.
+"""HY-V3 (Tencent Hy3): sigmoid router with a block-level score-correction bias.
 
 Routing per token (router `gate`, weight (E, H); block buffer `e_score_correction_bias` (E,),
 passed to the router): s = sigmoid(W x); choose top-k of s + bias; weights are s of the chosen

@@ -1,4 +1,4 @@
-"""Kolibri-1: top-k on router logits plus a correction bias, sigmoid of the chosen logits.
+"""Kolibri-1 (Aleph Alpha): top-k on router logits plus a correction bias, sigmoid weights.
 
 Routing per token (router `gate`, weight (E, H), buffer `e_score_correction_bias` (E,)):
 l = W x; choose top-k of l + bias; weights are sigmoid(l) of the chosen experts, renormalised

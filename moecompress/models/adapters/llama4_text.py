@@ -42,8 +42,9 @@ from moecompress.models.adapters.base import ExpertVisitor, MoEAdapter, MoELayer
 class Llama4RoutedExperts(nn.Module):
     """A routed-experts view of `Llama4TextExperts` with the common transformers 5 interface.
 
-    Holds the same Parameter objects as the wrapped module (so reads and in-place writes go to
-    the model) and the layout flags the base adapter reads. Not part of the model's module tree.
+    Reads the wrapped module's parameters on every access (so in-place writes reach the model,
+    and weights that accelerate swaps in while offloading are the ones used) and carries the
+    layout flags the base adapter reads. Not part of the model's module tree.
     """
 
     is_transposed = True
@@ -54,9 +55,15 @@ class Llama4RoutedExperts(nn.Module):
 
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
-        self.gate_up_proj = experts.gate_up_proj  # (E, H, 2I), shared with the model
-        self.down_proj = experts.down_proj  # (E, I, H), shared with the model
         self.__dict__["module"] = experts  # the model's own module, deliberately not registered as a child
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return self.module.gate_up_proj  # (E, H, 2I)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return self.module.down_proj  # (E, I, H)
 
     @property
     def num_experts(self) -> int:
@@ -193,6 +200,10 @@ class Llama4TextAdapter(MoEAdapter):
             return dense_out.view(-1, hidden_size)
 
         return forward
+
+    def expert_param_names(self, layer: MoELayerRef) -> list[str]:
+        """State-dict names (relative to the experts module) of per-expert tensors."""
+        return [name for name, _ in layer.experts.module.named_parameters()]
 
     def check_width_patchable(self, config: Any) -> None:
         """The shared expert is sized by `intermediate_size` too: one key cannot give two widths."""

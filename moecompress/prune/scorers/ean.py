@@ -5,11 +5,15 @@ S_j = (1/N_j) sum_{t in X_j} ||f_j(x_t)||   (the REAP paper's EAN / MAN baseline
 
 from __future__ import annotations
 
-from moecompress.prune.scorers import NoParams, per_layer, register_scorer, safe_mean
+import torch
+
+from moecompress.calibration.stats import RoutingStats
+from moecompress.prune.scorers import NoParams, ScoringContext, per_layer, register_scorer, safe_mean
 
 
 @register_scorer("ean", needs=("count", "out_norm"), summary="mean expert output norm on routed tokens")
-def ean(stats, params: NoParams, domain):
+def ean(stats: RoutingStats, params: NoParams, domain: str | None,
+        context: ScoringContext | None) -> dict[int, torch.Tensor]:
     """S_j = out_norm_j / N_j (0 for experts no token reached)."""
     counts = per_layer(stats, "count", domain)
     norms = per_layer(stats, "out_norm", domain)

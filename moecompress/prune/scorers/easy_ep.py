@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from moecompress.prune.scorers import per_layer, register_scorer
+from moecompress.calibration.stats import RoutingStats
+from moecompress.prune.scorers import ScoringContext, per_layer, register_scorer
 
 
 class EasyEpParams(BaseModel):
@@ -24,7 +25,8 @@ class EasyEpParams(BaseModel):
 
 @register_scorer("easy_ep", needs=("easy_ep",), params=EasyEpParams,
                  summary="gate-weighted output norm x hidden-state shift, summed (EASY-EP)")
-def easy_ep(stats, params: EasyEpParams, domain):
+def easy_ep(stats: RoutingStats, params: EasyEpParams, domain: str | None,
+            context: ScoringContext | None) -> dict[int, torch.Tensor]:
     """I_j per layer; for several domains (domain=None, multi_domain) sum of per-domain normalised scores."""
     domains = stats.header.domains
     if domain is not None or len(domains) == 1 or not params.multi_domain:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from moecompress.prune.scorers import register_scorer
+from moecompress.calibration.stats import RoutingStats
+from moecompress.prune.scorers import ScoringContext, register_scorer
 
 
 class RandomParams(BaseModel):
@@ -16,7 +17,8 @@ class RandomParams(BaseModel):
 
 
 @register_scorer("random", needs=(), params=RandomParams, summary="seeded random subset (baseline)")
-def random_scores(stats, params: RandomParams, domain):
+def random_scores(stats: RoutingStats, params: RandomParams, domain: str | None,
+                  context: ScoringContext | None) -> dict[int, torch.Tensor]:
     """S_j ~ U(0, 1), drawn per layer from a generator seeded with (seed, layer)."""
     out = {}
     for layer in stats.header.moe_layers:

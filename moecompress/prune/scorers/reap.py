@@ -7,11 +7,15 @@ the mean, over the tokens routed to j, of the gate-weighted norm of the expert's
 
 from __future__ import annotations
 
-from moecompress.prune.scorers import NoParams, per_layer, register_scorer, safe_mean
+import torch
+
+from moecompress.calibration.stats import RoutingStats
+from moecompress.prune.scorers import NoParams, ScoringContext, per_layer, register_scorer, safe_mean
 
 
 @register_scorer("reap", needs=("count", "gated_out_norm"), summary="mean gate-weighted expert output norm (REAP)")
-def reap(stats, params: NoParams, domain):
+def reap(stats: RoutingStats, params: NoParams, domain: str | None,
+         context: ScoringContext | None) -> dict[int, torch.Tensor]:
     """S_j = gated_out_norm_j / N_j (0 for experts no token reached)."""
     counts = per_layer(stats, "count", domain)
     gated = per_layer(stats, "gated_out_norm", domain)

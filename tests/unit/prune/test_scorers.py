@@ -71,4 +71,44 @@ def test_missing_statistic_and_bad_params_fail_clearly() -> None:
 def test_every_scorer_declares_statistics_and_a_summary() -> None:
     for name, scorer in available_scorers().items():
         assert scorer.summary, name
-        assert isinstance(scorer.needs, tuple)
+        assert isinstance(scorer.statistics(), tuple)
+        assert scorer.granularity in ("expert", "neuron")
+    expected = {"frequency", "soft_count", "reap", "ean", "easy_ep", "premoe", "heapr", "naee", "random"}
+    assert expected <= set(available_scorers())
+    assert get_scorer("heapr").granularity == "neuron"
+    assert get_scorer("naee").uses_model() and not get_scorer("reap").uses_model()
+
+
+def test_heapr_is_mean_act_sq_times_mean_grad_proj() -> None:
+    stats = make_stats({"count": {"a": [2, 0, 4, 1]},
+                        "neuron_act_sq": {"a": [[4.0, 2.0], [1.0, 1.0], [8.0, 0.0], [3.0, 1.0]]},
+                        "neuron_grad_proj": {"a": [[6.0, 1.0], [5.0, 5.0], [4.0, 2.0], [2.0, 7.0]]}}, {"a": 5})
+    scores = get_scorer("heapr").score(stats)[1]
+    # expert 0: (4/2)(6/2)=6, (2/2)(1/2)=0.5; expert 1 never routed: 0; expert 2: (8/4)(4/4)=2, 0;
+    # expert 3: (3/1)(2/1)=6, (1/1)(7/1)=7
+    assert scores.tolist() == [[6.0, 0.5], [0.0, 0.0], [2.0, 0.0], [6.0, 7.0]]
+
+
+def test_premoe_options_need_the_model_and_default_reads_top1_logit() -> None:
+    scorer = get_scorer("premoe")
+    assert scorer.statistics() == ("top1_logit",) and not scorer.uses_model()
+    assert scorer.statistics({"top_k": 2}) == () and scorer.uses_model({"top_k": 2})
+    assert scorer.uses_model({"threshold": 0.3})
+    stats = make_stats({"top1_logit": {"a": [4.0, 0.0, 2.0, 8.0]}}, {"a": 4})
+    with pytest.raises(MoecompressError, match="needs the model"):
+        scorer.score(stats, {"top_k": 2})
+    with pytest.raises(MoecompressError, match="threshold"):
+        scorer.parse_params({"threshold": 1.5})
+
+
+def test_tcess_with_top_k_and_threshold_by_hand() -> None:
+    from moecompress.prune.tcess import tcess_sums
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 2.5], [1.5, 1.0, 5.0]])
+    # top-1: token0 -> e0 (2.0), token1 -> e1 (3.0), token2 -> e2 (5.0)
+    assert tcess_sums(logits, 1).tolist() == [2.0, 3.0, 5.0]
+    # top-2: token0 -> e0, e1; token1 -> e1, e2; token2 -> e2, e0
+    assert tcess_sums(logits, 2).tolist() == [3.5, 4.0, 7.5]
+    # threshold 0.3 on softmax: token0 probs (.665, .245, .090): e0 only; token1 (.030, .604, .366): e1, e2;
+    # token2 (.029, .018, .953): e2
+    assert tcess_sums(logits, 2, threshold=0.3).tolist() == [2.0, 3.0, 7.5]

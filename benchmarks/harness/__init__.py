@@ -1,0 +1,1 @@
+"""Benchmark harness: fixtures, evaluation protocol, suites and the RESULTS.md report."""

@@ -1,0 +1,200 @@
+"""Raw JSON per suite, and RESULTS.md rendered from every stored suite result.
+
+Each suite run writes `benchmarks/results/<suite>.json` (environment, protocol, fixtures,
+rows). RESULTS.md is always rendered from all stored JSON files, so running one suite
+refreshes its section and keeps the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+RESULTS_MD = Path(__file__).resolve().parents[1] / "RESULTS.md"
+SUITE_ORDER = ("unpruned", "pruning-baselines", "domain-pruning")
+
+
+def environment() -> dict[str, Any]:
+    """Machine, library versions, date and git commit of a run."""
+    import tokenizers
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "git_commit": commit,
+    }
+
+
+def save_suite(name: str, payload: dict[str, Any], folder: Path = RESULTS_DIR) -> Path:
+    """Write one suite's raw JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def load_suites(folder: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
+    """Every stored suite result by name."""
+    if not folder.is_dir():
+        return {}
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+
+
+def _domains(rows: list[dict[str, Any]]) -> list[str]:
+    return list(rows[0]["perplexity"]) if rows else []
+
+
+def _window_note(rows: list[dict[str, Any]]) -> str:
+    windows = rows[0].get("windows", {}) if rows else {}
+    return ", ".join(f"{d} {n}" for d, n in windows.items())
+
+
+def render_unpruned(data: dict[str, Any]) -> list[str]:
+    """Table: one row per fixture."""
+    rows = data["rows"]
+    domains = _domains(rows)
+    lines = ["| fixture | routed experts (top-k) | parameters | training | " + " | ".join(domains) + " | mean | windows |",
+             "|---|---|---:|---:|" + "---:|" * len(domains) + "---:|---|"]
+    for row in rows:
+        ppl = " | ".join(_fmt(row["perplexity"][d]) for d in domains)
+        windows = ", ".join(str(row["windows"][d]) for d in domains)
+        lines.append(f"| {row['fixture']} ({row['model_type']}) | {row['num_experts']} (top-{row['top_k']}) | "
+                     f"{row['parameters'] / 1e6:.2f} M | {row['training_steps']} steps, {row['training_minutes']} min | "
+                     f"{ppl} | **{_fmt(row['mean_perplexity'])}** | {windows} |")
+    return lines
+
+
+def render_baselines(data: dict[str, Any]) -> list[str]:
+    """One table per fixture: method x ratio, plus the frequency/random check at each ratio."""
+    lines: list[str] = []
+    by_fixture: dict[str, list[dict[str, Any]]] = {}
+    for row in data["rows"]:
+        by_fixture.setdefault(row["fixture"], []).append(row)
+    for fixture, rows in by_fixture.items():
+        domains = _domains(rows)
+        lines += [f"### {fixture}", "",
+                  f"Unpruned mean perplexity {_fmt(rows[0]['unpruned_mean'])}; windows per domain: {_window_note(rows)}.",
+                  "",
+                  "| removed | kept / layer | method | " + " | ".join(domains) + " | mean | x unpruned |",
+                  "|---:|---:|---|" + "---:|" * len(domains) + "---:|---:|"]
+        for row in rows:
+            ppl = " | ".join(_fmt(row["perplexity"][d]) for d in domains)
+            spread = f" ± {_fmt(row['mean_perplexity_std'])}" if row.get("mean_perplexity_std") else ""
+            lines.append(f"| {row['ratio']:.0%} | {row['kept_per_layer']} | {row['method']} | {ppl} | "
+                         f"**{_fmt(row['mean_perplexity'])}**{spread} | {row['mean_perplexity'] / row['unpruned_mean']:.2f} |")
+        checks = []
+        for ratio in sorted({row["ratio"] for row in rows}):
+            pair = {row["method"].split()[0]: row for row in rows if row["ratio"] == ratio}
+            if "random" in pair and "frequency" in pair:
+                checks.append(f"{ratio:.0%}: frequency / random mean perplexity = "
+                              f"{pair['frequency']['mean_perplexity'] / pair['random']['mean_perplexity']:.2f}")
+        lines += ["", "Check: " + "; ".join(checks) + " (below 1: frequency keeps more quality than random).", ""]
+    for item in data.get("skipped", []):
+        lines.append(f"- {item['fixture']} at {item['ratio']:.0%}: not run ({item['reason']})")
+    return lines
+
+
+def render_domain(data: dict[str, Any]) -> list[str]:
+    """One table per fixture: calibration domain x evaluation domain, with the own-domain check."""
+    lines: list[str] = []
+    by_fixture: dict[str, list[dict[str, Any]]] = {}
+    for row in data["rows"]:
+        by_fixture.setdefault(row["fixture"], []).append(row)
+    for fixture, rows in by_fixture.items():
+        domains = _domains(rows)
+        lines += [f"### {fixture}", "",
+                  f"Frequency pruning, {rows[0]['ratio']:.0%} of routed experts removed ({rows[0]['kept_per_layer']} "
+                  f"kept per layer); windows per domain: {_window_note(rows)}. Best calibration per evaluated domain in bold.",
+                  "",
+                  "| calibrated on | " + " | ".join(f"eval {d}" for d in domains) + " | mean |",
+                  "|---|" + "---:|" * len(domains) + "---:|"]
+        best = {d: min(rows, key=lambda r: r["perplexity"][d])["calibrated_on"] for d in domains}
+        for row in rows:
+            cells = []
+            for d in domains:
+                text = _fmt(row["perplexity"][d])
+                cells.append(f"**{text}**" if best[d] == row["calibrated_on"] else text)
+            lines.append(f"| {row['calibrated_on']} | " + " | ".join(cells) + f" | {_fmt(row['mean_perplexity'])} |")
+        single = {row["calibrated_on"]: row for row in rows if row["calibrated_on"] in domains}
+        checks = []
+        for d in domains:
+            if d not in single:
+                continue
+            own = single[d]["perplexity"][d]
+            others = [single[o]["perplexity"][d] for o in single if o != d]
+            if others:
+                checks.append(f"{d}: own {_fmt(own)} vs other-domain calibration {_fmt(min(others))}-{_fmt(max(others))}")
+        wins = sum(1 for d in domains if d in single and
+                   single[d]["perplexity"][d] <= min(single[o]["perplexity"][d] for o in single))
+        lines += ["", f"Check: own-domain calibration gives the lowest perplexity among single-domain calibrations "
+                      f"on {wins} of {len(single)} domains ({'; '.join(checks)}).", ""]
+    return lines
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "unpruned": render_unpruned,
+    "pruning-baselines": render_baselines,
+    "domain-pruning": render_domain,
+}
+
+
+def render_results(suites: dict[str, dict[str, Any]]) -> str:
+    """RESULTS.md from every stored suite."""
+    lines = [
+        "# moecompress benchmark results",
+        "",
+        "Generated by `python -m benchmarks.run` from the raw JSON in `benchmarks/results/`; do not edit by hand.",
+        "Fixtures are small MoE models trained on this project's multi-domain corpus "
+        "(`python -m benchmarks.fixtures.build`). Perplexity: test split, first N non-overlapping windows per "
+        "domain (window counts in each table), mean = unweighted mean over domains. Every pruned model is saved "
+        "and reloaded with plain `AutoModelForCausalLM.from_pretrained` before evaluation.",
+        "",
+    ]
+    ordered = [name for name in SUITE_ORDER if name in suites] + sorted(set(suites) - set(SUITE_ORDER))
+    for name in ordered:
+        payload = suites[name]
+        env = payload["environment"]
+        protocol = payload["protocol"]
+        lines += [
+            f"## {payload['title']}",
+            "",
+            f"Run {env['date']} on {env['machine']} (torch {env['torch']}, {env['torch_threads']} thread(s), "
+            f"transformers {env['transformers']}, commit {env['git_commit']}) in {payload['seconds'] / 60:.1f} min. "
+            f"Protocol: windows of {protocol['seq_len']} tokens, up to {protocol['windows']} test windows per domain; "
+            f"calibration {protocol['calib_windows']} validation windows per domain (seed {protocol['calib_seed']}). "
+            f"Raw data: `benchmarks/results/{name}.json`.",
+            "",
+        ]
+        renderer = RENDERERS.get(name)
+        lines += renderer(payload["data"]) if renderer else ["(no renderer for this suite; see the JSON)"]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results(folder: Path = RESULTS_DIR, target: Path = RESULTS_MD) -> Path:
+    """Render RESULTS.md from the stored JSON."""
+    target.write_text(render_results(load_suites(folder)))
+    return target

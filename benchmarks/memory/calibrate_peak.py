@@ -1,0 +1,94 @@
+"""Peak memory of the layer-at-a-time calibration pass versus the checkpoint's size on disk.
+
+Builds a synthetic Qwen3-MoE of a few hundred MB to a few GB (random weights are fine for
+cost), saves it as sharded safetensors, then runs `moecompress calibrate` in a fresh process
+and reads that process's peak RSS. Loading the whole model gives a ratio of 1 or more;
+streaming one decoder layer at a time should give a small fraction.
+
+    python -m benchmarks.memory.calibrate_peak [--layers 16] [--hidden 1024] [--experts 32] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+
+def build_checkpoint(folder: Path, layers: int, hidden: int, experts: int, width: int) -> int:
+    """Save a random bf16 Qwen3-MoE with a tokenizer; return bytes on disk."""
+    from tests.tiny_tokenizer import save_tokenizer
+
+    tokenizer = save_tokenizer(folder, vocab_size=300)
+    config = Qwen3MoeConfig(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=width,
+                            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                            head_dim=hidden // 8, num_experts=experts, num_experts_per_tok=4,
+                            vocab_size=len(tokenizer), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="200MB")
+    del model
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+_CHILD = """
+import resource, sys
+from moecompress.cli.app import main
+sys.argv = ["moecompress", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit_:
+    if exit_.code:
+        raise
+print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def child_peak_rss(cli_args: list[str]) -> int:
+    """Run `moecompress CLI_ARGS` in a fresh interpreter; return its peak RSS in bytes."""
+    done = subprocess.run([sys.executable, "-c", _CHILD, *cli_args], check=True, capture_output=True, text=True)
+    line = [row for row in done.stdout.splitlines() if row.startswith("PEAK_KIB")][-1]
+    return int(line.split()[1]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="moecompress-mem-") as tmp:
+        ckpt = Path(tmp) / "model"
+        ckpt.mkdir()
+        size = build_checkpoint(ckpt, args.layers, args.hidden, args.experts, args.width)
+        started = time.perf_counter()
+        peak = child_peak_rss(["calibrate", str(ckpt), "--samples", str(args.samples), "--seq-len", "128",
+                               "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
+        elapsed = time.perf_counter() - started
+    baseline = child_peak_rss(["--help"])
+    result = {
+        "checkpoint_bytes": size,
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "peak_over_checkpoint": peak / size,
+        "peak_above_baseline_over_checkpoint": (peak - baseline) / size,
+        "calibrate_seconds": elapsed,
+        "shape": {k: v for k, v in vars(args).items() if k != "json_out"},
+    }
+    print(json.dumps(result, indent=2, default=str))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

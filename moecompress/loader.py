@@ -1,0 +1,106 @@
+"""`moecompress.load(path, dtype=...)`: open any checkpoint folder moecompress writes.
+
+Dispatch on what the folder holds:
+
+1. `config.json` with a `quantization_config` (GPTQ output): `moecompress.quant.load.load_quantized`;
+2. a `moecompress_layout.json` (non-uniform expert counts or per-expert widths, see
+   `moecompress.models.layout`), or a manifest whose `format` says so: moecompress's layout loader;
+3. anything else (uniform pruned / condensed folders, original checkpoints): plain
+   `AutoModelForCausalLM.from_pretrained`.
+
+Afterwards, when the config's `moecompress` entry holds NAEE dynamic-skipping thresholds, the
+skipping is installed on the loaded model (`moecompress.prune.dynamic_skip`). The model is
+returned in eval mode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.errors import MoecompressError
+
+_LAYOUT_FORMAT = "moecompress-layout"
+
+
+def _raw_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise MoecompressError(f"{str(folder)!r} is not a folder; pass a checkpoint folder with config.json")
+    if not config_file.is_file():
+        raise MoecompressError(f"{str(folder)!r} has no config.json; is it a checkpoint folder?")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoecompressError(f"{config_file} is not valid JSON ({err})") from None
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """What `load` will do with a folder: "gptq", "layout" or "transformers"."""
+    from moecompress.io.manifest import read_manifest
+    from moecompress.models.layout import LAYOUT_FILE
+
+    folder = Path(path)
+    raw = _raw_config(folder)
+    if raw.get("quantization_config"):
+        return "gptq"
+    manifest = read_manifest(folder) or {}
+    if (folder / LAYOUT_FILE).is_file() or manifest.get("format") == _LAYOUT_FORMAT:
+        return "layout"
+    return "transformers"
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    from moecompress.models.load import parse_dtype
+
+    value = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if value == "auto":
+        return torch.float32
+    return value
+
+
+def _load_gptq(folder: Path, dtype: str | torch.dtype) -> torch.nn.Module:
+    if importlib.util.find_spec("moecompress.quant") is None or importlib.util.find_spec("moecompress.quant.load") is None:
+        raise MoecompressError(
+            f"{folder} is a quantised checkpoint; loading GPTQ folders needs moecompress.quant.load, "
+            "which this installation lacks"
+        )
+    module = importlib.import_module("moecompress.quant.load")
+    return module.load_quantized(folder, dtype)
+
+
+def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Module:
+    """Open a checkpoint folder written by moecompress (or any supported original) in eval mode.
+
+    dtype: "float32", "bfloat16", "float16", "auto" or a torch dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    kind = checkpoint_kind(folder)
+    if kind == "gptq":
+        model = _load_gptq(folder, dtype)
+    elif kind == "layout":
+        from moecompress.models.layout import load_layout_checkpoint
+
+        model = load_layout_checkpoint(folder, dtype=_dtype(dtype))
+    else:
+        from moecompress.models.load import parse_dtype
+
+        torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+        except (OSError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MoecompressError(f"could not load {folder}: {first}") from None
+    settings = getattr(model.config, "moecompress", None) or {}
+    if settings.get("dynamic_skip"):
+        from moecompress.prune.dynamic_skip import install_dynamic_skip
+
+        install_dynamic_skip(model, settings["dynamic_skip"])
+    return model.eval()

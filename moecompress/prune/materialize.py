@@ -1,0 +1,180 @@
+"""Turn a `PrunePlan` into a checkpoint folder: drop weights, patch the config, write, document.
+
+Two output forms, chosen by the plan:
+
+* uniform plans (same expert count in every MoE layer; same width in every expert): the
+  adapter rebuilds the model from a patched config (expert count, and width for uniform
+  neuron plans), router rows, router bias and correction biases sliced together; the folder
+  loads in plain `AutoModelForCausalLM.from_pretrained`;
+* non-uniform plans (global allocation, per-expert neuron widths): in-place per-layer surgery
+  and moecompress's own layout format (`moecompress.models.layout`), which only
+  `moecompress.load` opens. This is said in the README and returned as `notice` for the CLI
+  to print.
+
+Either way the folder holds sharded safetensors, config.json, the tokenizer,
+`moecompress_manifest.json` and a short README; it is written to a temporary sibling and
+renamed into place when complete (`moecompress.io.output.atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecompress.models.adapters.base import MoEAdapter
+from moecompress.prune.plan import PrunePlan
+
+TRANSFORMERS_LOADER = "transformers.AutoModelForCausalLM.from_pretrained"
+MOECOMPRESS_LOADER = "moecompress.load"
+LAYOUT_NOTICE = ("this plan keeps a different number of experts per layer or a different width per expert, which a "
+                 "stock transformers config cannot express: the checkpoint is written in moecompress's layout format "
+                 "and loads only with moecompress.load(path)")
+
+
+NEURONS_FILE = "prune_neurons.safetensors"
+
+
+@dataclass
+class Written:
+    """Where and how a pruned checkpoint was written."""
+
+    path: Path
+    format: str  # "transformers" or "moecompress-layout"
+    loads_with: str
+    notice: str | None = None
+
+
+def set_top_k(config: Any, adapter: MoEAdapter, top_k: int) -> None:
+    """Write a new experts-per-token value into `config` (a per-layer list keeps its length)."""
+    current = getattr(config, adapter.top_k_key)
+    setattr(config, adapter.top_k_key, [top_k] * len(current) if isinstance(current, (list, tuple)) else top_k)
+
+
+def _settings(plan: PrunePlan) -> dict[str, Any]:
+    """The `moecompress` config entry for the output (dynamic skipping thresholds)."""
+    from moecompress.prune.dynamic_skip import skip_settings
+
+    if not plan.dynamic_skip:
+        return {}
+    return {"dynamic_skip": skip_settings(plan.dynamic_skip, plan.skip_fraction or 0.0)}
+
+
+def readme_for(plan: PrunePlan, source: Path, written_format: str) -> str:
+    """The short README written into a pruned checkpoint."""
+    counts = plan.kept_counts()
+    if plan.granularity == "neuron":
+        fraction = plan.neuron_fraction_kept() or 1.0
+        what = (f"{100 * (1 - fraction):.1f}% of routed-expert neurons removed ({plan.allocation} allocation; all "
+                f"{plan.num_experts} experts per layer kept)")
+    elif len(set(counts.values())) == 1:
+        what = f"{next(iter(counts.values()))} of {plan.num_experts} routed experts kept in every MoE layer"
+    else:
+        what = (f"{min(counts.values())}-{max(counts.values())} of {plan.num_experts} routed experts kept per MoE layer "
+                f"({plan.allocation} allocation)")
+    lines = [
+        "# Pruned with moecompress",
+        "",
+        f"Source: `{source}`. Method: `{plan.method}`: {what}"
+        f"{f', calibrated on domain `{plan.domain}`' if plan.domain else ''}.",
+        "",
+    ]
+    if written_format == "transformers":
+        lines.append("The config's expert count (and width) is patched and router rows (and correction biases) are "
+                     "sliced, so this folder loads with plain `transformers.AutoModelForCausalLM.from_pretrained` "
+                     "(no remote code), and with `moecompress.load`.")
+    else:
+        lines += [
+            "**This folder loads only with `moecompress.load(path)`.** A stock transformers config holds one expert "
+            "count and one expert width; this model keeps a different number of experts per layer and/or a different "
+            "width per expert. `moecompress_layout.json` lists the per-layer counts and per-expert widths; the "
+            "weights (`moecompress-model-*.safetensors`) use the in-memory tensor names, and per-expert widths are "
+            "stored packed (no padding on disk). In memory each layer's experts are zero-padded to that layer's "
+            "largest width (exact: padded neurons contribute zero), so memory is that of the padded widths.",
+        ]
+    if plan.dynamic_skip:
+        lines += ["", f"Dynamic expert skipping (NAEE): `config.json` -> `moecompress.dynamic_skip` holds a threshold "
+                  f"beta per layer; `moecompress.load` skips the second expert when w2 < beta * w1 "
+                  f"({100 * (plan.skip_fraction or 0):.1f}% of expert calls skipped on the calibration data). Plain "
+                  "transformers ignores it."]
+    if plan.new_top_k is not None:
+        lines += ["", f"The router's top-k was changed from {plan.top_k} to {plan.new_top_k}."]
+    lines += ["", "`moecompress_manifest.json` records the method, parameters, kept experts per layer, the calibration "
+              "statistics digest, the seed and library versions."]
+    return "\n".join(lines) + "\n"
+
+
+def save_neuron_masks(plan: PrunePlan, path: Path) -> None:
+    """Record which neurons every kept expert keeps: one bool (E, I) mask per MoE layer, "layer.{L}"."""
+    from safetensors.torch import save_file
+
+    masks = {}
+    for layer, per_expert in sorted(plan.neurons.items()):
+        mask = torch.zeros(len(per_expert), plan.intermediate_size or 0, dtype=torch.bool)
+        for e, ids in enumerate(per_expert):
+            mask[e, ids] = True
+        masks[f"layer.{layer}"] = mask
+    save_file(masks, str(path), metadata={"format": "moecompress-neuron-masks"})
+
+
+def materialize(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> tuple[nn.Module, Any, Any]:
+    """(pruned model, layout or None, config to write) for `plan`; non-uniform plans modify `model` in place."""
+    from moecompress.models.layout import drop_to_layout, layout_config
+
+    settings = _settings(plan)
+    layers = [ref.index for ref in adapter.moe_layers(model)]
+    if plan.granularity == "neuron" and plan.allocation == "uniform":
+        neurons = {layer: torch.stack(list(plan.neurons[layer])) for layer in layers}
+        pruned = adapter.drop(model, keep_neurons=neurons)
+        config, layout = pruned.config, None
+    elif plan.granularity == "expert" and plan.uniform:
+        everything = all(len(plan.keep[layer]) == plan.num_experts for layer in layers)
+        pruned = model if everything else adapter.drop(model, keep_experts=plan.keep)
+        config, layout = pruned.config, None
+    else:
+        keep_experts = plan.keep if plan.granularity == "expert" else None
+        keep_neurons = plan.neurons if plan.granularity == "neuron" else None
+        layout = drop_to_layout(model, adapter, keep_experts=keep_experts, keep_neurons=keep_neurons)
+        config = layout_config(model.config, adapter, layout)
+        pruned = model
+    if plan.new_top_k is not None:
+        set_top_k(config, adapter, plan.new_top_k)
+    if settings:
+        current = dict(getattr(config, "moecompress", None) or {})
+        current.update(settings)
+        config.moecompress = current
+    return pruned, layout, config
+
+
+def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokenizer: Any, output: str | Path,
+                 manifest: dict[str, Any], source: Path, force: bool = False) -> Written:
+    """Materialise `plan` on `model` and write the folder atomically to `output`."""
+    from moecompress.io.checkpoint import DEFAULT_SHARD_SIZE
+    from moecompress.io.manifest import write_manifest
+    from moecompress.io.output import atomic_output_dir
+    from moecompress.models.layout import save_layout_checkpoint
+
+    pruned, layout, config = materialize(model, adapter, plan)
+    form = "transformers" if layout is None else "moecompress-layout"
+    loads_with = TRANSFORMERS_LOADER if layout is None else MOECOMPRESS_LOADER
+    manifest = dict(manifest)
+    manifest.update(format=form, loads_with=loads_with)
+    if layout is not None:
+        manifest["layout"] = layout.model_dump()
+    with atomic_output_dir(output, force=force) as tmp:
+        if layout is None:
+            pruned.config = config
+            pruned.save_pretrained(tmp, max_shard_size=DEFAULT_SHARD_SIZE)
+        else:
+            save_layout_checkpoint(pruned, adapter, layout, tmp, config, max_shard_size=DEFAULT_SHARD_SIZE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, manifest)
+        (tmp / "README.md").write_text(readme_for(plan, source, form))
+        (tmp / "prune_plan.json").write_text(plan.model_dump_json(indent=2, exclude={"scores"}) + "\n")
+        if plan.neurons:
+            save_neuron_masks(plan, tmp / NEURONS_FILE)
+    return Written(Path(output), form, loads_with, None if layout is None else LAYOUT_NOTICE)

@@ -1,0 +1,184 @@
+"""Quantise a model one decoder layer at a time, in the sequential pattern of GPTQ.
+
+Calibration batches are embedded once and their hidden states cached between layers
+(`LayerwiseRunner`). For decoder layer i, with layers < i already quantised:
+
+1. stage 0 (attention and other token mixers): hook their `nn.Linear` inputs while the
+   layer runs on the cached inputs; quantise them;
+2. stage 1 (the MLP slot: routed experts, shared experts, dense MLPs): run the layer again,
+   now with quantised attention; routed experts get their statistics from the tokens routed
+   to them (`run_experts` visitor), shared and dense MLPs from pre-hooks; quantise them;
+   experts with fewer than `min_tokens` routed tokens fall back to round-to-nearest;
+3. run the layer once more to produce the next layer's inputs, call `on_layer` (writers read
+   the layer there), and release the layer (streamed models keep one layer in memory).
+
+Dequantised weights are written back into the model (fused expert parameters through the
+adapter's canonical views), so the model in memory is exactly what the checkpoint stores.
+Without any GPTQ entry in the plan no calibration pass runs at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
+from moecompress.quant.layer_pass import ExpertHessians, LinearHessians, run_cached
+from moecompress.quant.plan import QuantPlan
+from moecompress.quant.solve import Solved, quantize_expert, quantize_weight, write_expert, write_linear
+from moecompress.quant.streaming import materialized
+from moecompress.quant.targets import STAGE_OF_ROLE, LinearTarget, ModelTargets, find_targets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    """What quantising one decoder layer (or the output head) produced."""
+
+    index: int | None  # decoder layer index; None for the output head
+    linears: dict[str, Solved] = field(default_factory=dict)  # module name -> result
+    experts: dict[str, dict[str, Solved]] = field(default_factory=dict)  # expert key -> projection -> result
+    fallbacks: dict[str, int] = field(default_factory=dict)  # expert key -> tokens it saw (RTN fall-back)
+
+
+@dataclass
+class QuantReport:
+    """Summary of a quantisation run."""
+
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    methods: dict[str, int] = field(default_factory=dict)  # method -> number of matrices
+    raised_damping: dict[str, float] = field(default_factory=dict)  # matrix -> damping used when raised
+
+    def add(self, result: LayerResult, requested_damp: dict[str, float]) -> None:
+        """Fold one layer's results in."""
+        self.fallbacks.update(result.fallbacks)
+        solved = [(name, s) for name, s in result.linears.items()]
+        solved += [(f"{key}.{proj}", s) for key, projs in result.experts.items() for proj, s in projs.items()]
+        for name, s in solved:
+            self.methods[s.method] = self.methods.get(s.method, 0) + 1
+            want = requested_damp.get(name, requested_damp.get(name.rsplit(".", 1)[0]))
+            if s.damp is not None and want is not None and s.damp > want:
+                self.raised_damping[name] = s.damp
+
+
+LayerCallback = Callable[[int | None, LayerResult], None]
+
+
+def _needs_statistics(plan: QuantPlan) -> bool:
+    return any(entry.spec is not None and entry.spec.method == "gptq" and entry.role != "lm_head"
+               for entry in plan.entries.values())
+
+
+def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
+                   batches: Sequence[tuple[str, torch.Tensor]] | None, on_layer: LayerCallback | None = None,
+                   min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True) -> QuantReport:
+    """Quantise every entry of `plan` in place, layer by layer; `on_layer(i, result)` after each layer.
+
+    batches: (domain, (B, S) token ids) calibration batches; may be None when every entry uses
+    round-to-nearest. The output head (when in the plan) is quantised last, with RTN.
+    """
+    targets = find_targets(model, adapter)
+    needs_data = _needs_statistics(plan)
+    if needs_data and not batches:
+        raise ValueError("GPTQ needs calibration batches")
+    runner = None
+    if needs_data:
+        runner = LayerwiseRunner(model, adapter)
+        runner.prepare(batches)  # type: ignore[arg-type]
+    report = QuantReport()
+    damp = {name: entry.spec.damp for name, entry in plan.entries.items() if entry.spec is not None}
+    for index in tqdm(range(targets.num_layers), desc="quantising", unit="layer", disable=not progress):
+        layer = adapter.decoder_layers(model)[index]
+        with materialized(layer):
+            result = _quantize_layer(model, adapter, plan, targets, index, runner, min_tokens, weighted_hessian)
+            if runner is not None:
+                runner.run_layer(index)
+            report.add(result, damp)
+            if on_layer is not None:
+                on_layer(index, result)
+    if targets.head is not None:
+        entry = plan.entries.get(targets.head.name)
+        result = LayerResult(index=None)
+        if entry is not None and entry.spec is not None:
+            spec = entry.spec.model_copy(update={"method": "rtn"})
+            result.linears[targets.head.name] = solved = quantize_weight(targets.head.module.weight, spec, None, 0)
+            write_linear(targets.head.module, solved)
+            report.add(result, damp)
+        if on_layer is not None:
+            on_layer(None, result)
+    return report
+
+
+def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targets: ModelTargets, index: int,
+                    runner: LayerwiseRunner | None, min_tokens: int, weighted: bool) -> LayerResult:
+    result = LayerResult(index=index)
+    moe = targets.moe.get(index)
+    for stage in (0, 1):
+        linears = [t for t in targets.linears[index]
+                   if STAGE_OF_ROLE[t.role] == stage and _spec(plan, t.name) is not None]
+        experts = _planned_experts(plan, moe) if (stage == 1 and moe is not None) else {}
+        if not linears and not experts:
+            continue
+        gptq_linears = {t.name: t.module for t in linears if _spec(plan, t.name).method == "gptq"}
+        gptq_experts = [e for e, spec in experts.items() if spec.method == "gptq"]
+        linear_stats = LinearHessians(gptq_linears)
+        expert_stats = None
+        if runner is not None and (gptq_linears or gptq_experts):
+            visitors = {}
+            if gptq_experts:
+                assert moe is not None
+                probe = adapter.expert_weights(moe, 0)
+                expert_stats = ExpertHessians(moe.num_experts, probe.up.shape[1], probe.up.shape[0],
+                                              experts=gptq_experts, weighted=weighted)
+                visitors[index] = expert_stats
+            with linear_stats.hooked(), adapter.instrument(model, visitors):
+                run_cached(runner, index)
+        for target in linears:
+            _quantize_linear(plan, target, linear_stats, min_tokens, result)
+        if experts:
+            assert moe is not None
+            _quantize_experts(adapter, moe, experts, expert_stats, min_tokens, result)
+    return result
+
+
+def _spec(plan: QuantPlan, name: str):  # noqa: ANN202
+    entry = plan.entries.get(name)
+    return None if entry is None else entry.spec
+
+
+def _planned_experts(plan: QuantPlan, moe: MoELayerRef) -> dict:
+    out = {}
+    for e in range(moe.num_experts):
+        spec = _spec(plan, f"{moe.experts_path}.{e}")
+        if spec is not None:
+            out[e] = spec
+    return out
+
+
+def _quantize_linear(plan: QuantPlan, target: LinearTarget, stats: LinearHessians, min_tokens: int,
+                     result: LayerResult) -> None:
+    spec = _spec(plan, target.name)
+    solved = quantize_weight(target.module.weight, spec, stats.stats.get(target.name), min_tokens)
+    write_linear(target.module, solved)
+    result.linears[target.name] = solved
+
+
+def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict, stats: ExpertHessians | None,
+                      min_tokens: int, result: LayerResult) -> None:
+    for e, spec in experts.items():
+        key = f"{moe.experts_path}.{e}"
+        canonical = adapter.expert_weights(moe, e)
+        inputs = stats.inputs.get(e) if stats is not None else None
+        acts = stats.activations.get(e) if stats is not None else None
+        solved = quantize_expert(canonical, spec, inputs, acts, min_tokens)
+        write_expert(canonical, solved)
+        result.experts[key] = solved
+        if any(s.method == "rtn-fallback" for s in solved.values()):
+            result.fallbacks[key] = stats.tokens(e) if stats is not None else 0

@@ -1,0 +1,82 @@
+"""Passes over one decoder layer's cached inputs, and the statistics gathered on the way.
+
+* `run_cached(runner, index)`: push every cached batch through decoder layer `index` without
+  replacing the cached inputs (the Hessian passes before the layer is quantised);
+* `LinearHessians`: forward pre-hooks on `nn.Linear` targets that feed their inputs to GPTQ;
+* `ExpertHessians`: an expert visitor (`MoEAdapter.run_experts`) that feeds each routed
+  expert's tokens x (for gate and up) and activations (for down) to GPTQ, optionally weighted
+  by the tokens' gate values (MoEQuant's affinity-guided Hessian).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.quant.gptq import GPTQ
+
+
+@torch.no_grad()
+def run_cached(runner: LayerwiseRunner, index: int) -> None:
+    """Run decoder layer `index` on every cached batch, discarding the outputs.
+
+    Mirrors `LayerwiseRunner.run_layer` (same inputs and keyword arguments) but leaves the
+    cached hidden states and the runner's position unchanged.
+    """
+    layer = runner.layers[index]
+    for batch in runner.batches:
+        kwargs = dict(batch.layer_kwargs[index])
+        extra = kwargs.pop("__args__", ())
+        layer(batch.hidden, *extra, **kwargs)
+
+
+class LinearHessians:
+    """GPTQ statistics of the inputs of several `nn.Linear` modules, gathered with pre-hooks."""
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        self.modules = modules
+        self.stats = {name: GPTQ(module.in_features) for name, module in modules.items()}
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Within the context, every forward of a watched module adds its input to its statistics."""
+        handles = []
+        try:
+            for name, module in self.modules.items():
+                stats = self.stats[name]
+
+                def hook(mod: nn.Module, args: tuple, _stats: GPTQ = stats) -> None:
+                    _stats.add_batch(args[0])
+
+                handles.append(module.register_forward_pre_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class ExpertHessians:
+    """Per routed expert: GPTQ statistics of its inputs (gate/up) and activations (down)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, experts: Sequence[int] | None = None,
+                 weighted: bool = False) -> None:
+        wanted = range(num_experts) if experts is None else experts
+        self.inputs = {e: GPTQ(hidden) for e in wanted}
+        self.activations = {e: GPTQ(intermediate) for e in wanted}
+        self.weighted = weighted
+
+    def tokens(self, expert: int) -> int:
+        """Tokens routed to `expert` so far."""
+        return self.inputs[expert].tokens if expert in self.inputs else 0
+
+    def __call__(self, expert: int, token_idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor,
+                 act: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
+        if expert not in self.inputs:
+            return
+        weight = gate.detach().float() if self.weighted else None
+        self.inputs[expert].add_batch(x, weight)
+        self.activations[expert].add_batch(act, weight)

@@ -1,0 +1,241 @@
+"""moecompress's own loader for the GPTQ checkpoints it writes.
+
+transformers' GPTQ path (optimum + gptqmodel) loads MoE checkpoints wrongly (per-expert bits
+raise size mismatches; uniform bits silently re-initialise the experts), and auto-gptq does
+not import with transformers 5. This loader rebuilds the model from its config with plain
+transformers classes and fills every weight from the folder:
+
+* plain tensors by name;
+* quantised maps (`quant_plan.json` says which, with their spec) from qweight / qzeros /
+  scales / g_idx, dequantised with `moecompress.quant.pack`;
+* routed experts, written unfused (`{experts_path}.{e}.gate_proj`, ...), into the model's
+  fused expert parameters through the adapter's canonical views (any layout).
+
+`dequantize="load"` (default) dequantises everything once; `dequantize="use"` keeps the packed
+tensors and dequantises one decoder layer's weights just before it runs (freeing them after),
+so memory holds the packed model plus one dense layer. GPTQModel (`GPTQModel.load(path,
+device="cpu")`) is the other supported loader for these folders.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecompress.errors import MoecompressError
+from moecompress.models.adapters.base import MoEAdapter
+from moecompress.quant.pack import from_gptq_tensors
+from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
+
+DEQUANTIZE_MODES = ("load", "use")
+
+
+class _Tensors:
+    """Lazy access to every tensor of a checkpoint folder by name."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        from moecompress.models.load import weight_files
+
+        self.handles = {}
+        self.where: dict[str, Any] = {}
+        for file in weight_files(folder):
+            handle = safe_open(str(file), framework="pt")
+            self.handles[file] = handle
+            for name in handle.keys():
+                self.where[name] = handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.where[name].get_tensor(name)
+        except KeyError:
+            raise MoecompressError(f"tensor {name!r} is missing from the checkpoint; the folder is incomplete") from None
+
+
+def _read_plan(folder: Path) -> QuantPlan:
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise MoecompressError(f"{folder} has no {PLAN_FILE}: it was not written by moecompress; "
+                               "open other GPTQ checkpoints with GPTQModel.load")
+    return QuantPlan.model_validate_json(path.read_text())
+
+
+def _zero_offset(config: Any) -> int:
+    qconfig = getattr(config, "quantization_config", None) or {}
+    if not isinstance(qconfig, dict):
+        qconfig = qconfig.to_dict()
+    fmt = qconfig.get("checkpoint_format", qconfig.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise MoecompressError(f"checkpoint_format {fmt!r} is not a GPTQ format moecompress reads (gptq, gptq_v2)")
+    return 1 if fmt == "gptq" else 0
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def _dequantized(tensors: _Tensors, name: str, spec: Any, shape: tuple[int, int], zero_offset: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    parts = {key: tensors.get(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
+    out_features, in_features = shape
+    quantized = from_gptq_tensors(parts, spec.bits, out_features, in_features, spec.sym, zero_offset)
+    return quantized.dequantize(dtype)
+
+
+class _LayerFiller:
+    """Fills one decoder layer's quantised weights (linears and experts) from the packed tensors."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, tensors: _Tensors, plan: QuantPlan, index: int,
+                 zero_offset: int, dtype: torch.dtype) -> None:
+        self.model, self.adapter, self.tensors = model, adapter, tensors
+        self.zero_offset, self.dtype = zero_offset, dtype
+        prefix = f"{adapter.layers_path}.{index}."
+        self.linears = {name: entry for name, entry in plan.entries.items()
+                        if entry.kind == "linear" and entry.spec is not None and name.startswith(prefix)}
+        self.moe = next((ref for ref in adapter.moe_layers(model) if ref.index == index), None)
+        self.shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in self.linears}
+        self.expert_shapes: dict[str, tuple[int, ...]] = {}
+        if self.moe is not None:
+            for name, param in self.moe.experts.named_parameters(recurse=False):
+                self.expert_shapes[name] = tuple(param.shape)
+        self.plan = plan
+
+    def owned(self) -> list[str]:
+        """Full names of the tensors this filler produces."""
+        names = []
+        for name in self.linears:
+            names.append(f"{name}.weight")
+            if self.model.get_submodule(name).bias is not None:
+                names.append(f"{name}.bias")
+        if self.moe is not None:
+            names += [f"{self.moe.experts_path}.{n}" for n in self.expert_shapes]
+        return names
+
+    def fill(self) -> None:
+        """Dequantise and assign every owned tensor."""
+        for name, entry in self.linears.items():
+            _set_tensor(self.model, f"{name}.weight",
+                        _dequantized(self.tensors, name, entry.spec, self.shapes[name], self.zero_offset, self.dtype))
+            if self.model.get_submodule(name).bias is not None:
+                _set_tensor(self.model, f"{name}.bias", self.tensors.get(f"{name}.bias").to(self.dtype))
+        if self.moe is not None:
+            self._fill_experts()
+
+    @torch.no_grad()
+    def _fill_experts(self) -> None:
+        moe = self.moe
+        assert moe is not None
+        for name, shape in self.expert_shapes.items():
+            _set_tensor(self.model, f"{moe.experts_path}.{name}", torch.empty(shape, dtype=self.dtype))
+        for e in range(moe.num_experts):
+            key = f"{moe.experts_path}.{e}"
+            entry = self.plan.entries.get(key)
+            canonical = self.adapter.expert_weights(moe, e)
+            views = {"gate_proj": (canonical.gate, canonical.gate_bias), "up_proj": (canonical.up, canonical.up_bias),
+                     "down_proj": (canonical.down, canonical.down_bias)}
+            for proj in EXPERT_PROJECTIONS:
+                weight, bias = views[proj]
+                if weight is None:
+                    continue
+                name = f"{key}.{proj}"
+                if f"{name}.qweight" in self.tensors:
+                    if entry is None or entry.spec is None:
+                        raise MoecompressError(f"{name} is packed but the plan does not quantise it; the folder is corrupt")
+                    value = _dequantized(self.tensors, name, entry.spec, tuple(weight.shape), self.zero_offset,
+                                         self.dtype)
+                else:
+                    value = self.tensors.get(f"{name}.weight")
+                weight.copy_(value.to(self.dtype))
+                if bias is not None:
+                    bias.copy_(self.tensors.get(f"{name}.bias").to(self.dtype))
+
+    def release(self) -> None:
+        """Drop the owned tensors to the meta device (dequantise-at-use mode)."""
+        for name in self.owned():
+            module_path, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(module_path)
+            current = module._parameters.get(leaf)
+            if current is not None:
+                _set_tensor(self.model, name, torch.empty_like(current, device="meta"))
+
+
+def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32",
+                   dequantize: str = "load") -> tuple[nn.Module, MoEAdapter]:
+    """Open a GPTQ folder written by moecompress as a plain transformers model (eval mode)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.models.load import adapter_for, load_config, parse_dtype
+
+    if dequantize not in DEQUANTIZE_MODES:
+        raise MoecompressError(f"dequantize must be one of {', '.join(DEQUANTIZE_MODES)}, got {dequantize!r}")
+    folder = Path(path)
+    config = load_config(folder)
+    plan = _read_plan(folder)
+    zero_offset = _zero_offset(config)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if torch_dtype == "auto":
+        torch_dtype = torch.float32
+    plain_config = copy.deepcopy(config)
+    if hasattr(plain_config, "quantization_config"):
+        del plain_config.quantization_config
+    adapter = adapter_for(plain_config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(plain_config, dtype=torch_dtype)
+    tensors = _Tensors(folder)
+    fillers = [_LayerFiller(model, adapter, tensors, plan, index, zero_offset, torch_dtype)
+               for index in range(len(adapter.decoder_layers(model)))]
+    owned = {name for filler in fillers for name in filler.owned()}
+    head = next((name for name, entry in plan.entries.items() if entry.role == "lm_head" and entry.spec), None)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in owned or (head is not None and name == f"{head}.weight"):
+                continue
+            if name in tensors:
+                value = tensors.get(name)
+                _set_tensor(model, name, value.to(torch_dtype) if value.is_floating_point() else value)
+            elif tensor.is_meta and not _is_tied(model, name):
+                raise MoecompressError(f"tensor {name!r} is missing from {folder}; the folder is incomplete")
+        if head is not None:
+            entry = plan.entries[head]
+            shape = tuple(model.get_submodule(head).weight.shape)
+            _set_tensor(model, f"{head}.weight", _dequantized(tensors, head, entry.spec, shape, zero_offset, torch_dtype))
+    model.tie_weights()
+    if dequantize == "load":
+        for filler in fillers:
+            filler.fill()
+    else:
+        layers = adapter.decoder_layers(model)
+        for filler, layer in zip(fillers, layers):
+            filler.release()
+            layer.register_forward_pre_hook(_hook(filler.fill))
+            layer.register_forward_hook(_hook(filler.release))
+    model.eval()
+    return model, adapter
+
+
+def _hook(fn: Callable[[], None]) -> Callable[..., None]:
+    def hook(*args: Any) -> None:
+        fn()
+
+    return hook
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return name in dict(tied)
+

@@ -1,0 +1,326 @@
+"""`moecompress quantize` end to end: calibrate -> sensitivity -> allocate bits -> quantise -> write.
+
+Every check that needs no model (options, output folder, widths vs format) runs first. The
+input checkpoint is never modified; the output is built in a temporary sibling folder and
+renamed into place when complete.
+
+Methods: ``mc-moe`` (block-output errors, one program per layer), ``gemq`` (Fisher-weighted
+errors from one backward pass, one global program; needs the whole model in memory),
+``uniform`` (every routed expert at --bits, no sensitivity pass).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from moecompress.errors import MoecompressError
+from moecompress.quant.allocate import Allocation, allocate
+from moecompress.quant.budget import SizeBudget, expert_sizes, fixed_bytes, parse_size
+from moecompress.quant.plan import QuantPlan
+from moecompress.quant.settings import QuantSettings
+from moecompress.quant.spec import SUPPORTED_BITS
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mc-moe", "gemq", "uniform")
+FORMATS = ("gptq", "fake")
+DEFAULT_CANDIDATES = (2, 3, 4)
+UNIFORM_LAYER_CANDIDATES = (4, 8)
+
+
+class QuantizeRequest(BaseModel):
+    """Every option of a quantisation run, validated before any work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: float | None = None
+    size: str | None = None
+    method: Literal["mc-moe", "gemq", "uniform"] = "mc-moe"
+    allocation: Literal["layer", "global"] | None = None  # default: layer for mc-moe, global for gemq
+    candidate_bits: list[int] | None = None  # default {2,3,4}; {4,8} with uniform_per_layer
+    require_top: int = 1
+    uniform_per_layer: bool = False
+    format: Literal["gptq", "fake"] = "gptq"
+    settings: QuantSettings = QuantSettings()
+    alpha: float = 1.0
+    beta: float = 1.5
+    sensitivity_quantizer: Literal["rtn", "gptq"] = "rtn"
+    weighted_hessian: bool = False
+    min_tokens: int = 16
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    streaming: bool = False
+    time_limit: float = 120.0
+    max_shard_bytes: int = 2 * 10**9
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeRequest:
+        if (self.bits is None) == (self.size is None):
+            raise ValueError("give exactly one budget: --bits (average bits per routed-expert weight) or --size")
+        widths = self.widths()
+        bad = [w for w in widths if w not in SUPPORTED_BITS]
+        if bad or not widths:
+            raise ValueError(f"candidate widths must be among {SUPPORTED_BITS}, got {self.candidate_bits}")
+        if self.method == "uniform" and self.bits is not None and self.bits not in widths and self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"--method uniform needs an integer --bits among {SUPPORTED_BITS}, got {self.bits}")
+        if self.bits is not None and not (min(widths) <= self.bits <= max(max(widths), self.bits)):
+            raise ValueError(f"--bits {self.bits} is below the narrowest candidate width {min(widths)}")
+        if self.format == "gptq" and 1 in widths:
+            raise ValueError("the GPTQ format cannot store 1-bit weights; use --format fake for 1-bit candidates")
+        if self.method == "gemq" and self.streaming:
+            raise ValueError("--method gemq needs a backward pass through the whole model; drop --streaming")
+        if self.size is not None:
+            parse_size(self.size)
+        return self
+
+    def widths(self) -> list[int]:
+        """Candidate widths, sorted."""
+        if self.candidate_bits is not None:
+            return sorted(set(self.candidate_bits))
+        return list(UNIFORM_LAYER_CANDIDATES if self.uniform_per_layer else DEFAULT_CANDIDATES)
+
+    def scope(self) -> str:
+        """Per-layer or global allocation."""
+        return self.allocation or ("global" if self.method == "gemq" else "layer")
+
+    def needs_data(self) -> bool:
+        """Whether calibration data is read at all."""
+        return self.method != "uniform" or self.settings.method == "gptq"
+
+
+def parse_request(**values: Any) -> QuantizeRequest:
+    """A validated request; a one-line `MoecompressError` naming the first problem otherwise."""
+    try:
+        return QuantizeRequest(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise MoecompressError(f"{where + ': ' if where else ''}{message}") from None
+
+
+@dataclass
+class QuantizeResult:
+    """What a quantisation run did."""
+
+    plan: QuantPlan
+    output: Path | None
+    allocation: Allocation | None
+    average_bits: float
+    effective_bits: dict[str, float]
+    bytes_before: int
+    bytes_after: int
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    raised_damping: dict[str, float] = field(default_factory=dict)
+    format: str = "gptq"
+
+
+def calibration_batches(source: Path, sources: list[Any] | None, request: QuantizeRequest, tokenizer: Any
+                        ) -> tuple[list[tuple[str, torch.Tensor]], Any]:
+    """(domain, (B, S)) batches of the calibration set, and the set itself."""
+    from moecompress.calibration.data import build_calibration_set, default_calibration_sources
+
+    sources = list(sources) if sources else default_calibration_sources()
+    calib = build_calibration_set(tokenizer, sources, num_samples=request.samples, seq_len=request.seq_len,
+                                  seed=request.seed)
+    return list(calib.domain_batches(request.batch_size)), calib
+
+
+def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest,
+                  batches: list | None, input_bytes: int, element_size: int, progress: bool
+                  ) -> tuple[dict[int, list[int]], Allocation | None, dict[str, float | str]]:
+    """Choose a width per routed expert: uniform, or sensitivity + the integer program."""
+    from moecompress.quant.sensitivity import block_errors, fisher_errors
+
+    widths = request.widths()
+    settings = request.settings
+    unit, budget, budget_record = _budget(model, adapter, targets, request, input_bytes, element_size)
+    sizes = expert_sizes(adapter, targets, widths, unit, settings, element_size)
+    if request.method == "uniform":
+        chosen = _uniform_width(request, sizes, widths, budget)
+        return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
+    base = settings.spec(max(widths))
+    assert base is not None
+    if request.method == "gemq":
+        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress)
+    else:
+        sens = block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
+                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress)
+    costs = sens.costs(request.alpha, request.beta)
+    result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
+                      uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
+    return result.widths, result, budget_record
+
+
+def _budget(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest, input_bytes: int,
+            element_size: int) -> tuple[str, float, dict[str, float | str]]:
+    """(size unit, budget in that unit, record for the plan)."""
+    from moecompress.quant.targets import expert_params
+
+    if request.bits is not None:
+        total = sum(expert_params(adapter, ref) * ref.num_experts for ref in targets.moe.values())
+        return "bits", request.bits * total, {"bits": request.bits}
+    size = parse_size(request.size)  # type: ignore[arg-type]
+    allowed = size.resolve(input_bytes)
+    fixed = fixed_bytes(model, adapter, targets, request.settings, element_size)
+    if allowed <= fixed:
+        raise MoecompressError(
+            f"--size {request.size} ({allowed:,} bytes) does not even hold the non-expert weights ({int(fixed):,} bytes "
+            "with the current attention/shared settings); raise --size or quantise those roles further"
+        )
+    return "bytes", allowed - fixed, {"bytes": float(allowed), "size": request.size or "", "fixed_bytes": fixed}
+
+
+def _uniform_width(request: QuantizeRequest, sizes: dict[int, torch.Tensor], widths: list[int], budget: float) -> int:
+    if request.bits is not None:
+        if float(request.bits) != int(request.bits) or int(request.bits) not in SUPPORTED_BITS:
+            raise MoecompressError(f"--method uniform needs an integer --bits among {SUPPORTED_BITS}")
+        return int(request.bits)
+    fitting = [w for c, w in enumerate(widths) if sum(float(s[:, c].sum()) for s in sizes.values()) <= budget]
+    if not fitting:
+        raise MoecompressError(f"--size {request.size} is too small even with every expert at {min(widths)} bits")
+    return max(fitting)
+
+
+def readme_for(plan: QuantPlan, source: Path, fmt: str, average: float) -> str:
+    """The short README written into a quantised checkpoint."""
+    if fmt == "gptq":
+        loading = (
+            "This folder is in the GPTQ format (v1 packing; per-module bits in `quantization_config.dynamic`).\n"
+            "Load it with moecompress's loader:\n\n"
+            "```python\nimport moecompress\nmodel = moecompress.load(\"this-folder\")\n```\n\n"
+            "or with GPTQModel (`pip install gptqmodel==7.6.0`): `GPTQModel.load(\"this-folder\", device=\"cpu\")`.\n"
+            "transformers' own GPTQ path loads MoE checkpoints wrongly (mixed bits fail, experts get re-initialised)\n"
+            "and auto-gptq cannot load it.\n"
+        )
+    else:
+        loading = ("This folder holds fake-quantised (dequantised) weights in the original dtype: it loads with plain\n"
+                   "`transformers.AutoModelForCausalLM.from_pretrained` and is meant for measuring quality; it is\n"
+                   "not smaller on disk.\n")
+    return (f"# Quantised with moecompress\n\nSource: `{source}`. Method: `{plan.method}`, routed experts at "
+            f"{average:.3f} average bits (candidates {plan.candidate_bits}).\n\n{loading}\n"
+            "`quant_plan.json` (GPTQ format) and `moecompress_manifest.json` record the per-module plan, the "
+            "achieved bits and how the output was made.\n")
+
+
+def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: QuantizeRequest,
+                        sources: list[Any] | None = None, force: bool = False, progress: bool = True
+                        ) -> QuantizeResult:
+    """Quantise a local checkpoint into `output` per `request` (see the module docstring)."""
+    from moecompress.io.output import check_output_dir
+    from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
+    from moecompress.quant.settings import make_plan
+    from moecompress.quant.targets import find_targets
+    from moecompress.sizes import checkpoint_dtype
+
+    source = Path(checkpoint)
+    check_output_dir(output, force, inputs=(source,))
+    info = inspect_checkpoint(source)
+    out_dtype = checkpoint_dtype(info) or torch.float32
+    element_size = torch.empty((), dtype=out_dtype).element_size()
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(request.seed)
+    batches, calib = (calibration_batches(source, sources, request, tokenizer) if request.needs_data()
+                      else (None, None))
+    model, adapter = load_model(source, dtype="float32", streaming=request.streaming)
+    targets = find_targets(model, adapter)
+    if not targets.moe:
+        raise MoecompressError(f"{source} has no MoE layers to quantise")
+    widths, allocation, budget_record = expert_widths(model, adapter, targets, request, batches, info.bytes_on_disk,
+                                                      element_size, progress)
+    allocation_record: dict[str, object] = {}
+    if allocation is not None:
+        allocation_record = {"solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
+                             "seconds": round(allocation.seconds, 3), "objective": allocation.objective,
+                             "scope": request.scope(), "variables": allocation.variables}
+    plan = make_plan(targets, adapter, widths, request.settings, request.method, request.widths(), budget_record,
+                     allocation_record)
+    result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
+                             progress, out_dtype)
+    result.allocation = allocation
+    return result
+
+
+def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batches: list | None, source: Path,
+                    info: Any, output: str | Path, request: QuantizeRequest, tokenizer: Any, calib: Any, force: bool,
+                    progress: bool, out_dtype: torch.dtype, operation: str = "quantize",
+                    extra_manifest: dict[str, Any] | None = None) -> QuantizeResult:
+    """Quantise `model` per `plan` layer by layer while writing the chosen format into `output`."""
+    from moecompress.io.checkpoint import folder_bytes
+    from moecompress.io.fake_quant import FakeQuantWriter
+    from moecompress.io.gptq_writer import GPTQWriter
+    from moecompress.io.manifest import build_manifest, write_manifest
+    from moecompress.io.output import atomic_output_dir
+    from moecompress.quant.apply import quantize_model
+
+    average = plan.average_expert_bits()
+    with atomic_output_dir(output, force=force) as tmp:
+        if request.format == "gptq":
+            writer: Any = GPTQWriter(tmp, model, adapter, plan, out_dtype, request.max_shard_bytes)
+        else:
+            writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
+        report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, min_tokens=request.min_tokens,
+                                weighted_hessian=request.weighted_hessian, progress=progress)
+        writer.finish()
+        if request.format == "fake":
+            (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
+        effective = (writer.effective_bits() if request.format == "gptq"
+                     else planned_effective_bits(plan, model, adapter))
+        tokenizer.save_pretrained(tmp)
+        manifest = build_manifest(
+            operation, plan.method, request.model_dump(mode="json"), request.seed, source, info.config,
+            calibration=None if calib is None else calib.record(),
+            format=request.format,
+            achieved_average_bits=average,
+            effective_bits_per_parameter=effective,
+            expert_bits=plan.expert_bits(),
+            allocation=plan.allocation,
+            rtn_fallbacks=report.fallbacks,
+            raised_damping=report.raised_damping,
+            bytes_before=info.bytes_on_disk,
+            bytes_on_disk=folder_bytes(tmp),
+            loads_with=("moecompress.load (moecompress.quant.load.load_quantized) or GPTQModel.load"
+                        if request.format == "gptq" else "transformers.AutoModelForCausalLM.from_pretrained"),
+            **(extra_manifest or {}),
+        )
+        write_manifest(tmp, manifest)
+        (tmp / "README.md").write_text(readme_for(plan, source, request.format, average))
+        bytes_after = folder_bytes(tmp)
+    return QuantizeResult(plan=plan, output=Path(output), allocation=None, average_bits=average,
+                          effective_bits=effective, bytes_before=info.bytes_on_disk, bytes_after=bytes_after,
+                          fallbacks=report.fallbacks, raised_damping=report.raised_damping, format=request.format)
+
+
+def planned_effective_bits(plan: QuantPlan, model: torch.nn.Module, adapter: Any) -> dict[str, float]:
+    """Bits per weight of each quantised role in the GPTQ format (codes, scales, zeros, g_idx, fp16 biases)."""
+    from moecompress.quant.budget import packed_bytes
+
+    moe = {ref.experts_path: ref for ref in adapter.moe_layers(model)}
+    expert_shapes: dict[str, list[tuple[int, int, bool]]] = {}
+    total_bits: dict[str, float] = {}
+    params: dict[str, int] = {}
+    for name, entry in plan.entries.items():
+        if entry.spec is None:
+            continue
+        if entry.kind == "linear":
+            module = model.get_submodule(name)
+            shapes = [(module.out_features, module.in_features, module.bias is not None)]
+        else:
+            parent = name.rpartition(".")[0]
+            if parent not in expert_shapes:
+                expert = adapter.expert_weights(moe[parent], 0)
+                pairs = [(expert.gate, expert.gate_bias), (expert.up, expert.up_bias), (expert.down, expert.down_bias)]
+                expert_shapes[parent] = [(w.shape[0], w.shape[1], b is not None) for w, b in pairs if w is not None]
+            shapes = expert_shapes[parent]
+        for out_f, in_f, bias in shapes:
+            total_bits[entry.role] = total_bits.get(entry.role, 0.0) + 8 * packed_bytes(entry.spec, out_f, in_f, 2, bias)
+            params[entry.role] = params.get(entry.role, 0) + out_f * in_f
+    return {role: total_bits[role] / params[role] for role in sorted(total_bits)}

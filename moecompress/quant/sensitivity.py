@@ -1,0 +1,254 @@
+"""How much each routed expert suffers at each candidate width: the costs the bit allocator minimises.
+
+Only expert i changes when expert i alone is quantised (the router is never quantised, so
+routing is unchanged), and the MoE block output changes by g_{i,t} (f_i(x_t) - f^b_i(x_t)) on
+the tokens routed to i. Both costs are therefore exact sums over expert i's own tokens,
+computed from cached layer inputs, never by re-running the model per candidate:
+
+* MC-MoE PMQ (Mixture Compressor for MoE LLMs Gains More, arXiv 2410.06270):
+      L_{i,b} = ||Z - Z_hat^{i,b}||_F = sqrt(sum_{t->i} ||g_{i,t} (f_i(x_t) - f^b_i(x_t))||^2)
+      cost_{i,b} = f_i^alpha * w_i^beta * L_{i,b}^alpha      (alpha = 1, beta = 1.5)
+  with f_i the normalised selection frequency (N_i / sum_j N_j) and w_i the normalised routing
+  weight (sum_t g_{i,t} / sum_j sum_t g_{j,t}), both from the same pass. Measured layer by
+  layer on the unquantised model (`block_errors`).
+* GEMQ (Global Expert-Level Mixed-Precision Quantization for MoE LLMs):
+      cost_{l,i,b} = sum_{t->i} sum_h G_{t,h}^2 (g_{i,t} (f_i(x_t) - f^b_i(x_t)))_h^2
+  with G = dLoss/d(MoE block output), the gradient at the layer output (the residual adds the
+  block output unchanged): a Fisher-weighted output error, comparable across layers. Needs one
+  forward + backward pass over the calibration data with the whole model in memory
+  (`fisher_errors`, opt-in).
+
+f^b_i is expert i with its three projections quantised to b bits (round-to-nearest by
+default, or GPTQ on the expert's own tokens). Width 0 ("drop") is measured too: the error of
+removing expert i's contribution, used to put pruning scores on the same scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
+from moecompress.quant.layer_pass import ExpertHessians, run_cached
+from moecompress.quant.solve import dequantized_expert, quantize_expert
+from moecompress.quant.spec import QuantSpec
+from moecompress.quant.streaming import materialized
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerErrors:
+    """Accumulated per-expert errors of one MoE layer."""
+
+    widths: list[int]
+    error: torch.Tensor  # (E, C) squared (optionally Fisher-weighted) block-output error per width
+    drop_error: torch.Tensor  # (E,) the same for removing the expert
+    count: torch.Tensor  # (E,) tokens routed to each expert
+    gate_sum: torch.Tensor  # (E,) sum of gate values
+
+    @classmethod
+    def zeros(cls, num_experts: int, widths: Sequence[int]) -> LayerErrors:
+        return cls(list(widths), torch.zeros(num_experts, len(widths), dtype=torch.float64),
+                   torch.zeros(num_experts, dtype=torch.float64), torch.zeros(num_experts, dtype=torch.float64),
+                   torch.zeros(num_experts, dtype=torch.float64))
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer expert errors at every candidate width, and the costs derived from them."""
+
+    kind: str  # "block-error" (MC-MoE) or "fisher" (GEMQ)
+    widths: list[int]
+    layers: dict[int, LayerErrors]
+
+    def mc_moe_costs(self, alpha: float = 1.0, beta: float = 1.5) -> dict[int, torch.Tensor]:
+        """MC-MoE costs f^alpha w^beta L^alpha per layer, (E, C)."""
+        out = {}
+        for layer, errs in self.layers.items():
+            freq = errs.count / errs.count.sum().clamp(min=1e-30)
+            weight = errs.gate_sum / errs.gate_sum.sum().clamp(min=1e-30)
+            norm = errs.error.clamp(min=0).sqrt()  # L_{i,b} = ||Z - Z_hat||_F
+            out[layer] = (freq**alpha * weight**beta)[:, None] * norm**alpha
+        return out
+
+    def gemq_costs(self) -> dict[int, torch.Tensor]:
+        """GEMQ costs: the Fisher-weighted squared output errors as measured, (E, C)."""
+        return {layer: errs.error.clone() for layer, errs in self.layers.items()}
+
+    def drop_costs(self, alpha: float = 1.0, beta: float = 1.5) -> dict[int, torch.Tensor]:
+        """Cost of removing each expert on the same scale as `costs()`, (E,)."""
+        out = {}
+        for layer, errs in self.layers.items():
+            if self.kind == "fisher":
+                out[layer] = errs.drop_error.clone()
+            else:
+                freq = errs.count / errs.count.sum().clamp(min=1e-30)
+                weight = errs.gate_sum / errs.gate_sum.sum().clamp(min=1e-30)
+                out[layer] = freq**alpha * weight**beta * errs.drop_error.clamp(min=0).sqrt() ** alpha
+        return out
+
+    def costs(self, alpha: float = 1.0, beta: float = 1.5) -> dict[int, torch.Tensor]:
+        """The allocation costs of this measurement (MC-MoE for block errors, GEMQ for Fisher)."""
+        return self.gemq_costs() if self.kind == "fisher" else self.mc_moe_costs(alpha, beta)
+
+
+class ErrorVisitor:
+    """Expert visitor accumulating each candidate's (weighted) output error on the routed tokens."""
+
+    def __init__(self, errors: LayerErrors, reference: dict[int, CanonicalExpert],
+                 candidates: dict[int, dict[int, CanonicalExpert]]) -> None:
+        self.errors = errors
+        self.reference = reference
+        self.candidates = candidates  # expert -> width -> quantised expert
+        self.fisher: torch.Tensor | None = None  # (T, H) squared gradients of the current batch
+
+    @torch.no_grad()
+    def __call__(self, expert: int, token_idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor,
+                 act: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
+        errs = self.errors
+        x = x.detach().float()
+        g = gate.detach().double()[:, None]  # (N, 1)
+        weight = None if self.fisher is None else self.fisher[token_idx].double()  # (N, H)
+        ref = self.reference[expert].forward(x).double()  # (N, H)
+
+        def weighted_sq(delta: torch.Tensor) -> float:
+            sq = (g * delta) ** 2
+            return float((sq if weight is None else sq * weight).sum())
+
+        errs.count[expert] += x.shape[0]
+        errs.gate_sum[expert] += float(g.sum())
+        errs.drop_error[expert] += weighted_sq(ref)
+        for c, width in enumerate(errs.widths):
+            approx = self.candidates[expert][width].forward(x).double()
+            errs.error[expert, c] += weighted_sq(ref - approx)
+
+
+def _float_expert(expert: CanonicalExpert) -> CanonicalExpert:
+    """A float32 copy of an expert's weights (detached from the model)."""
+    def conv(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().float().clone()
+
+    return CanonicalExpert(gate=conv(expert.gate), up=conv(expert.up), down=conv(expert.down),
+                           gate_bias=conv(expert.gate_bias), up_bias=conv(expert.up_bias),
+                           down_bias=conv(expert.down_bias), act=expert.act)
+
+
+def candidate_experts(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[int], base: QuantSpec,
+                      hessians: ExpertHessians | None = None, min_tokens: int = 0
+                      ) -> tuple[dict[int, CanonicalExpert], dict[int, dict[int, CanonicalExpert]]]:
+    """(reference experts, expert -> width -> quantised copy) for one MoE layer."""
+    reference, candidates = {}, {}
+    for e in range(layer.num_experts):
+        expert = _float_expert(adapter.expert_weights(layer, e))
+        reference[e] = expert
+        candidates[e] = {}
+        for width in widths:
+            spec = base.model_copy(update={"bits": width})
+            inputs = hessians.inputs.get(e) if hessians else None
+            acts = hessians.activations.get(e) if hessians else None
+            if hessians is None:
+                spec = spec.model_copy(update={"method": "rtn"})
+            solved = quantize_expert(expert, spec, inputs, acts, min_tokens)
+            candidates[e][width] = dequantized_expert(expert, solved)
+    return reference, candidates
+
+
+def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
+                 widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
+                 min_tokens: int = 0, progress: bool = True) -> Sensitivity:
+    """MC-MoE block-output errors of every expert at every width, one decoder layer at a time."""
+    runner = LayerwiseRunner(model, adapter)
+    runner.prepare(batches)
+    moe = {ref.index: ref for ref in adapter.moe_layers(model)}
+    layers: dict[int, LayerErrors] = {}
+    for index in tqdm(range(len(runner.layers)), desc="sensitivity", unit="layer", disable=not progress):
+        with materialized(runner.layers[index]):
+            if index not in moe:
+                runner.run_layer(index)
+                continue
+            ref = moe[index]
+            hessians = None
+            if quantizer == "gptq":
+                probe = adapter.expert_weights(ref, 0)
+                hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], weighted=weighted)
+                with adapter.instrument(model, {index: hessians}):
+                    run_cached(runner, index)
+            reference, candidates = candidate_experts(adapter, ref, widths, base, hessians, min_tokens)
+            errors = LayerErrors.zeros(ref.num_experts, widths)
+            with adapter.instrument(model, {index: ErrorVisitor(errors, reference, candidates)}):
+                runner.run_layer(index)
+            layers[index] = errors
+    return Sensitivity("block-error", list(widths), layers)
+
+
+@contextlib.contextmanager
+def _gradient_capture(model: nn.Module, adapter: MoEAdapter, visitors: dict[int, ErrorVisitor]) -> Iterator[None]:
+    """Hooks that, for each MoE block, measure expert errors weighted by the block output's squared gradient."""
+    handles = []
+    moe = {ref.index: ref for ref in adapter.moe_layers(model)}
+
+    def make_hook(ref: MoELayerRef):  # noqa: ANN202
+        visitor = visitors[ref.index]
+
+        def forward_hook(module: nn.Module, args: tuple, output: object) -> None:
+            hidden = args[0].detach()
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                return
+
+            def on_grad(grad: torch.Tensor) -> None:
+                flat = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+                with torch.no_grad():
+                    routed = adapter.route(ref, flat)
+                    visitor.fisher = grad.detach().reshape(-1, grad.shape[-1]).float() ** 2  # (T, H)
+                    adapter.run_experts(ref, flat, routed.index, routed.weights, visitor)
+                    visitor.fisher = None
+
+            out.register_hook(on_grad)
+
+        return forward_hook
+
+    try:
+        for index, ref in moe.items():
+            if index in visitors:
+                handles.append(ref.block.register_forward_hook(make_hook(ref)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
+                  widths: Sequence[int], base: QuantSpec, progress: bool = True) -> Sensitivity:
+    """GEMQ Fisher-weighted errors: one forward + backward per batch, whole model in memory."""
+    moe = {ref.index: ref for ref in adapter.moe_layers(model)}
+    layers: dict[int, LayerErrors] = {}
+    visitors: dict[int, ErrorVisitor] = {}
+    for index, ref in moe.items():
+        reference, candidates = candidate_experts(adapter, ref, widths, base)
+        layers[index] = LayerErrors.zeros(ref.num_experts, widths)
+        visitors[index] = ErrorVisitor(layers[index], reference, candidates)
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        with _gradient_capture(model, adapter, visitors):
+            for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
+                with torch.enable_grad():
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()
+    finally:
+        handle.remove()
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+    return Sensitivity("fisher", list(widths), layers)

@@ -1,0 +1,78 @@
+"""User settings for everything that is not a routed expert, and building the plan from them.
+
+Defaults (issue 5): attention, shared experts and dense MLPs at 4 bits; routers, norms and
+embeddings unquantised; the output head unquantised (16). Each role's bits are overridable
+(16 keeps the role in the original dtype). Group size, symmetry, act-order, damping and the
+method (GPTQ or RTN) apply to every quantised map, routed experts included.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from moecompress.models.adapters.base import MoEAdapter
+from moecompress.quant.plan import PlanEntry, QuantPlan
+from moecompress.quant.spec import SUPPORTED_BITS, UNQUANTISED, QuantSpec
+from moecompress.quant.targets import ModelTargets, expert_params
+
+
+class QuantSettings(BaseModel):
+    """Bits per role (16 = unquantised) and the grid / solver settings shared by all maps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention: int = 4
+    shared_experts: int = 4
+    dense_mlp: int = 4
+    lm_head: int = UNQUANTISED
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    method: Literal["gptq", "rtn"] = "gptq"
+
+    @field_validator("attention", "shared_experts", "dense_mlp", "lm_head")
+    @classmethod
+    def _check_bits(cls, value: int) -> int:
+        if value not in SUPPORTED_BITS + (UNQUANTISED,):
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or {UNQUANTISED} (unquantised), got {value}")
+        return value
+
+    def spec(self, bits: int) -> QuantSpec | None:
+        """The spec for `bits` with these settings (None for 16 = unquantised)."""
+        if bits == UNQUANTISED:
+            return None
+        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+                         damp=self.damp, method=self.method)
+
+    def role_bits(self, role: str) -> int:
+        """Bits of a non-expert role."""
+        return int(getattr(self, role))
+
+
+def make_plan(targets: ModelTargets, adapter: MoEAdapter, expert_bits: dict[int, list[int]],
+              settings: QuantSettings, method: str, candidate_bits: list[int], budget: dict[str, float | str],
+              allocation: dict[str, object] | None = None, dropped: dict[int, list[int]] | None = None) -> QuantPlan:
+    """The plan for a model: routed experts at `expert_bits[layer][e]`, other roles per `settings`."""
+    entries: dict[str, PlanEntry] = {}
+    for index in range(targets.num_layers):
+        for target in targets.linears[index]:
+            entries[target.name] = PlanEntry(kind="linear", role=target.role, layer=index, params=target.params,
+                                             spec=settings.spec(settings.role_bits(target.role)))
+        moe = targets.moe.get(index)
+        if moe is None:
+            continue
+        widths = expert_bits[index]
+        if len(widths) != moe.num_experts:
+            raise ValueError(f"layer {index}: {len(widths)} widths for {moe.num_experts} experts")
+        params = expert_params(adapter, moe)
+        for e, bits in enumerate(widths):
+            entries[f"{moe.experts_path}.{e}"] = PlanEntry(kind="expert", role="routed_experts", layer=index,
+                                                           expert=e, params=params, spec=settings.spec(bits))
+    if targets.head is not None:
+        entries[targets.head.name] = PlanEntry(kind="linear", role="lm_head", params=targets.head.params,
+                                               spec=settings.spec(settings.lm_head))
+    return QuantPlan(method=method, candidate_bits=list(candidate_bits), budget=budget, entries=entries,
+                     dropped=dropped or {}, allocation=allocation or {})
