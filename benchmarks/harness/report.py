@@ -118,39 +118,47 @@ def render_baselines(data: dict[str, Any]) -> list[str]:
 
 
 def render_domain(data: dict[str, Any]) -> list[str]:
-    """One table per fixture: calibration domain x evaluation domain, with the own-domain check."""
+    """One table per fixture: calibration domain x evaluation domain, with both domain checks.
+
+    Column check: for each evaluated domain, calibrating on that domain beats calibrating on
+    another single domain. Row check: calibrating on a domain raises that domain's perplexity
+    (relative to unpruned) less than it raises the other domains'.
+    """
     lines: list[str] = []
     by_fixture: dict[str, list[dict[str, Any]]] = {}
     for row in data["rows"]:
         by_fixture.setdefault(row["fixture"], []).append(row)
     for fixture, rows in by_fixture.items():
         domains = _domains(rows)
+        base = rows[0]["unpruned"]
         lines += [f"### {fixture}", "",
                   f"Frequency pruning, {rows[0]['ratio']:.0%} of routed experts removed ({rows[0]['kept_per_layer']} "
-                  f"kept per layer); windows per domain: {_window_note(rows)}. Best calibration per evaluated domain in bold.",
+                  f"kept per layer); windows per domain: {_window_note(rows)}. Cells: perplexity (x unpruned); "
+                  "best calibration per evaluated domain in bold.",
                   "",
                   "| calibrated on | " + " | ".join(f"eval {d}" for d in domains) + " | mean |",
-                  "|---|" + "---:|" * len(domains) + "---:|"]
+                  "|---|" + "---:|" * len(domains) + "---:|",
+                  "| (unpruned) | " + " | ".join(_fmt(base[d]) for d in domains) + " | "
+                  + _fmt(sum(base.values()) / len(base)) + " |"]
         best = {d: min(rows, key=lambda r: r["perplexity"][d])["calibrated_on"] for d in domains}
         for row in rows:
             cells = []
             for d in domains:
-                text = _fmt(row["perplexity"][d])
+                text = f"{_fmt(row['perplexity'][d])} ({row['perplexity'][d] / base[d]:.2f}x)"
                 cells.append(f"**{text}**" if best[d] == row["calibrated_on"] else text)
             lines.append(f"| {row['calibrated_on']} | " + " | ".join(cells) + f" | {_fmt(row['mean_perplexity'])} |")
         single = {row["calibrated_on"]: row for row in rows if row["calibrated_on"] in domains}
-        checks = []
-        for d in domains:
-            if d not in single:
-                continue
-            own = single[d]["perplexity"][d]
-            others = [single[o]["perplexity"][d] for o in single if o != d]
-            if others:
-                checks.append(f"{d}: own {_fmt(own)} vs other-domain calibration {_fmt(min(others))}-{_fmt(max(others))}")
-        wins = sum(1 for d in domains if d in single and
-                   single[d]["perplexity"][d] <= min(single[o]["perplexity"][d] for o in single))
-        lines += ["", f"Check: own-domain calibration gives the lowest perplexity among single-domain calibrations "
-                      f"on {wins} of {len(single)} domains ({'; '.join(checks)}).", ""]
+        column = [d for d in single if single[d]["perplexity"][d] <= min(single[o]["perplexity"][d] for o in single)]
+        row_wins = []
+        for d, row in single.items():
+            rise = {e: row["perplexity"][e] / base[e] for e in domains}
+            if rise[d] <= min(rise.values()):
+                row_wins.append(d)
+        lines += ["",
+                  f"Checks: calibrating on a domain gives that domain the lowest perplexity among single-domain "
+                  f"calibrations for {len(column)} of {len(single)} domains ({', '.join(column) or 'none'}); "
+                  f"calibrating on a domain raises its own perplexity least (relative to unpruned) for "
+                  f"{len(row_wins)} of {len(single)} domains ({', '.join(row_wins) or 'none'}).", ""]
     return lines
 
 

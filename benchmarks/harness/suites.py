@@ -155,6 +155,7 @@ def domain_pruning(fixtures: list[Fixture], options: dict[str, Any]) -> dict[str
             rows.append({
                 "fixture": fixture.name, "ratio": ratio, "calibrated_on": domain or "all domains",
                 "kept_per_layer": result["kept_per_layer"], "perplexity": _domain_ppl(result),
+                "unpruned": _domain_ppl(fixture.unpruned),
                 "mean_perplexity": result["mean_perplexity"], "windows": _windows(result),
             })
     return {"rows": rows, "ratio": ratio}

@@ -24,6 +24,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
+QUIET_LOGGERS = ("accelerate.big_modeling", "torchao", "torchao.kernel.intmm")
+
 # Command modules, in the order `--help` lists them. Each defines its command(s) on `app`.
 COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "condense_cmd", "route_task_cmd", "eval_cmd", "demo_cmd")
 
@@ -43,6 +45,11 @@ def _root(
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}; use debug, info, warning or error")
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        # Expected, harmless notices from dependencies: offloaded layers sit on the meta device
+        # by design while streaming; torchao (pulled in by optional extras) probes GPU kernels.
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -61,7 +61,7 @@ def condense_command(
 
     Example:
 
-        moecompress condense ./DeepSeek-V2-Lite --layers auto --num-layers 8 --experts 6 --data code=code.jsonl -o ./condensed
+        moecompress condense ./Qwen3-30B-A3B --layers auto --num-layers 8 --experts 4 --data code=code.jsonl -o ./out
     """
     from moecompress.calibration.data import parse_data_specs
     from moecompress.condense.run import condense_checkpoint, parse_layers

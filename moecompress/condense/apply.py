@@ -188,7 +188,8 @@ def read_layout(folder: str | Path) -> dict[str, Any]:
     """The layout record of a condensed checkpoint, with a clear error when it is missing or foreign."""
     path = Path(folder) / LAYOUT_FILE
     if not path.is_file():
-        raise MoecompressError(f"{folder} has no {LAYOUT_FILE}: it is not a checkpoint in moecompress's condensed layout")
+        raise MoecompressError(
+            f"{folder} has no {LAYOUT_FILE}: it is not a checkpoint in moecompress's condensed layout")
     layout = json.loads(path.read_text())
     if layout.get("format") != LAYOUT_FORMAT or layout.get("version") != LAYOUT_VERSION:
         raise MoecompressError(f"{path} has format {layout.get('format')!r} version {layout.get('version')!r}; "
@@ -238,15 +239,39 @@ def load_condensed(path: str | Path, dtype: str | torch.dtype | None = None) -> 
         raise MoecompressError(f"{folder}: stored tensors do not match the condensed model "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for alias, source in tied.items():
-        _set_tensor(model, alias, model.get_parameter(source) if _is_parameter(model, source) else model.get_buffer(source))
+        shared = model.get_parameter(source) if _is_parameter(model, source) else model.get_buffer(source)
+        _set_tensor(model, alias, shared)
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise MoecompressError(f"{folder}: tensors without stored values: {leftover[:3]}")
     if dtype is not None:
         wanted = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         if wanted != "auto":
-            model = model.to(wanted)
+            cast_model(model, wanted)
     model.eval()
+    return model
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters and buffers to `dtype` in place, except those transformers keeps in float32.
+
+    Models list such modules in `_keep_in_fp32_modules_strict` (kept for bf16 and fp16) and
+    `_keep_in_fp32_modules` (kept for fp16); names are matched as transformers does, by search.
+    """
+    import re
+
+    keep: set[str] = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(keep))) if keep else None
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_floating_point() or tensor.dtype == dtype:
+                continue
+            target = torch.float32 if pattern is not None and pattern.search(name) else dtype
+            tensor.data = tensor.data.to(target)
     return model
 
 

@@ -13,8 +13,9 @@ CRITERIA = ("recon", "js")
 class CondensePlan(BaseModel):
     """Condensed decoder layers -> kept routed experts (greedy order) and their mean gates wbar_e.
 
-    expert_search[L]: the criterion after each greedy step of layer L's expert search (every
-    searched layer, condensed or not). layer_search: the criterion on the last hidden states
+    expert_search[L]: the criterion after each greedy step of layer L's expert search, and
+    searched_experts[L] / searched_weights[L] its result, for every searched layer (condensed
+    or not). layer_search: the criterion on the last hidden states
     after each greedy layer step (empty when the layers were given explicitly).
     """
 
@@ -30,6 +31,8 @@ class CondensePlan(BaseModel):
     experts: dict[int, list[int]]  # condensed layer -> expert ids, greedy order
     weights: dict[int, list[float]]  # condensed layer -> wbar_e of those experts
     expert_search: dict[int, list[float]] = {}
+    searched_experts: dict[int, list[int]] = {}
+    searched_weights: dict[int, list[float]] = {}
     layer_search: list[float] = []
     tokens: int = 0
     cost: dict[str, Any] = {}

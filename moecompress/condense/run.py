@@ -8,8 +8,10 @@ forward time before and after on the CPU, and writes either a stock transformers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,18 +71,28 @@ def parse_layers(value: str | None) -> list[int] | None:
 
 
 @torch.no_grad()
-def measure_forward_ms(model: nn.Module, input_ids: torch.Tensor, repeats: int = 5) -> float:
-    """Best wall time (ms) of `repeats` forward passes on `input_ids` (B, S), after one warm-up run.
+def compare_forward_ms(model: nn.Module, final: nn.Module | None,
+                       condensed: Callable[[], contextlib.AbstractContextManager], input_ids: torch.Tensor,
+                       repeats: int = 5) -> tuple[float, float]:
+    """(before, after) best wall time in ms of a forward pass on `input_ids` (B, S).
 
-    The minimum, not the mean: on a shared CPU, other work only ever adds time.
+    `model` is the original; the condensed model is `final` if given, else `model` inside the
+    `condensed()` context. Runs alternate between the two after one warm-up each, so load from
+    other work on a shared CPU hits both alike; the minimum is kept (other work only adds time).
     """
-    model(input_ids=input_ids, use_cache=False)
-    times = []
+    def run(which: str) -> float:
+        with (condensed() if which == "after" and final is None else contextlib.nullcontext()):
+            target = final if which == "after" and final is not None else model
+            start = time.perf_counter()
+            target(input_ids=input_ids, use_cache=False)
+            return (time.perf_counter() - start) * 1000
+
+    run("before"), run("after")
+    times: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=input_ids, use_cache=False)
-        times.append((time.perf_counter() - start) * 1000)
-    return min(times)
+        for which in ("before", "after"):
+            times[which].append(run(which))
+    return min(times["before"]), min(times["after"])
 
 
 def count_params(model: nn.Module) -> int:
@@ -96,7 +108,8 @@ def readme_for(plan: CondensePlan, source: Path, layout: str, note: str | None) 
         f"Source: `{source}`. MoE layers {layers} are condensed (arXiv 2412.00069): each has no router choice "
         f"any more; every token goes through the same {plan.experts_per_layer} routed experts with fixed weights "
         "(their mean gate over the calibration tokens) plus the shared experts. Experts chosen by the "
-        f"`{plan.criterion}` criterion, layers {'given explicitly' if plan.layer_selection == 'explicit' else 'chosen greedily'}.\n\n"
+        f"`{plan.criterion}` criterion, layers "
+        f"{'given explicitly' if plan.layer_selection == 'explicit' else 'chosen greedily'}.\n\n"
     )
     if layout == "transformers":
         text += ("Each condensed layer is stored as an ordinary dense MLP layer of the stock architecture (the config's "
@@ -140,7 +153,13 @@ def condense_checkpoint(
     refuses when it cannot. The input checkpoint is never modified.
     """
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
-    from moecompress.condense.apply import condense_model, write_moecompress_layout
+    from moecompress.condense.apply import (
+        build_condensed_modules,
+        cast_model,
+        moe_layer_map,
+        swapped_experts,
+        write_moecompress_layout,
+    )
     from moecompress.condense.cd_moe import check_condensable
     from moecompress.condense.search import resolve_layers, search_condensation
     from moecompress.condense.transformers_layout import NotExpressible, dense_layout_problem, to_transformers_model
@@ -148,7 +167,7 @@ def condense_checkpoint(
     from moecompress.io.manifest import build_manifest
     from moecompress.io.output import atomic_output_dir, check_output_dir
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
-    from moecompress.sizes import skeleton_model
+    from moecompress.sizes import checkpoint_dtype, skeleton_model
 
     source = Path(checkpoint)
     if criterion not in CRITERIA:
@@ -183,23 +202,35 @@ def condense_checkpoint(
     batches = list(calib.domain_batches(batch_size))
     timing_ids = batches[0][1]
     params_before = count_params(model)
-    ms_before = measure_forward_ms(model, timing_ids) if timing else None
 
     plan = search_condensation(model, adapter, batches, experts, layers=layers, num_layers=num_layers,
                                criterion=criterion, progress=progress)
-    condense_model(model, adapter, plan.condensed())
-    final, chosen_layout, note, dense_info = model, "moecompress", None, {}
+    refs = moe_layer_map(adapter, model)
+    modules = build_condensed_modules(model, adapter, plan.condensed(), refs)
+
+    def condensed() -> contextlib.AbstractContextManager:
+        return swapped_experts(refs, modules)
+
+    final, chosen_layout, note, dense_info = None, "moecompress", None, {}
     if layout in ("auto", "transformers"):
         try:
-            final, dense_info = to_transformers_model(model, adapter, plan.layers)
+            with condensed():
+                final, dense_info = to_transformers_model(model, adapter, plan.layers)
             chosen_layout = "transformers"
         except NotExpressible as err:
             if layout == "transformers":
                 raise MoecompressError(f"--layout transformers: {err}; use --layout moecompress") from None
             note = str(err)
             log.warning("writing moecompress's condensed layout: %s", note)
-    ms_after = measure_forward_ms(final, timing_ids) if timing else None
-    params_after = count_params(final)
+    if final is not None:
+        params_after = count_params(final)
+    else:
+        with condensed():
+            params_after = count_params(model)
+    ms_before = ms_after = None
+    if timing:
+        ms_before, ms_after = compare_forward_ms(model, final, condensed, timing_ids)
+    save_dtype = checkpoint_dtype(info) or next(model.parameters()).dtype
     common = dict(plan=plan, layout=chosen_layout, layout_note=note, params_before=params_before,
                   params_after=params_after, bytes_before=info.bytes_on_disk, forward_ms_before=ms_before,
                   forward_ms_after=ms_after, timing_shape=tuple(timing_ids.shape), threads=torch.get_num_threads(),
@@ -219,8 +250,10 @@ def condense_checkpoint(
     readme = readme_for(plan, source, chosen_layout, note)
     with atomic_output_dir(output, force=force) as tmp:
         if chosen_layout == "transformers":
-            write_checkpoint(final, tokenizer, tmp, manifest, readme)
+            write_checkpoint(cast_model(final, save_dtype), tokenizer, tmp, manifest, readme)
         else:
-            write_moecompress_layout(final, adapter, plan.condensed(), tokenizer, tmp, manifest, readme)
+            with condensed():
+                write_moecompress_layout(cast_model(model, save_dtype), adapter, plan.condensed(), tokenizer, tmp,
+                                         manifest, readme)
         (tmp / "condense_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
     return CondenseResult(output=Path(output), bytes_after=folder_bytes(output), **common)

@@ -363,7 +363,8 @@ def search_condensation(
         else:
             experts[index], expert_search[index] = greedy_by_divergence(
                 decoder, adapter, ref, hidden, out, tap.routing, experts_per_layer, divergence, dtype)
-        layer_inputs[index] = hidden
+        if layers is None:  # the layer search restarts from these cached inputs
+            layer_inputs[index] = hidden
         hidden = out
     reference_final = hidden
     cost.seconds["experts"] = time.perf_counter() - clock
@@ -392,6 +393,8 @@ def search_condensation(
         experts={i: experts[i] for i in chosen},
         weights={i: weights[i] for i in chosen},
         expert_search=expert_search,
+        searched_experts=experts,
+        searched_weights=weights,
         layer_search=layer_search,
         tokens=cost.tokens,
         cost=cost.to_dict(),

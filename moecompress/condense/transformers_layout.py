@@ -204,6 +204,8 @@ def to_transformers_model(model: nn.Module, adapter: MoEAdapter, condensed_layer
     if missing or unexpected:
         raise NotExpressible(f"the dense layers do not fit the patched config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+    if getattr(new_config, "tie_word_embeddings", False):
+        new_model.tie_weights()  # load_state_dict(assign=True) gave the tied names separate tensors
     new_model.eval()
     for index in condensed:
         _verify_layer(refs[index], new_dense[index][1], verify_tokens, dtype)

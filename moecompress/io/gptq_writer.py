@@ -34,6 +34,7 @@ from moecompress.errors import MoecompressError
 from moecompress.io.fake_quant import non_layer_state
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.quant.apply import LayerResult
+from moecompress.quant.layout import interleaved_gate_up, tensor_halves, to_checkpoint_halves
 from moecompress.quant.pack import to_gptq_tensors
 from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
 from moecompress.quant.shards import ShardWriter
@@ -42,6 +43,14 @@ from moecompress.quant.spec import GPTQ_FORMAT_BITS
 
 # parameter names of fused experts modules that the canonical views cover (written unfused)
 FUSED_EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def _halves(gate: Any, up: Any) -> tuple[Any, Any]:
+    """Canonical gate/up (solved or plain) -> the stored halves of an interleaved fused layout."""
+    if isinstance(gate, Solved):
+        first, second = to_checkpoint_halves(gate.weight, up.weight)
+        return Solved(first, gate.method, gate.damp), Solved(second, up.method, up.damp)
+    return tensor_halves(gate, up)
 
 
 def check_gptq_plan(plan: QuantPlan) -> None:
@@ -87,19 +96,26 @@ class GPTQWriter:
 
     def _experts(self, moe: MoELayerRef, result: LayerResult) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
+        interleaved = interleaved_gate_up(moe)
         for e in range(moe.num_experts):
             key = f"{moe.experts_path}.{e}"
             canonical = self.adapter.expert_weights(moe, e)
-            views = {"gate_proj": (canonical.gate, canonical.gate_bias), "up_proj": (canonical.up, canonical.up_bias),
-                     "down_proj": (canonical.down, canonical.down_bias)}
             solved = result.experts.get(key, {})
+            weights: dict[str, Any] = {"gate_proj": solved.get("gate_proj", canonical.gate),
+                                       "up_proj": solved.get("up_proj", canonical.up),
+                                       "down_proj": solved.get("down_proj", canonical.down)}
+            biases = {"gate_proj": canonical.gate_bias, "up_proj": canonical.up_bias, "down_proj": canonical.down_bias}
+            if interleaved:
+                weights["gate_proj"], weights["up_proj"] = _halves(weights["gate_proj"], weights["up_proj"])
+                if canonical.gate_bias is not None:
+                    biases["gate_proj"], biases["up_proj"] = tensor_halves(canonical.gate_bias, canonical.up_bias)
             for proj in EXPERT_PROJECTIONS:
-                weight, bias = views[proj]
+                weight, bias = weights[proj], biases[proj]
                 if weight is None:
                     continue
                 name = f"{key}.{proj}"
-                if proj in solved:
-                    tensors.update(self._packed(name, solved[proj], bias, "routed_experts"))
+                if isinstance(weight, Solved):
+                    tensors.update(self._packed(name, weight, bias, "routed_experts"))
                 else:
                     plain = {f"{name}.weight": weight.detach().clone()}
                     if bias is not None:

@@ -72,38 +72,46 @@ def second_to_first(weights: torch.Tensor) -> torch.Tensor:
     return torch.where(high > 0, low / high.clamp(min=1e-30), torch.zeros_like(high))
 
 
+def _run(model: nn.Module, batches: Sequence[tuple[str, torch.Tensor]], desc: str, progress: bool) -> None:
+    for _, ids in tqdm(list(batches), desc=desc, unit="batch", disable=not progress):
+        model(input_ids=ids, use_cache=False)
+
+
 @torch.no_grad()
 def measure_betas(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                   keep: dict[int, Sequence[int]] | None = None, progress: bool = True) -> tuple[dict[int, float], float]:
     """beta = median(w2 / w1) per MoE layer on the calibration batches, and the fraction of expert calls skipped.
 
-    keep: experts kept per layer; the routing is measured with the others masked (the pruned model).
+    keep: experts kept per layer; the routing is measured with the others masked (the pruned
+    model). The thresholds come from the routing without skipping (as in the paper); the
+    fraction is then measured in a second pass WITH skipping applied, so it includes the
+    effect of skipped experts on later layers' routing.
     """
     layers = check_top2(adapter, model)
     ratios: dict[int, list[torch.Tensor]] = {ref.index: [] for ref in layers}
-    handles = []
-    for ref in layers:
-
-        def hook(module: nn.Module, args: Any, output: Any, _layer: int = ref.index) -> None:
-            ratios[_layer].append(second_to_first(router_weights(output)))
-
-        handles.append(ref.router.register_forward_hook(hook))
     mask = adapter.mask_experts(model, keep) if keep else contextlib.nullcontext()
-    try:
-        with mask:
-            for _, ids in tqdm(list(batches), desc="router pass (skip thresholds)", unit="batch", disable=not progress):
-                model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    betas, skipped, calls = {}, 0, 0
-    for layer, parts in ratios.items():
-        values = torch.cat(parts)  # (T,)
-        beta = float(values.median())
-        betas[layer] = beta
-        skipped += int((values < beta).sum())
-        calls += 2 * values.numel()
-    return betas, skipped / max(calls, 1)
+    with mask:
+        handles = []
+        for ref in layers:
+
+            def hook(module: nn.Module, args: Any, output: Any, _layer: int = ref.index) -> None:
+                ratios[_layer].append(second_to_first(router_weights(output)))
+
+            handles.append(ref.router.register_forward_hook(hook))
+        try:
+            _run(model, batches, "router pass (skip thresholds)", progress)
+        finally:
+            for handle in handles:
+                handle.remove()
+        betas = {layer: float(torch.cat(parts).median()) for layer, parts in ratios.items()}
+        counts = {"calls": 0, "skipped": 0}
+        handles = [ref.router.register_forward_hook(_zeroing_hook(betas[ref.index], counts)) for ref in layers]
+        try:
+            _run(model, batches, "router pass (skipped calls)", progress)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return betas, counts["skipped"] / max(counts["calls"], 1)
 
 
 def skip_settings(betas: dict[int, float], fraction: float) -> dict[str, Any]:

@@ -11,6 +11,7 @@ experts physically removed.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,13 +21,36 @@ from tqdm.auto import tqdm
 from moecompress.calibration.layerwise import LayerwiseRunner
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
+log = logging.getLogger(__name__)
+
+
+def _row_choice(total: int, max_tokens: int | None, seed: int, layer: int) -> torch.Tensor | None:
+    """Sorted token rows kept for a layer (None = all), a seeded choice of max_tokens out of total."""
+    if max_tokens is None or total <= max_tokens:
+        return None
+    gen = torch.Generator().manual_seed(seed * 7919 + layer)
+    return torch.randperm(total, generator=gen)[:max_tokens].sort().values
+
 
 def block_inputs(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                  max_tokens: int | None = None, seed: int = 0, progress: bool = True
                  ) -> Iterator[tuple[MoELayerRef, torch.Tensor]]:
-    """(layer, x (N, H)) for every MoE layer in order: its block's inputs on the calibration tokens."""
+    """(layer, x (N, H)) for every MoE layer in order: its block's inputs on the calibration tokens.
+
+    Runs one decoder layer at a time (`LayerwiseRunner`), so only one layer's inputs are held.
+    Architectures whose decoder layers pass extra outputs to the next layer (GLM-MoE-DSA and
+    HY-V4 thread their indexer's top-k through the layers) cannot run that way; for them every
+    MoE block's (subsampled) inputs are captured in ordinary forward passes instead.
+    """
+    batches = list(batches)
+    total = sum(int(ids.numel()) for _, ids in batches)
     runner = LayerwiseRunner(model, adapter)
-    runner.prepare(list(batches))
+    try:
+        runner.prepare(batches)
+    except (ValueError, TypeError, RuntimeError) as err:
+        log.warning("layer-at-a-time execution failed (%s); capturing MoE inputs in whole-model passes", err)
+        yield from _whole_model_inputs(model, adapter, batches, total, max_tokens, seed, progress)
+        return
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
     for index in tqdm(range(len(runner.layers)), desc="layer inputs", unit="layer", disable=not progress):
         if index not in moe:
@@ -44,11 +68,41 @@ def block_inputs(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
         finally:
             handle.remove()
         tokens = torch.cat(captured)  # (N, H)
-        if max_tokens is not None and tokens.shape[0] > max_tokens:
-            gen = torch.Generator().manual_seed(seed * 7919 + index)
-            rows = torch.randperm(tokens.shape[0], generator=gen)[:max_tokens].sort().values
-            tokens = tokens[rows]
-        yield moe[index], tokens
+        rows = _row_choice(tokens.shape[0], max_tokens, seed, index)
+        yield moe[index], tokens if rows is None else tokens[rows]
+
+
+@torch.no_grad()
+def _whole_model_inputs(model: nn.Module, adapter: MoEAdapter, batches: list[tuple[str, torch.Tensor]], total: int,
+                        max_tokens: int | None, seed: int, progress: bool
+                        ) -> Iterator[tuple[MoELayerRef, torch.Tensor]]:
+    """Every MoE block's inputs from ordinary forward passes, subsampled while captured."""
+    layers = adapter.moe_layers(model)
+    rows = {ref.index: _row_choice(total, max_tokens, seed, ref.index) for ref in layers}
+    captured: dict[int, list[torch.Tensor]] = {ref.index: [] for ref in layers}
+    offset = {"start": 0}
+    handles = []
+    for ref in layers:
+
+        def capture(module: nn.Module, args: tuple, _layer: int = ref.index) -> None:
+            hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # (n, H)
+            chosen = rows[_layer]
+            if chosen is not None:
+                start = offset["start"]
+                local = chosen[(chosen >= start) & (chosen < start + hidden.shape[0])] - start
+                hidden = hidden[local]
+            captured[_layer].append(hidden.clone())
+
+        handles.append(ref.block.register_forward_pre_hook(capture))
+    try:
+        for _, ids in tqdm(batches, desc="layer inputs", unit="batch", disable=not progress):
+            model(input_ids=ids, use_cache=False)
+            offset["start"] += int(ids.numel())
+    finally:
+        for handle in handles:
+            handle.remove()
+    for ref in layers:
+        yield ref, torch.cat(captured[ref.index])
 
 
 @torch.no_grad()

@@ -182,8 +182,9 @@ def _skeleton(config: Any) -> Any:
 
 def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
               params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
-              patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None):
-    """Every check that needs no model; returns (info, scorer, allocation)."""
+              patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None,
+              sources: list[Any] | None) -> tuple[Any, Scorer, str]:
+    """Every check that needs no model; returns (checkpoint info, scorer, allocation)."""
     from moecompress.calibration.stats import config_hash
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint
@@ -223,6 +224,12 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
             raise MoecompressError("--stats were collected on a different model; re-run calibrate on this checkpoint")
         if domain is not None and domain not in stats.header.domains:
             raise MoecompressError(f"--domain {domain!r} is not a domain of --stats; have: {', '.join(stats.header.domains)}")
+    elif domain is not None:
+        from moecompress.calibration.data import default_calibration_sources
+
+        names = [source.name for source in (sources or default_calibration_sources())]
+        if domain not in names:
+            raise MoecompressError(f"--domain {domain!r} is not a calibration domain; have: {', '.join(names)}")
     return info, scorer, allocation
 
 
@@ -261,7 +268,7 @@ def prune_checkpoint(
 
     source = Path(checkpoint)
     info, scorer, allocation = _validate(source, output, method, ratio, keep, params, allocation, dynamic_skip,
-                                         new_top_k, patterns, dry_run, force, stats, domain)
+                                         new_top_k, patterns, dry_run, force, stats, domain, sources)
     adapter, config = info.adapter, info.config
     parsed = scorer.parse_params(params)
     needs = required_statistics(method, protect_super_experts, params)
@@ -302,7 +309,8 @@ def prune_checkpoint(
 
 
 def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[str], sources: list[Any] | None,
-                        samples: int, seq_len: int, seed: int, batch_size: int, dtype: str, progress: bool):
+                        samples: int, seq_len: int, seed: int, batch_size: int, dtype: str, progress: bool
+                        ) -> tuple[Any, Any, ScoringContext, RoutingStats]:
     """Load the whole model once, build the calibration batches, and collect statistics unless given."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
@@ -327,7 +335,8 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
 
 
 def _write(model: Any, adapter: MoEAdapter, plan: PrunePlan, tokenizer: Any, output: str | Path, source: Path,
-           config: Any, stats: RoutingStats, seed: int, force: bool):
+           config: Any, stats: RoutingStats, seed: int, force: bool) -> Any:
+    """Build the manifest and write the pruned checkpoint (`materialize.Written`)."""
     from moecompress.io.manifest import build_manifest
     from moecompress.prune.materialize import write_pruned
 

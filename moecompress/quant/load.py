@@ -29,6 +29,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.quant.layout import from_checkpoint_halves, interleaved_gate_up
 from moecompress.quant.pack import from_gptq_tensors
 from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
 
@@ -141,27 +142,38 @@ class _LayerFiller:
         assert moe is not None
         for name, shape in self.expert_shapes.items():
             _set_tensor(self.model, f"{moe.experts_path}.{name}", torch.empty(shape, dtype=self.dtype))
+        interleaved = interleaved_gate_up(moe)
         for e in range(moe.num_experts):
             key = f"{moe.experts_path}.{e}"
-            entry = self.plan.entries.get(key)
             canonical = self.adapter.expert_weights(moe, e)
             views = {"gate_proj": (canonical.gate, canonical.gate_bias), "up_proj": (canonical.up, canonical.up_bias),
                      "down_proj": (canonical.down, canonical.down_bias)}
+            values: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
             for proj in EXPERT_PROJECTIONS:
                 weight, bias = views[proj]
-                if weight is None:
-                    continue
-                name = f"{key}.{proj}"
-                if f"{name}.qweight" in self.tensors:
-                    if entry is None or entry.spec is None:
-                        raise MoecompressError(f"{name} is packed but the plan does not quantise it; the folder is corrupt")
-                    value = _dequantized(self.tensors, name, entry.spec, tuple(weight.shape), self.zero_offset,
-                                         self.dtype)
-                else:
-                    value = self.tensors.get(f"{name}.weight")
+                if weight is not None:
+                    values[proj] = (self._expert_weight(key, proj, tuple(weight.shape)),
+                                    None if bias is None else self.tensors.get(f"{key}.{proj}.bias"))
+            if interleaved:
+                (g, gb), (u, ub) = values["gate_proj"], values["up_proj"]
+                g, u = from_checkpoint_halves(g, u)
+                if gb is not None:
+                    gb, ub = from_checkpoint_halves(gb, ub)
+                values["gate_proj"], values["up_proj"] = (g, gb), (u, ub)
+            for proj, (value, bias_value) in values.items():
+                weight, bias = views[proj]
                 weight.copy_(value.to(self.dtype))
                 if bias is not None:
-                    bias.copy_(self.tensors.get(f"{name}.bias").to(self.dtype))
+                    bias.copy_(bias_value.to(self.dtype))
+
+    def _expert_weight(self, key: str, proj: str, shape: tuple[int, ...]) -> torch.Tensor:
+        name = f"{key}.{proj}"
+        if f"{name}.qweight" not in self.tensors:
+            return self.tensors.get(f"{name}.weight")
+        entry = self.plan.entries.get(key)
+        if entry is None or entry.spec is None:
+            raise MoecompressError(f"{name} is packed but the plan does not quantise it; the folder is corrupt")
+        return _dequantized(self.tensors, name, entry.spec, shape, self.zero_offset, torch.float32)
 
     def release(self) -> None:
         """Drop the owned tensors to the meta device (dequantise-at-use mode)."""

@@ -39,7 +39,7 @@ class ShardWriter:
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_shard_bytes:
                 self._flush()
-            self.pending[name] = tensor.detach().to("cpu").contiguous()
+            self.pending[name] = tensor.detach().to("cpu", copy=True).contiguous()  # own storage (no shared views)
             self.pending_bytes += size
             self.total_bytes += size
 

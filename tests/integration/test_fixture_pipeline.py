@@ -35,6 +35,31 @@ def _ids(folder, domain, split):
         return [json.loads(line)["id"] for line in handle]
 
 
+def test_code_domain_drops_comments_and_docstrings_but_still_parses():
+    from benchmarks.fixtures.corpus import code_only
+
+    source = (
+        '"""Module docstring."""\n'
+        "import os  # why\n"
+        "\n"
+        "# a full-line comment\n"
+        "def only_doc():\n"
+        '    """Nothing else here."""\n'
+        "\n"
+        "class Thing:\n"
+        '    """Thing docs,\n    on two lines."""\n'
+        "    x = '# not a comment'\n"
+    )
+    assert code_only(source) == (
+        "import os\n\n"
+        "def only_doc():\n"
+        "    pass\n\n"
+        "class Thing:\n"
+        "    x = '# not a comment'"
+    )
+    assert code_only("def broken(:\n") is None
+
+
 def test_corpus_is_deterministic_and_splits_are_disjoint(fixtures_root, tmp_path):
     corpus = paths.corpus_dir(fixtures_root)
     first = build_corpus(corpus, TINY_CORPUS)  # reused: same spec, files present
@@ -122,3 +147,27 @@ def test_deepseek_balancing_moves_correction_biases(fixtures_root, tmp_path):
     assert torch.count_nonzero(bias) > 0
     assert bias.abs().max() <= spec.bias_update_rate * spec.steps + 1e-6
     assert math.isfinite(log.final_loss)
+
+
+def test_harness_runs_every_suite_on_the_miniature(fixtures_root, tmp_path):
+    """benchmarks/run.py end to end on the miniature: raw JSON per suite and RESULTS.md tables."""
+    from benchmarks.run import main
+
+    build_fixture(MINI, root=fixtures_root, corpus_spec=TINY_CORPUS, progress=False)
+    results = tmp_path / "results"
+    main(["--root", str(fixtures_root), "--fixtures", "mini", "--windows", "2", "--seq-len", "32",
+          "--calib-windows", "2", "--seeds", "0", "1", "--threads", "1",
+          "--results-dir", str(results), "--output", str(tmp_path / "RESULTS.md")])
+    baselines = json.loads((results / "pruning-baselines.json").read_text())
+    rows = baselines["data"]["rows"]
+    assert {(row["ratio"], row["method"].split()[0]) for row in rows} == {
+        (0.25, "random"), (0.25, "frequency"), (0.5, "random"), (0.5, "frequency")}
+    assert {row["kept_per_layer"] for row in rows} == {3, 2}
+    assert [item["ratio"] for item in baselines["data"]["skipped"]] == [0.75]  # 1 expert < top_k = 2
+    assert baselines["environment"]["torch"] == torch.__version__
+    domain_rows = json.loads((results / "domain-pruning.json").read_text())["data"]["rows"]
+    assert [row["calibrated_on"] for row in domain_rows] == ["all domains", *MINI.domains]
+    text = (tmp_path / "RESULTS.md").read_text()
+    for title in ("Unpruned fixtures", "Pruning baselines", "Domain-specific pruning"):
+        assert title in text
+    assert "| 50% | 2 | frequency |" in text

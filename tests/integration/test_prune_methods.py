@@ -25,7 +25,7 @@ from moecompress.errors import MoecompressError
 from moecompress.io.manifest import build_manifest
 from moecompress.models.adapters import get_adapter
 from moecompress.prune.materialize import materialize, write_pruned
-from moecompress.prune.run import plan_pruning, routing_shape
+from moecompress.prune.run import params_after, plan_pruning, routing_shape
 from moecompress.prune.scorers import ScoringContext, available_scorers
 from moecompress.prune.select import feasible_counts
 from tests.adapters.tiny_configs import TINY_CONFIGS
@@ -80,6 +80,8 @@ def test_every_method_equals_masked(name: str, tmp_path) -> None:
             masked = model(ids).logits
         pruned, layout, _ = materialize(model, adapter, plan)
         assert layout is None
+        before = sum(p.numel() for p in model.parameters())
+        assert params_after(plan, before, adapter, model) == sum(p.numel() for p in pruned.parameters())
         with torch.no_grad():
             torch.testing.assert_close(pruned(ids).logits, masked, atol=ATOL, rtol=1e-4, msg=f"{name} {method}")
         if method == reload_method:
@@ -119,7 +121,7 @@ def test_heapr_neuron_layouts_equal_zeroed_neurons(name: str, tmp_path) -> None:
     try:
         written = write_pruned(copy.deepcopy(model), adapter, plan, None, tmp_path / "global", manifest, tmp_path)
     except MoecompressError as err:
-        pytest.skip(f"{name}: {err}")
+        pytest.skip(str(err))
     assert written.format == "moecompress-layout"
     with torch.no_grad():
         torch.testing.assert_close(moecompress.load(written.path)(ids).logits, expected, atol=ATOL, rtol=1e-4)
@@ -137,3 +139,5 @@ def test_heapr_neuron_layouts_equal_zeroed_neurons(name: str, tmp_path) -> None:
     reloaded = AutoModelForCausalLM.from_pretrained(written.path, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=ATOL, rtol=1e-4)
+    before = sum(p.numel() for p in model.parameters())
+    assert params_after(uniform, before, adapter, model) == sum(p.numel() for p in reloaded.parameters())

@@ -112,6 +112,11 @@ def _get_attr_path(root: Any, dotted: str) -> Any:
     return obj
 
 
+# Ways a router computes logits from its (E, H) weight: F.linear(x, W) or x @ W.T via mm / matmul.
+_LOGIT_FUNCS = (nn.functional.linear, torch.mm, torch.matmul, torch.Tensor.__matmul__, torch.Tensor.mm,
+                torch.Tensor.matmul)
+
+
 class _LogitMaskMode(TorchFunctionMode):
     """Adds a mask to the first linear map inside a router that produces E logits.
 
@@ -129,9 +134,10 @@ class _LogitMaskMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.done and func is nn.functional.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is not None and tuple(weight.shape) == self.weight_shape:
+        if not self.done and func in _LOGIT_FUNCS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("mat2", kwargs.get("other")))
+            expected = self.weight_shape if func is nn.functional.linear else self.weight_shape[::-1]
+            if weight is not None and tuple(weight.shape) == expected:
                 self.done = True
                 with torch._C.DisableTorchFunction():
                     fill = torch.finfo(out.dtype).min
@@ -293,7 +299,12 @@ class MoEAdapter:
                 weight_shape = self.router_weight(layer.router).shape
                 handles.extend(self._install_logit_mask(layer.router, weight_shape, mask))
                 for path in self.correction_bias_paths:
-                    bias = _get_attr_path(layer.block, path)
+                    try:
+                        bias = _get_attr_path(layer.block, path)
+                    except AttributeError:
+                        continue
+                    if bias is None:
+                        continue
                     saved.append((bias, bias.detach().clone()))
                     with torch.no_grad():
                         bias[..., mask.to(bias.device)] = float("-inf")

@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecompress.condense.apply import condense_model, load_condensed, moe_layer_map, write_moecompress_layout
+from moecompress.condense.apply import (
+    cast_model,
+    condense_model,
+    load_condensed,
+    moe_layer_map,
+    write_moecompress_layout,
+)
 from moecompress.condense.cd_moe import (
     CondensedExperts,
     DenseMLPWeights,
@@ -135,3 +141,28 @@ def test_concatenation_biases_and_padding_are_exact() -> None:
     torch.testing.assert_close(padded.forward(x), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         pad_neurons(mlp, 3)
+
+
+def test_tied_embeddings_round_trip(tmp_path) -> None:
+    config = TINY_CONFIGS["qwen3_moe"]()
+    config.tie_word_embeddings = True
+    model = tiny_model(config, seed=0)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[-1].index
+    selection = {layer: (EXPERTS, WEIGHTS)}
+    condense_model(model, adapter, selection)
+    write_moecompress_layout(model, adapter, selection, None, tmp_path, {}, "test")
+    reloaded = load_condensed(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
+    ids = token_batch(config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_bfloat16_cast_keeps_float32_modules() -> None:
+    """Casting for saving follows transformers' keep-in-fp32 lists (Inkling2's router runs in float32)."""
+    model = tiny_model(TINY_CONFIGS["inkling2_text"](), seed=0)
+    cast_model(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if name.endswith("mlp.gate.weight"))
