@@ -100,6 +100,14 @@ class LayerwiseRunner:
             batch.hidden = out[0] if isinstance(out, tuple) else out
         self.next_layer = index + 1
 
+    def restart(self, index: int, hidden: Sequence[torch.Tensor]) -> None:
+        """Make `hidden` (one (B, S, H) tensor per batch) the cached inputs of layer `index` and continue there."""
+        if len(hidden) != len(self.batches):
+            raise ValueError(f"restart needs one hidden state per batch ({len(self.batches)}), got {len(hidden)}")
+        for batch, value in zip(self.batches, hidden):
+            batch.hidden = value
+        self.next_layer = index
+
     def layer_inputs(self) -> list[tuple[str, torch.Tensor]]:
         """(domain, (B, S, H)) inputs of the next layer to run, one per batch."""
         return [(batch.domain, batch.hidden) for batch in self.batches]

@@ -35,6 +35,7 @@ from torch import nn
 
 from moecompress.condense.cd_moe import CondensedExperts, condense_layer, experts_child_path, replace_submodule
 from moecompress.errors import MoecompressError
+from moecompress.io.checkpoint import cast_model
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
 LAYOUT_FILE = "moecompress_layout.json"
@@ -249,29 +250,6 @@ def load_condensed(path: str | Path, dtype: str | torch.dtype | None = None) -> 
         if wanted != "auto":
             cast_model(model, wanted)
     model.eval()
-    return model
-
-
-def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters and buffers to `dtype` in place, except those transformers keeps in float32.
-
-    Models list such modules in `_keep_in_fp32_modules_strict` (kept for bf16 and fp16) and
-    `_keep_in_fp32_modules` (kept for fp16); names are matched as transformers does, by search.
-    """
-    import re
-
-    keep: set[str] = set()
-    if dtype in (torch.float16, torch.bfloat16):
-        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-    if dtype == torch.float16:
-        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    pattern = re.compile("|".join(re.escape(k) for k in sorted(keep))) if keep else None
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if not tensor.is_floating_point() or tensor.dtype == dtype:
-                continue
-            target = torch.float32 if pattern is not None and pattern.search(name) else dtype
-            tensor.data = tensor.data.to(target)
     return model
 
 

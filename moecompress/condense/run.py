@@ -37,7 +37,7 @@ class CondenseResult:
 
     plan: CondensePlan
     layout: str  # "transformers" or "moecompress"
-    layout_note: str | None  # why the moecompress layout was used when transformers was possible to ask for
+    layout_note: str | None  # why --layout auto fell back to moecompress's layout
     output: Path | None
     params_before: int
     params_after: int
@@ -155,12 +155,12 @@ def condense_checkpoint(
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
     from moecompress.condense.apply import (
         build_condensed_modules,
-        cast_model,
         moe_layer_map,
         swapped_experts,
         write_moecompress_layout,
     )
     from moecompress.condense.cd_moe import check_condensable
+    from moecompress.io.checkpoint import cast_model
     from moecompress.condense.search import resolve_layers, search_condensation
     from moecompress.condense.transformers_layout import NotExpressible, dense_layout_problem, to_transformers_model
     from moecompress.io.checkpoint import folder_bytes, write_checkpoint
@@ -221,7 +221,7 @@ def condense_checkpoint(
             if layout == "transformers":
                 raise MoecompressError(f"--layout transformers: {err}; use --layout moecompress") from None
             note = str(err)
-            log.warning("writing moecompress's condensed layout: %s", note)
+            log.info("writing moecompress's condensed layout: %s", note)
     if final is not None:
         params_after = count_params(final)
     else:

@@ -221,9 +221,7 @@ class CachedDecoder:
     @torch.no_grad()
     def run(self, start: int, stop: int, hidden: Hidden) -> Hidden:
         """Outputs of layers start..stop-1 run on `hidden` (the inputs of layer `start`)."""
-        for batch, value in zip(self.runner.batches, hidden):
-            batch.hidden = value
-        self.runner.next_layer = start
+        self.runner.restart(start, hidden)
         for index in range(start, stop):
             self.runner.run_layer(index)
             self.layer_passes += 1
@@ -335,7 +333,7 @@ def search_condensation(
     decoder = CachedDecoder(model, adapter, batches)
     cost.num_layers = decoder.num_layers
     start = decoder.inputs()
-    cost.tokens = sum(int(h.shape[0] * h.shape[1]) for h in start)
+    cost.tokens = sum(int(ids.numel()) for _, ids in batches)
     cost.seconds["prepare"] = time.perf_counter() - clock
 
     # pass 1: the original model, layer by layer; each searched layer's routing and experts

@@ -153,13 +153,32 @@ class PruneResult:
 
 
 def _expert_sizes(adapter: MoEAdapter, model: Any) -> tuple[int, int]:
-    """(parameters of one routed expert, parameters per intermediate neuron)."""
+    """(parameters removed with one routed expert, parameters per intermediate neuron).
+
+    An expert takes its weights and its router row, router bias and correction-bias entries
+    with it (those that are parameters; buffers are not counted as parameters).
+    """
+    from torch import nn
+
+    from moecompress.models.layout import get_tensor
+
     layer = adapter.moe_layers(model)[0]
     expert = adapter.expert_weights(layer, 0)
     parts = [expert.gate, expert.up, expert.down, expert.gate_bias, expert.up_bias, expert.down_bias]
     per_neuron = [expert.gate, expert.up, expert.down, expert.gate_bias, expert.up_bias]
     width = expert.intermediate_size
-    return sum(p.numel() for p in parts if p is not None), sum(p.numel() for p in per_neuron if p is not None) // width
+    routing = 0
+    if isinstance(get_tensor(model, f"{layer.router_path}.{adapter.router_weight_attr}"), nn.Parameter):
+        routing += adapter.router_weight(layer.router).shape[-1]  # one (H,) row per expert
+    keys = [f"{layer.path}.{path}" for path in adapter.correction_bias_paths]
+    if adapter.router_bias_attr is not None:
+        keys.append(f"{layer.router_path}.{adapter.router_bias_attr}")
+    for key in keys:
+        tensor = get_tensor(model, key)
+        if isinstance(tensor, nn.Parameter):
+            routing += tensor.numel() // layer.num_experts
+    expert_numel = sum(p.numel() for p in parts if p is not None) + routing
+    return expert_numel, sum(p.numel() for p in per_neuron if p is not None) // width
 
 
 def params_after(plan: PrunePlan, params_before: int, adapter: MoEAdapter, model: Any) -> int:

@@ -110,6 +110,13 @@ def test_infeasible_request_fails_before_model_work(checkpoint, data, tmp_path, 
     code, _, err = run_cli(["prune", str(checkpoint), "--method", "reap", "--ratio", "0.5", "--patterns",
                             str(tmp_path / "p.json"), "-o", str(out)], monkeypatch, capsys)
     assert code == 2 and "premoe" in error_lines(err)[0]
+    code, _, err = run_cli(["prune", str(checkpoint), "--method", "easy_ep", "--ratio", "0.5", "--domain", "nope",
+                            *data, "-o", str(out)], monkeypatch, capsys)
+    assert code == 2 and "have: a, b" in error_lines(err)[0]
+    code, _, err = run_cli(["prune", str(checkpoint), "--method", "frequency", "--ratio", "0.5", "--allocation",
+                            "sideways", *data, "-o", str(out)], monkeypatch, capsys)
+    assert code == 2 and "--allocation" in error_lines(err)[0]
+    assert not out.exists()
 
 
 def test_force_semantics(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:

@@ -564,6 +564,8 @@ class MoEAdapter:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         _materialize_non_persistent_buffers(new_model, model)
+        if getattr(config, "tie_word_embeddings", False):
+            new_model.tie_weights()  # load_state_dict(assign=True) gave the head its own tensor
         new_model.eval()
         return new_model
 

@@ -1,0 +1,210 @@
+"""`moecompress quantize`: mixed-precision GPTQ with a bit-width per routed expert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moecompress.cli.app import app
+from moecompress.cli.options import (
+    BatchSizeOption,
+    DataOption,
+    FieldOption,
+    ForceOption,
+    JsonOption,
+    ModelArg,
+    OutputOption,
+    SamplesOption,
+    SeedOption,
+    SeqLenOption,
+    StreamingOption,
+)
+from moecompress.errors import MoecompressError
+
+BitsOption = Annotated[float | None, typer.Option(
+    "--bits", help="Average bits per routed-expert weight (e.g. 2.5); scales and zeros are reported separately.",
+    show_default=False)]
+SizeOption = Annotated[str | None, typer.Option(
+    "--size", help="Target size of the GPTQ checkpoint instead of --bits: 4GB, 3.5GiB or a percentage like 40%.",
+    show_default=False)]
+CandidatesOption = Annotated[str | None, typer.Option(
+    "--candidates", help="Comma-separated candidate widths for routed experts (default 2,3,4; 4,8 with "
+    "--uniform-per-layer; 1 needs --format fake).", show_default=False)]
+FormatOption = Annotated[str, typer.Option("--format", help="gptq (packed, GPTQModel / moecompress.load) or fake "
+                                           "(dequantised weights, plain transformers).")]
+
+
+def parse_candidates(text: str | None) -> list[int] | None:
+    """'2,3,4' -> [2, 3, 4]; a one-line error for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MoecompressError(f"--candidates {text!r} must be comma-separated integers, e.g. 2,3,4") from None
+
+
+def settings_from_options(attention_bits: int, shared_bits: int, dense_bits: int, lm_head_bits: int, group_size: int,
+                          asym: bool, act_order: bool, damp: float, rtn: bool) -> dict[str, Any]:
+    """The QuantSettings values of the shared role / grid options."""
+    return {"attention": attention_bits, "shared_experts": shared_bits, "dense_mlp": dense_bits,
+            "lm_head": lm_head_bits, "group_size": group_size, "sym": not asym, "act_order": act_order,
+            "damp": damp, "method": "rtn" if rtn else "gptq"}
+
+
+# Options shared by `quantize` and `compress` (role bits and the quantisation grid).
+AttentionBits = Annotated[int, typer.Option("--attention-bits", help="Bits of attention maps (16 = unquantised).")]
+SharedBits = Annotated[int, typer.Option("--shared-bits", help="Bits of shared experts (16 = unquantised).")]
+DenseBits = Annotated[int, typer.Option("--dense-bits", help="Bits of dense MLP layers (16 = unquantised).")]
+HeadBits = Annotated[int, typer.Option("--lm-head-bits", help="Bits of the output head, round-to-nearest "
+                                       "(16 = unquantised).")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="Input columns per scale/zero group (-1 = per channel).")]
+Asym = Annotated[bool, typer.Option("--asym", help="Asymmetric grids (written as GPTQ v2 zero points).")]
+ActOrder = Annotated[bool, typer.Option("--act-order", help="GPTQ act-order (columns by decreasing Hessian "
+                                        "diagonal; g_idx stored).")]
+Damp = Annotated[float, typer.Option("--damp", help="GPTQ damping, a fraction of the mean Hessian diagonal "
+                                     "(raised automatically when the Cholesky factorisation fails).")]
+Rtn = Annotated[bool, typer.Option("--rtn", help="Round-to-nearest instead of GPTQ everywhere (baseline).")]
+MinTokens = Annotated[int, typer.Option("--min-tokens", min=0, help="Experts routed fewer tokens fall back to "
+                                        "round-to-nearest (listed in the report).")]
+WeightedHessian = Annotated[bool, typer.Option("--weighted-hessian", help="Weight each token's contribution to an "
+                                               "expert's Hessian by its gate value (MoEQuant).")]
+
+
+@app.command("quantize")
+def quantize_command(
+    model: ModelArg,
+    output: OutputOption,
+    bits: BitsOption = None,
+    size: SizeOption = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="mc-moe (block-output errors, per-layer programs), "
+                                        "gemq (gradient-weighted errors, one global program; whole model in "
+                                        "memory) or uniform.")] = "mc-moe",
+    allocation: Annotated[str | None, typer.Option("--allocation", help="layer or global program (default: layer "
+                                                   "for mc-moe, global for gemq).", show_default=False)] = None,
+    candidates: CandidatesOption = None,
+    require_top: Annotated[int, typer.Option("--require-top", min=0, help="Each MoE layer keeps at least one expert "
+                                             "at each of this many widest widths.")] = 1,
+    uniform_per_layer: Annotated[bool, typer.Option("--uniform-per-layer", help="Same width for every expert of a "
+                                                    "layer (runtimes like vLLM cannot mix bits in one MoE "
+                                                    "layer).")] = False,
+    fmt: FormatOption = "gptq",
+    attention_bits: AttentionBits = 4,
+    shared_bits: SharedBits = 4,
+    dense_bits: DenseBits = 4,
+    lm_head_bits: HeadBits = 16,
+    group_size: GroupSize = 128,
+    asym: Asym = False,
+    act_order: ActOrder = False,
+    damp: Damp = 0.01,
+    rtn: Rtn = False,
+    min_tokens: MinTokens = 16,
+    weighted_hessian: WeightedHessian = False,
+    sensitivity_quantizer: Annotated[str, typer.Option("--sensitivity-quantizer", help="How candidate widths are "
+                                                       "simulated when measuring costs: rtn (fast) or gptq.")] = "rtn",
+    data: DataOption = None,
+    field: FieldOption = "text",
+    samples: SamplesOption = 32,
+    seq_len: SeqLenOption = 256,
+    seed: SeedOption = 0,
+    batch_size: BatchSizeOption = 8,
+    streaming: StreamingOption = False,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run; a "
+                                              "time-limited solve reports its gap.")] = 120.0,
+    as_json: JsonOption = False,
+    force: ForceOption = False,
+) -> None:
+    """Quantise routed experts to mixed bit-widths chosen by an integer program (average --bits or --size).
+
+    Attention, shared experts and dense MLPs get their own fixed widths (default 4 bits); routers,
+    norms and embeddings stay unquantised. GPTQ runs one decoder layer at a time on cached
+    calibration activations. Accepts checkpoints `moecompress prune` wrote.
+
+    Example:
+
+        moecompress quantize ./Qwen3-30B-A3B --bits 2.5 --data code=code.jsonl -o ./q25
+    """
+    from moecompress.calibration.data import parse_data_specs
+    from moecompress.quant.run import parse_request, quantize_checkpoint
+
+    request = parse_request(
+        bits=bits, size=size, method=method, allocation=allocation, candidate_bits=parse_candidates(candidates),
+        require_top=require_top, uniform_per_layer=uniform_per_layer, format=fmt,
+        settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size, asym,
+                                       act_order, damp, rtn),
+        sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
+        samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming,
+        time_limit=time_limit,
+    )
+    sources = parse_data_specs(data, field=field) if data else None
+    result = quantize_checkpoint(model, output, request, sources=sources, force=force, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(result_summary(result), indent=2))
+    else:
+        print_quant_summary(result)
+
+
+def result_summary(result: Any) -> dict[str, Any]:
+    """JSON-ready summary of a quantisation (or joint compression) result."""
+    plan = result.plan
+    return {
+        "output": str(result.output),
+        "format": result.format,
+        "method": plan.method,
+        "average_bits": result.average_bits,
+        "effective_bits_per_parameter": result.effective_bits,
+        "expert_bits": {str(k): v for k, v in plan.expert_bits().items()},
+        "dropped": {str(k): v for k, v in plan.dropped.items()},
+        "allocation": plan.allocation,
+        "bytes_before": result.bytes_before,
+        "bytes_after": result.bytes_after,
+        "rtn_fallbacks": result.fallbacks,
+    }
+
+
+def print_quant_summary(result: Any, console: Console | None = None) -> None:
+    """Bits histogram per layer, achieved average, effective bits, bytes before/after."""
+    from moecompress.sizes import format_bytes
+
+    console = console or Console()
+    plan = result.plan
+    widths = sorted({w for bits in plan.expert_bits().values() for w in bits})
+    title = f"{plan.method}: routed-expert bits per MoE layer"
+    table = Table(title=title)
+    table.add_column("layer", justify="right")
+    if plan.dropped:
+        table.add_column("dropped", justify="right")
+    for width in widths:
+        table.add_column(f"{width}-bit" if width != 16 else "16 (kept)", justify="right")
+    table.add_column("average", justify="right")
+    for layer, bits in plan.expert_bits().items():
+        row = [str(layer)]
+        if plan.dropped:
+            row.append(str(len(plan.dropped.get(layer, []))))
+        row += [str(bits.count(w)) for w in widths]
+        row.append(f"{sum(bits) / len(bits):.2f}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"achieved average: {result.average_bits:.3f} bits per routed-expert weight; effective bits "
+                  f"(scales, zeros, g_idx counted): "
+                  + ", ".join(f"{role} {value:.2f}" for role, value in result.effective_bits.items()))
+    if plan.allocation:
+        alloc = plan.allocation
+        gap = alloc.get("gap")
+        console.print(f"allocation: {alloc.get('scope')} program, {alloc.get('variables')} binaries, "
+                      f"{alloc.get('solver')} {alloc.get('status')}"
+                      f"{'' if gap is None else f' (gap {float(gap):.2e})'} in {alloc.get('seconds')} s")
+    if result.fallbacks:
+        console.print(f"{len(result.fallbacks)} expert(s) saw too few tokens and used round-to-nearest: "
+                      + ", ".join(f"{name} ({tokens})" for name, tokens in list(result.fallbacks.items())[:8])
+                      + (" ..." if len(result.fallbacks) > 8 else ""))
+    console.print(f"bytes on disk: {format_bytes(result.bytes_before)} -> {format_bytes(result.bytes_after)} "
+                  f"({result.format} format)")
+    loader = ("moecompress.load(path) or GPTQModel.load(path)" if result.format == "gptq"
+              else "AutoModelForCausalLM.from_pretrained(path)")
+    console.print(f"written to {Path(result.output)}; open it with {loader}")
