@@ -40,5 +40,7 @@ def make_checkpoint(folder: Path, model_type: str = "qwen3_moe", seed: int = 0) 
     tokenizer = save_tokenizer(folder, vocab_size=300)
     config = TINY_CONFIGS[model_type]()
     config.vocab_size = len(tokenizer)
+    if getattr(config, "unpadded_vocab_size", None):
+        config.unpadded_vocab_size = len(tokenizer)
     tiny_model(config, seed=seed).save_pretrained(folder)
     return folder

@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
 
 def build_checkpoint(folder: Path, layers: int, hidden: int, experts: int, width: int) -> int:
-    """Save a random bf16 Qwen3-MoE with a tokenizer; return bytes on disk."""
+    """Save a random bf16 Qwen3-MoE with a tokenizer; return bytes on disk. Runs in a child process."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
     from tests.tiny_tokenizer import save_tokenizer
 
     tokenizer = save_tokenizer(folder, vocab_size=300)
@@ -70,7 +70,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moecompress-mem-") as tmp:
         ckpt = Path(tmp) / "model"
         ckpt.mkdir()
-        size = build_checkpoint(ckpt, args.layers, args.hidden, args.experts, args.width)
+        # Linux keeps a process's peak RSS across fork and exec, so this parent process stays
+        # small (standard library only) and every heavy step runs in a fresh child.
+        build = (f"from pathlib import Path; from benchmarks.memory.calibrate_peak import build_checkpoint; "
+                 f"print(build_checkpoint(Path({str(ckpt)!r}), {args.layers}, {args.hidden}, {args.experts}, {args.width}))")
+        size = int(subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parents[2]).stdout.split()[-1])
         started = time.perf_counter()
         peak = child_peak_rss(["calibrate", str(ckpt), "--samples", str(args.samples), "--seq-len", "128",
                                "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])

@@ -62,6 +62,8 @@ def collect_statistics(
     needs_grad = any(name in GRADIENT_STATISTICS for name in statistics)
     if needs_grad and mode != "whole-model":
         raise MoecompressError("gradient statistics (neuron_grad_proj) need mode 'whole-model' (a backward pass)")
+    if mode == "layerwise" and not adapter.layerwise_supported:
+        raise MoecompressError(f"{model.config.model_type} cannot run one layer at a time; use mode 'whole-model'")
     observer = Observer(model, adapter, domains, statistics)
     batches = _batches(input_ids, domain_ids, domains, batch_size)
     if mode == "whole-model":
@@ -172,7 +174,14 @@ def calibrate(
     tokenizer = load_tokenizer(model_path)
     sources = list(sources) if sources else default_calibration_sources()
     calib = build_calibration_set(tokenizer, sources, num_samples=num_samples, seq_len=seq_len, seed=seed)
-    model, adapter = load_model(model_path, dtype=dtype, streaming=(mode == "layerwise"))
+    from moecompress.models.load import adapter_for, load_config
+
+    if mode == "layerwise" and not adapter_for(load_config(model_path)).layerwise_supported:
+        log.warning("%s layers pass state between layers; calibrating with whole-model passes instead",
+                    load_config(model_path).model_type)
+        mode = "whole-model"
+    streaming = mode == "layerwise" and adapter_for(load_config(model_path)).streaming_supported
+    model, adapter = load_model(model_path, dtype=dtype, streaming=streaming)
     observer = collect_statistics(
         model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics, batch_size, mode, progress
     )

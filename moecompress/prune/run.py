@@ -333,7 +333,6 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
     """Load the whole model once, build the calibration batches, and collect statistics unless given."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
-    from moecompress.calibration.observer import GRADIENT_STATISTICS
     from moecompress.models.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
@@ -341,7 +340,10 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
                                   num_samples=samples, seq_len=seq_len, seed=seed)
     model, adapter = load_model(source, dtype=dtype)
     if stats is None:
-        mode = "whole-model" if any(name in GRADIENT_STATISTICS for name in needs) else "layerwise"
+        # the whole model is in memory anyway (it is needed to write the output), so observe
+        # ordinary forward passes: same statistics as layer-at-a-time, and every architecture
+        # runs (GLM-MoE-DSA and HY-V4 thread extra outputs between layers)
+        mode = "whole-model"
         torch.manual_seed(seed)
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains, needs,
                                       batch_size, mode, progress)

@@ -72,7 +72,8 @@ class QuantizeRequest(BaseModel):
         if self.method == "uniform" and self.bits is not None and self.bits not in widths and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--method uniform needs an integer --bits among {SUPPORTED_BITS}, got {self.bits}")
         if self.bits is not None and not (min(widths) <= self.bits <= max(max(widths), self.bits)):
-            raise ValueError(f"--bits {self.bits} is below the narrowest candidate width {min(widths)}")
+            raise ValueError(f"--bits {self.bits} is below the narrowest candidate width {min(widths)}; "
+                             "allow narrower widths with --candidates (e.g. 2,3,4)")
         if self.format == "gptq" and 1 in widths:
             raise ValueError("the GPTQ format cannot store 1-bit weights; use --format fake for 1-bit candidates")
         if self.method == "gemq" and self.streaming:
@@ -142,7 +143,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
 
     widths = request.widths()
     settings = request.settings
-    unit, budget, budget_record = _budget(model, adapter, targets, request, input_bytes, element_size)
+    unit, budget, budget_record = expert_budget(model, adapter, targets, request, input_bytes, element_size)
     sizes = expert_sizes(adapter, targets, widths, unit, settings, element_size)
     if request.method == "uniform":
         chosen = _uniform_width(request, sizes, widths, budget)
@@ -160,7 +161,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
     return result.widths, result, budget_record
 
 
-def _budget(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest, input_bytes: int,
+def expert_budget(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest, input_bytes: int,
             element_size: int) -> tuple[str, float, dict[str, float | str]]:
     """(size unit, budget in that unit, record for the plan)."""
     from moecompress.quant.targets import expert_params

@@ -37,8 +37,17 @@ from moecompress.quant.settings import QuantSettings, make_plan
 from moecompress.quant.targets import find_targets
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.helpers import tiny_model, token_batch
+from tests.tiny_tokenizer import train_tokenizer
 
-ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "granitemoe"]
+# case -> (architecture, settings); the last case exercises asymmetric grids (GPTQ v2) and act-order
+CASES = {
+    "qwen3_moe": ("qwen3_moe", QuantSettings(group_size=32)),
+    "mixtral": ("mixtral", QuantSettings(group_size=32)),
+    "deepseek_v3": ("deepseek_v3", QuantSettings(group_size=32)),
+    "gpt_oss": ("gpt_oss", QuantSettings(group_size=32)),
+    "granitemoe": ("granitemoe", QuantSettings(group_size=32)),
+    "qwen3_moe-asym-act-order": ("qwen3_moe", QuantSettings(group_size=16, sym=False, act_order=True)),
+}
 WIDTHS = (2, 3, 4, 8)
 # GPTQModel 7.6's GraniteMoE definition targets `input_linear.#.linear`, but its defuser unfuses
 # Granite experts into `experts.#.gate_proj/up_proj/down_proj`: packed expert weights are never
@@ -46,8 +55,9 @@ WIDTHS = (2, 3, 4, 8)
 GPTQMODEL_CANNOT_LOAD = {"granitemoe": "GPTQModel 7.6 does not attach quantised GraniteMoE experts"}
 
 
-def tiny_config(arch: str):  # noqa: ANN201
+def tiny_config(arch: str, vocab_size: int = 300):  # noqa: ANN201
     config = TINY_CONFIGS[arch]()
+    config.vocab_size = vocab_size
     if arch == "qwen3_moe":
         # real Qwen3-MoE checkpoints have no dense layers; GPTQModel 7.6 cannot load quantised dense
         # layers of qwen3_moe (mlp_only_layers), which moecompress's own loader test covers below
@@ -84,23 +94,27 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def quantised_all(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn.Module, Path]]:
-    """arch -> (the quantised model in memory, the folder holding gptq/ and fake/)."""
+    """case -> (the quantised model in memory, the folder holding gptq/ and fake/)."""
     out = {}
-    for arch in ARCHS:
-        model = tiny_model(tiny_config(arch), seed=0)
+    tokenizer = train_tokenizer(300)
+    for case, (arch, settings) in CASES.items():
+        model = tiny_model(tiny_config(arch, len(tokenizer)), seed=0)
         folder = tmp_path_factory.mktemp(f"quant_{arch}")
-        quantise(model, folder, QuantSettings(group_size=32))
-        out[arch] = (model, folder)
+        quantise(model, folder, settings)
+        for kind in ("gptq", "fake"):
+            tokenizer.save_pretrained(folder / kind)
+        out[case] = (model, folder)
     return out
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=list(CASES))
 def quantised(request: pytest.FixtureRequest, quantised_all):  # noqa: ANN001, ANN201
+    """(case, quantised model, folder)."""
     return (request.param, *quantised_all[request.param])
 
 
 def test_moecompress_loader_matches_the_dequantised_model(quantised) -> None:  # noqa: ANN001
-    arch, model, folder = quantised
+    case, model, folder = quantised
     ids = token_batch(model.config.vocab_size, batch=2, length=16, seed=5)
     reference = logits(model, ids)
     for mode in ("load", "use"):
@@ -110,7 +124,7 @@ def test_moecompress_loader_matches_the_dequantised_model(quantised) -> None:  #
 
 
 def test_fake_quant_reloads_in_plain_transformers(quantised) -> None:  # noqa: ANN001
-    arch, model, folder = quantised
+    case, model, folder = quantised
     loaded, info = AutoModelForCausalLM.from_pretrained(folder / "fake", dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     ids = token_batch(model.config.vocab_size, batch=2, length=16, seed=5)
@@ -122,7 +136,7 @@ def test_gptq_folder_stores_the_planned_bits(quantised) -> None:  # noqa: ANN001
 
     from moecompress.quant.plan import QuantPlan
 
-    arch, model, folder = quantised
+    case, model, folder = quantised
     adapter = get_adapter(model)
     refs = {ref.experts_path: ref for ref in adapter.moe_layers(model)}
     plan = QuantPlan.model_validate_json((folder / "gptq" / "quant_plan.json").read_text())
@@ -139,22 +153,22 @@ def test_gptq_folder_stores_the_planned_bits(quantised) -> None:  # noqa: ANN001
     assert not fused  # experts are written unfused
 
 
-def decisive_input(model: torch.nn.Module, tries: int = 20) -> torch.Tensor:
+def decisive_input(model: torch.nn.Module, tries: int = 40) -> torch.Tensor:
     """Token ids whose logits do not move when the embeddings get float16-sized noise (no near-tie routing)."""
     embed = model.get_input_embeddings()
     for seed in range(tries):
-        ids = token_batch(model.config.vocab_size, batch=2, length=16, seed=100 + seed)
+        ids = token_batch(model.config.vocab_size, batch=1, length=12, seed=100 + seed)
         reference = logits(model, ids)
         stable = True
         for noise_seed in range(3):
             gen = torch.Generator().manual_seed(noise_seed)
 
             def perturb(module, args, out, _gen=gen):  # noqa: ANN001, ANN202
-                return out + 4e-3 * out.abs().mean() * torch.randn(out.shape, generator=_gen)
+                return out + 1e-3 * out.abs().mean() * torch.randn(out.shape, generator=_gen)
 
             handle = embed.register_forward_hook(perturb)
             try:
-                stable = stable and float((logits(model, ids) - reference).abs().max()) < 0.03
+                stable = stable and float((logits(model, ids) - reference).abs().max()) < 0.1  # a flip moves O(1)
             finally:
                 handle.remove()
         if stable:
@@ -181,7 +195,7 @@ for folder in sys.argv[1:]:
 
 @pytest.fixture(scope="module")
 def gptqmodel_results(quantised_all) -> dict[str, dict]:  # noqa: ANN001
-    """arch -> what GPTQModel loaded from the GPTQ folder: logits on a decisive input, attached maps."""
+    """case -> what GPTQModel loaded from the GPTQ folder: logits on a decisive input, attached maps."""
     import importlib.util
     import subprocess
     import sys
@@ -189,29 +203,27 @@ def gptqmodel_results(quantised_all) -> dict[str, dict]:  # noqa: ANN001
     if importlib.util.find_spec("gptqmodel") is None:
         pytest.skip("gptqmodel is not installed (pip install 'moecompress[gptq]')")
     folders = []
-    for arch, (model, folder) in quantised_all.items():
-        if arch in GPTQMODEL_CANNOT_LOAD:
-            continue
+    for model, folder in quantised_all.values():
         torch.save(decisive_input(model), folder / "ids.pt")
         folders.append(str(folder))
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1"}
     done = subprocess.run([sys.executable, "-c", GPTQMODEL_SCRIPT, *folders], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {arch: torch.load(folder / "gptqmodel.pt") for arch, (_, folder) in quantised_all.items()
-            if arch not in GPTQMODEL_CANNOT_LOAD}
+    return {case: torch.load(folder / "gptqmodel.pt") for case, (_, folder) in quantised_all.items()}
 
 
 def test_gptqmodel_loads_the_gptq_folder(quantised, gptqmodel_results) -> None:  # noqa: ANN001
     """Every packed map is attached with its planned settings; logits agree on decisive inputs."""
     from moecompress.quant.plan import QuantPlan
 
-    arch, model, folder = quantised
-    if arch in GPTQMODEL_CANNOT_LOAD:
-        pytest.xfail(GPTQMODEL_CANNOT_LOAD[arch])
-    theirs = gptqmodel_results[arch]
+    case, model, folder = quantised
+    theirs = gptqmodel_results[case]
     plan = QuantPlan.model_validate_json((folder / "gptq" / "quant_plan.json").read_text())
     planned = {name: [spec.bits, spec.group_size, spec.sym]
                for name, spec in plan.gptq_modules().items() if spec is not None}
+    if case in GPTQMODEL_CANNOT_LOAD:
+        assert theirs["attached"] != planned, f"GPTQModel now loads {case}: remove it from GPTQMODEL_CANNOT_LOAD"
+        pytest.xfail(GPTQMODEL_CANNOT_LOAD[case])
     assert theirs["attached"] == planned
     ids = torch.load(folder / "ids.pt")
     torch.testing.assert_close(theirs["logits"], logits(model, ids), atol=0.05, rtol=0.0)

@@ -186,6 +186,12 @@ class MoEAdapter:
     # Group-limited routers score a group by its best experts (DeepSeek-V3 sums the top two),
     # so each group must keep at least this many experts.
     min_kept_per_group: ClassVar[int] = 1
+    # False when decoder layers pass state to the next layer besides the hidden states, so the
+    # layer-at-a-time pass (cached hidden states + captured kwargs) cannot replay them.
+    layerwise_supported: ClassVar[bool] = True
+    # False when the adapter's instrumentation holds views of expert weights that disk
+    # offloading (streaming) replaces between calls; such models are calibrated in memory.
+    streaming_supported: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ discovery
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -45,6 +45,9 @@ _NO_LAYOUT = (
 @register
 class DbrxAdapter(MoEAdapter):
     model_types = ("dbrx",)
+    # instrument() swaps the experts' forward on the instance around reshaped weight views;
+    # accelerate's disk offload swaps those weights per call, so calibrate DBRX in memory.
+    streaming_supported = False
     layers_path = "transformer.blocks"
     block_attrs = ("ffn",)
     router_attr = "router"

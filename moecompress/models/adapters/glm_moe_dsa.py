@@ -11,3 +11,6 @@ from moecompress.models.adapters.deepseek_v3 import DeepseekV3Adapter
 @register
 class GlmMoeDsaAdapter(DeepseekV3Adapter):
     model_types = ("glm_moe_dsa",)
+    # Each decoder layer returns (hidden, top-k indices) and the next layer consumes those
+    # indices, so layers cannot be replayed from cached hidden states alone.
+    layerwise_supported = False

@@ -13,3 +13,6 @@ from moecompress.models.adapters.deepseek_v3 import DeepseekV3Adapter
 @register
 class HYV4Adapter(DeepseekV3Adapter):
     model_types = ("hy_v4",)
+    # Each decoder layer returns (hidden, top-k indices) and the next layer consumes those
+    # indices, so layers cannot be replayed from cached hidden states alone.
+    layerwise_supported = False

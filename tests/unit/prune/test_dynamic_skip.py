@@ -96,3 +96,23 @@ def test_top1_routers_are_refused() -> None:
         measure_betas(model, get_adapter(model), [("a", token_batch(model.config.vocab_size))], progress=False)
     with pytest.raises(MoecompressError, match="not installed"):
         skip_counts(model)
+
+
+def test_layout_checkpoint_keeps_its_skip_thresholds(setup, tmp_path) -> None:
+    import moecompress
+    from moecompress.prune.materialize import write_pruned
+    from moecompress.prune.plan import PrunePlan
+
+    model, adapter, batches = setup
+    layers = [ref.index for ref in adapter.moe_layers(model)]
+    keep = {layers[0]: [0, 1, 2, 3, 4], layers[1]: [1, 3, 5]}
+    betas, fraction = measure_betas(model, adapter, batches, keep, progress=False)
+    plan = PrunePlan(method="frequency", allocation="global", num_experts=8, top_k=2, keep=keep, dynamic_skip=betas,
+                     skip_fraction=fraction)
+    written = write_pruned(copy.deepcopy(model), adapter, plan, None, tmp_path / "out", {"method": "frequency"}, tmp_path)
+    assert written.format == "moecompress-layout" and written.notice
+    loaded = moecompress.load(written.path)
+    ids = token_batch(model.config.vocab_size, batch=2, length=16, seed=9)
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert torch.isfinite(logits).all() and skip_counts(loaded)["skipped"] > 0

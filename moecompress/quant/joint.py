@@ -1,0 +1,139 @@
+"""Joint expert pruning and mixed-precision quantisation under one size budget (`moecompress compress`).
+
+One integer program (`allocate` with the drop choice) gives every routed expert one of
+{drop, b_1, ..., b_n} bits:
+
+    cost(e, b)    = the quantisation cost of `sensitivity` (MC-MoE block error, or GEMQ Fisher error)
+    cost(e, drop) = s_e / sum_j s_j * sum_j D_j         (per MoE layer)
+
+where s_e is the expert's pruning score from the observer statistics (REAP by default; higher
+= more important) and D_j is the measured cost of removing expert j (its whole gated
+contribution, on the same scale as the quantisation costs). The pruning method decides which
+experts are cheap to drop; the measured drop costs decide how dropping compares with losing
+bits. Feasibility: every layer keeps the same number of experts K (stock configs hold one
+expert count), K >= top_k and equal per group for group-limited routers; super experts are
+never dropped. Dropped experts are removed (router rows and config patched) and the rest
+quantised layer by layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.errors import MoecompressError
+from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate
+from moecompress.quant.run import QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
+
+log = logging.getLogger(__name__)
+
+
+def drop_costs(scores: dict[int, torch.Tensor], measured: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Pruning scores (E,) rescaled per layer so they sum to the layer's measured removal cost."""
+    out = {}
+    for layer, score in scores.items():
+        s = score.double().clamp(min=0)
+        total = float(s.sum())
+        share = s / total if total > 0 else torch.full_like(s, 1.0 / len(s))
+        out[layer] = share * float(measured[layer].double().sum())
+    return out
+
+
+def joint_costs(quant: dict[int, torch.Tensor], drop: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """(E, 1 + C) cost tables: column 0 = drop, then the quantisation widths."""
+    return {layer: torch.cat([drop[layer][:, None].double(), quant[layer].double()], dim=1) for layer in quant}
+
+
+def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: QuantizeRequest,
+                        prune_method: str = "reap", prune_params: dict[str, Any] | None = None,
+                        protect_super_experts: bool = True, stats: Any | None = None,
+                        sources: list[Any] | None = None, force: bool = False, progress: bool = True
+                        ) -> tuple[QuantizeResult, Allocation]:
+    """Prune and quantise `checkpoint` into `output` under `request.size` (or `request.bits`)."""
+    from moecompress.calibration.calibrate import build_stats, collect_statistics
+    from moecompress.calibration.stats import config_hash
+    from moecompress.io.output import check_output_dir
+    from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
+    from moecompress.prune.run import required_statistics, routing_shape
+    from moecompress.prune.scorers import get_scorer
+    from moecompress.prune.select import feasible_counts
+    from moecompress.prune.super_experts import find_super_experts
+    from moecompress.quant.budget import expert_sizes
+    from moecompress.quant.run import expert_budget
+    from moecompress.quant.sensitivity import block_errors, fisher_errors
+    from moecompress.quant.settings import make_plan
+    from moecompress.quant.targets import find_targets
+    from moecompress.sizes import checkpoint_dtype
+
+    source = Path(checkpoint)
+    check_output_dir(output, force, inputs=(source,))
+    if request.method == "uniform" or request.uniform_per_layer:
+        raise MoecompressError("compress chooses a width per expert: use --method mc-moe or gemq, "
+                               "without --uniform-per-layer")
+    info = inspect_checkpoint(source)
+    scorer = get_scorer(prune_method)
+    params = scorer.parse_params(prune_params)
+    if scorer.granularity != "expert":
+        raise MoecompressError(f"pruning method {prune_method!r} scores neurons; compress drops whole experts")
+    if stats is not None and stats.header.config_hash != config_hash(info.config):
+        raise MoecompressError("--stats were collected on a different model; re-run calibrate on this checkpoint")
+    out_dtype = checkpoint_dtype(info) or torch.float32
+    element_size = torch.empty((), dtype=out_dtype).element_size()
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(request.seed)
+    batches, calib = calibration_batches(source, sources, request, tokenizer)
+    model, adapter = load_model(source, dtype="float32")
+    if stats is None:
+        observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
+                                      required_statistics(prune_method, protect_super_experts),
+                                      request.batch_size, "layerwise", progress)
+        stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
+    scores = scorer.score(stats, params, None)
+    protected: dict[int, list[int]] = {}
+    if protect_super_experts:
+        num_layers = getattr(info.config, "num_hidden_layers", max(stats.header.moe_layers) + 1)
+        protected = find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers},
+                                       num_layers)
+
+    widths = request.widths()
+    targets = find_targets(model, adapter)
+    base = request.settings.spec(max(widths))
+    assert base is not None
+    if request.method == "gemq":
+        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress)
+    else:
+        sens = block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
+                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress)
+    costs = joint_costs(sens.costs(request.alpha, request.beta),
+                        drop_costs(scores, sens.drop_costs(request.alpha, request.beta)))
+    choices = [DROP, *widths]
+    unit, budget, budget_record = expert_budget(model, adapter, targets, request, info.bytes_on_disk, element_size)
+    sizes = expert_sizes(adapter, targets, choices, unit, request.settings, element_size)
+    shape = routing_shape(adapter, info.config)
+    rules = PruneRules(feasible_kept=tuple(feasible_counts(shape)),
+                       n_group=shape.groups[0] if shape.groups else 1, protected=protected)
+    allocation = allocate(costs, sizes, choices, budget, scope="global", require_top=request.require_top,
+                          prune=rules, time_limit=request.time_limit)
+
+    keep = {layer: [e for e, w in enumerate(ws) if w != DROP] for layer, ws in allocation.widths.items()}
+    dropped = {layer: [e for e, w in enumerate(ws) if w == DROP] for layer, ws in allocation.widths.items()}
+    kept_widths = {layer: [w for w in ws if w != DROP] for layer, ws in allocation.widths.items()}
+    if any(dropped.values()):
+        model = adapter.drop(model, keep_experts=keep)
+    pruned_targets = find_targets(model, adapter)
+    allocation_record: dict[str, object] = {
+        "solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
+        "seconds": round(allocation.seconds, 3), "objective": allocation.objective, "scope": "global (joint)",
+        "variables": allocation.variables, "kept_per_layer": len(next(iter(keep.values()))),
+    }
+    plan = make_plan(pruned_targets, adapter, kept_widths, request.settings, f"joint ({prune_method} + {request.method})",
+                     widths, budget_record, allocation_record, dropped=dropped)
+    extra = {"pruning": {"method": prune_method, "params": params.model_dump(), "keep": keep, "dropped": dropped,
+                         "protected": protected, "stats_digest": stats.digest()}}
+    result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
+                             progress, out_dtype, operation="compress", extra_manifest=extra)
+    result.allocation = allocation
+    return result, allocation
