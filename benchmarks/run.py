@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--calib-windows", type=int, default=Protocol.calib_windows,
                         help="validation windows per domain for calibration statistics")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random baseline")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where raw JSON goes")
     parser.add_argument("--output", type=Path, default=RESULTS_MD, help="Markdown results file")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")

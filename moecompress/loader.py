@@ -15,8 +15,6 @@ returned in eval mode.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -65,13 +63,10 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _load_gptq(folder: Path, dtype: str | torch.dtype) -> torch.nn.Module:
-    if importlib.util.find_spec("moecompress.quant") is None or importlib.util.find_spec("moecompress.quant.load") is None:
-        raise MoecompressError(
-            f"{folder} is a quantised checkpoint; loading GPTQ folders needs moecompress.quant.load, "
-            "which this installation lacks"
-        )
-    module = importlib.import_module("moecompress.quant.load")
-    return module.load_quantized(folder, dtype)
+    from moecompress.quant.load import load_quantized
+
+    model, _ = load_quantized(folder, dtype)
+    return model
 
 
 def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Module:

@@ -29,6 +29,7 @@ from moecompress.cli.quantize_cmd import (
     CandidatesOption,
     Damp,
     DenseBits,
+    ExpertMemory,
     FormatOption,
     GroupSize,
     HeadBits,
@@ -38,6 +39,7 @@ from moecompress.cli.quantize_cmd import (
     SizeOption,
     WeightedHessian,
     parse_candidates,
+    parse_memory,
     print_quant_summary,
     result_summary,
     settings_from_options,
@@ -82,6 +84,7 @@ def compress_command(
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run.")] = 120.0,
+    expert_memory: ExpertMemory = "1GiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
 ) -> None:
@@ -108,7 +111,7 @@ def compress_command(
         format=fmt, settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size,
                                                    asym, act_order, damp, rtn),
         weighted_hessian=weighted_hessian, min_tokens=min_tokens, samples=samples, seq_len=seq_len, seed=seed,
-        batch_size=batch_size, time_limit=time_limit,
+        batch_size=batch_size, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
     )
     loaded_stats = RoutingStats.load(stats, expect_config=load_config(model)) if stats is not None else None
     sources = parse_data_specs(data, field=field) if data else None

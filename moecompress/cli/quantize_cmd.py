@@ -35,6 +35,9 @@ SizeOption = Annotated[str | None, typer.Option(
 CandidatesOption = Annotated[str | None, typer.Option(
     "--candidates", help="Comma-separated candidate widths for routed experts (default 2,3,4; 4,8 with "
     "--uniform-per-layer; 1 needs --format fake).", show_default=False)]
+ExpertMemory = Annotated[str, typer.Option("--expert-memory", help="Memory for per-expert state of one MoE layer "
+                                           "(Hessians, candidate copies); layers needing more are done in several "
+                                           "passes (same result).")]
 FormatOption = Annotated[str, typer.Option("--format", help="gptq (packed, GPTQModel / moecompress.load) or fake "
                                            "(dequantised weights, plain transformers).")]
 
@@ -47,6 +50,16 @@ def parse_candidates(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise MoecompressError(f"--candidates {text!r} must be comma-separated integers, e.g. 2,3,4") from None
+
+
+def parse_memory(text: str) -> int:
+    """'1GiB' -> bytes (an absolute size; percentages are refused)."""
+    from moecompress.quant.budget import parse_size
+
+    size = parse_size(text)
+    if size.bytes is None:
+        raise MoecompressError(f"--expert-memory {text!r} must be an amount such as 1GiB, not a percentage")
+    return size.bytes
 
 
 def settings_from_options(attention_bits: int, shared_bits: int, dense_bits: int, lm_head_bits: int, group_size: int,
@@ -116,6 +129,7 @@ def quantize_command(
     streaming: StreamingOption = False,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run; a "
                                               "time-limited solve reports its gap.")] = 120.0,
+    expert_memory: ExpertMemory = "1GiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
 ) -> None:
@@ -139,7 +153,7 @@ def quantize_command(
                                        act_order, damp, rtn),
         sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
         samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming,
-        time_limit=time_limit,
+        time_limit=time_limit, expert_memory=parse_memory(expert_memory),
     )
     sources = parse_data_specs(data, field=field) if data else None
     result = quantize_checkpoint(model, output, request, sources=sources, force=force, progress=not as_json)

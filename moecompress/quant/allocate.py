@@ -120,7 +120,7 @@ def allocate(
     if prune is not None and (scope != "global" or uniform_per_layer):
         raise MoecompressError("joint pruning and quantisation needs one global program (same kept count in every "
                                "layer); it cannot be combined with per-layer programs or --uniform-per-layer")
-    _check_budget(costs, sizes, widths, budget, uniform_per_layer, prune)
+    check_budget(sizes, widths, budget, uniform_per_layer, min(prune.feasible_kept) if prune else None)
     started = time.perf_counter()
     if scope == "global":
         groups = [layers]
@@ -154,25 +154,29 @@ def allocate(
                       time.perf_counter() - started, variables)
 
 
-def _check_budget(costs: dict[int, torch.Tensor], sizes: dict[int, torch.Tensor], widths: list[int], budget: float,
-                  uniform_per_layer: bool, prune: PruneRules | None) -> None:
-    """A one-line error when even the smallest choices exceed the budget."""
-    if prune is not None:
-        smallest = 0.0
+def check_budget(sizes: dict[int, torch.Tensor], widths: Sequence[int], budget: float,
+                 uniform_per_layer: bool = False, min_kept: int | None = None) -> None:
+    """A one-line error when even the smallest allowed choices exceed the budget (cheap; run it early).
+
+    min_kept: for joint programs (width 0 = drop), the fewest experts a layer may keep.
+    """
+    widths = list(widths)
+    narrowest = min(w for w in widths if w != DROP)
+    if DROP in widths:
         drop = widths.index(DROP)
         others = [c for c in range(len(widths)) if c != drop]
-        kept = min(prune.feasible_kept)
-        for layer, s in sizes.items():
-            smallest += float(s[:, others].amin(dim=1).sort().values[:kept].sum())
+        kept = min_kept or 1
+        smallest = sum(float(s[:, others].amin(dim=1).sort().values[:kept].sum()) for s in sizes.values())
+        what = f"keeping only {kept} expert(s) per layer at {narrowest} bits"
     elif uniform_per_layer:
         smallest = sum(float(s.sum(dim=0).amin()) for s in sizes.values())
+        what = f"every layer at {narrowest} bits"
     else:
         smallest = sum(float(s.amin(dim=1).sum()) for s in sizes.values())
+        what = f"every expert at {narrowest} bits"
     if smallest > budget * (1 + 1e-9):
-        raise MoecompressError(
-            f"the budget is too small: the narrowest allowed choices ({min(w for w in widths if w) if any(widths) else 0}"
-            f"-bit) already need {smallest / budget:.3f}x the budget; raise --bits/--size or add a narrower candidate width"
-        )
+        raise MoecompressError(f"the budget is too small: {what} already needs {smallest / max(budget, 1e-30):.3f}x "
+                               "the budget; raise --bits/--size or allow narrower widths (--candidates)")
 
 
 def _solve(costs: dict[int, torch.Tensor], sizes: dict[int, torch.Tensor], widths: list[int], layers: list[int],

@@ -8,7 +8,8 @@ Calibration batches are embedded once and their hidden states cached between lay
 2. stage 1 (the MLP slot: routed experts, shared experts, dense MLPs): run the layer again,
    now with quantised attention; routed experts get their statistics from the tokens routed
    to them (`run_experts` visitor), shared and dense MLPs from pre-hooks; quantise them;
-   experts with fewer than `min_tokens` routed tokens fall back to round-to-nearest;
+   experts with fewer than `min_tokens` routed tokens fall back to round-to-nearest; when the
+   layer's expert Hessians exceed `expert_memory`, the experts are done in several passes;
 3. run the layer once more to produce the next layer's inputs, call `on_layer` (writers read
    the layer there), and release the layer (streamed models keep one layer in memory).
 
@@ -19,6 +20,7 @@ Without any GPTQ entry in the plan no calibration pass runs at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +30,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
-from moecompress.quant.layer_pass import ExpertHessians, LinearHessians, run_cached
+from moecompress.quant.layer_pass import (
+    DEFAULT_EXPERT_MEMORY,
+    ExpertHessians,
+    LinearHessians,
+    expert_chunks,
+    hessian_bytes,
+    run_cached,
+)
 from moecompress.quant.plan import QuantPlan
 from moecompress.quant.solve import Solved, quantize_expert, quantize_weight, write_expert, write_linear
+from moecompress.quant.spec import QuantSpec
 from moecompress.quant.streaming import materialized
 from moecompress.quant.targets import STAGE_OF_ROLE, LinearTarget, ModelTargets, find_targets
 
@@ -78,16 +89,22 @@ def _needs_statistics(plan: QuantPlan) -> bool:
 
 def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
                    batches: Sequence[tuple[str, torch.Tensor]] | None, on_layer: LayerCallback | None = None,
-                   min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True) -> QuantReport:
+                   min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True,
+                   expert_memory: int = DEFAULT_EXPERT_MEMORY) -> QuantReport:
     """Quantise every entry of `plan` in place, layer by layer; `on_layer(i, result)` after each layer.
 
     batches: (domain, (B, S) token ids) calibration batches; may be None when every entry uses
     round-to-nearest. The output head (when in the plan) is quantised last, with RTN.
+    expert_memory: bytes of expert Hessians held at once; a MoE layer whose experts need more
+    is processed in several passes over its cached inputs (same result).
     """
     targets = find_targets(model, adapter)
     needs_data = _needs_statistics(plan)
     if needs_data and not batches:
         raise ValueError("GPTQ needs calibration batches")
+    if needs_data and not getattr(adapter, "layerwise_supported", True):
+        raise MoecompressError(f"{model.config.model_type} layers pass state between layers: GPTQ cannot run one "
+                               "layer at a time on it; use round-to-nearest")
     runner = None
     if needs_data:
         runner = LayerwiseRunner(model, adapter)
@@ -97,7 +114,8 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     for index in tqdm(range(targets.num_layers), desc="quantising", unit="layer", disable=not progress):
         layer = adapter.decoder_layers(model)[index]
         with materialized(layer):
-            result = _quantize_layer(model, adapter, plan, targets, index, runner, min_tokens, weighted_hessian)
+            result = _quantize_layer(model, adapter, plan, targets, index, runner, min_tokens, weighted_hessian,
+                                     expert_memory)
             if runner is not None:
                 runner.run_layer(index)
             report.add(result, damp)
@@ -117,7 +135,8 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
 
 
 def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targets: ModelTargets, index: int,
-                    runner: LayerwiseRunner | None, min_tokens: int, weighted: bool) -> LayerResult:
+                    runner: LayerwiseRunner | None, min_tokens: int, weighted: bool, expert_memory: int
+                    ) -> LayerResult:
     result = LayerResult(index=index)
     moe = targets.moe.get(index)
     for stage in (0, 1):
@@ -126,34 +145,44 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
         experts = _planned_experts(plan, moe) if (stage == 1 and moe is not None) else {}
         if not linears and not experts:
             continue
-        gptq_linears = {t.name: t.module for t in linears if _spec(plan, t.name).method == "gptq"}
-        gptq_experts = [e for e, spec in experts.items() if spec.method == "gptq"]
-        linear_stats = LinearHessians(gptq_linears)
-        expert_stats = None
-        if runner is not None and (gptq_linears or gptq_experts):
+        linear_stats = LinearHessians({t.name: t.module for t in linears if _spec(plan, t.name).method == "gptq"})
+        gptq_experts = [e for e, spec in experts.items() if spec.method == "gptq"] if runner is not None else []
+        chunks: list[list[int]] = [[]]
+        if gptq_experts:
+            assert moe is not None
+            probe = adapter.expert_weights(moe, 0)
+            hidden, width = probe.up.shape[1], probe.up.shape[0]
+            chunks = expert_chunks(gptq_experts, hessian_bytes(hidden, width), expert_memory)
+        for number, chunk in enumerate(chunks):
+            hook_linears = number == 0 and bool(linear_stats.modules)
+            if runner is None or not (chunk or hook_linears):
+                continue
+            expert_stats = None
             visitors = {}
-            if gptq_experts:
-                assert moe is not None
-                probe = adapter.expert_weights(moe, 0)
-                expert_stats = ExpertHessians(moe.num_experts, probe.up.shape[1], probe.up.shape[0],
-                                              experts=gptq_experts, weighted=weighted)
+            if chunk:
+                expert_stats = ExpertHessians(moe.num_experts, hidden, width, experts=chunk, weighted=weighted)
                 visitors[index] = expert_stats
-            with linear_stats.hooked(), adapter.instrument(model, visitors):
+            with (linear_stats.hooked() if hook_linears else contextlib.nullcontext()), \
+                    adapter.instrument(model, visitors):
                 run_cached(runner, index)
+            if chunk:
+                _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
+        rest = {e: spec for e, spec in experts.items() if e not in set(gptq_experts)}
+        if rest:
+            assert moe is not None
+            _quantize_experts(adapter, moe, rest, None, min_tokens, result)
         for target in linears:
             _quantize_linear(plan, target, linear_stats, min_tokens, result)
-        if experts:
-            assert moe is not None
-            _quantize_experts(adapter, moe, experts, expert_stats, min_tokens, result)
     return result
 
 
-def _spec(plan: QuantPlan, name: str):  # noqa: ANN202
+def _spec(plan: QuantPlan, name: str) -> QuantSpec | None:
     entry = plan.entries.get(name)
     return None if entry is None else entry.spec
 
 
-def _planned_experts(plan: QuantPlan, moe: MoELayerRef) -> dict:
+def _planned_experts(plan: QuantPlan, moe: MoELayerRef) -> dict[int, QuantSpec]:
+    """Expert id -> spec of every quantised expert of one MoE layer."""
     out = {}
     for e in range(moe.num_experts):
         spec = _spec(plan, f"{moe.experts_path}.{e}")
@@ -170,7 +199,8 @@ def _quantize_linear(plan: QuantPlan, target: LinearTarget, stats: LinearHessian
     result.linears[target.name] = solved
 
 
-def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict, stats: ExpertHessians | None,
+def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict[int, QuantSpec],
+                      stats: ExpertHessians | None,
                       min_tokens: int, result: LayerResult) -> None:
     for e, spec in experts.items():
         key = f"{moe.experts_path}.{e}"
@@ -182,3 +212,4 @@ def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict, stat
         result.experts[key] = solved
         if any(s.method == "rtn-fallback" for s in solved.values()):
             result.fallbacks[key] = stats.tokens(e) if stats is not None else 0
+            log.info("%s saw %d tokens (< %d): round-to-nearest", key, result.fallbacks[key], min_tokens)

@@ -23,6 +23,9 @@ from moecompress.quant.settings import QuantSettings
 from moecompress.quant.spec import UNQUANTISED, QuantSpec
 from moecompress.quant.targets import ModelTargets, expert_params
 
+# bytes a tensor costs in a safetensors JSON header besides its name (dtype, shape, offsets, quotes)
+HEADER_BYTES_PER_TENSOR = 80
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -60,19 +63,31 @@ def parse_size(text: str) -> SizeBudget:
     return SizeBudget(bytes=int(float(match.group(1)) * _UNITS[unit]))
 
 
+def header_bytes(module_name: str, spec: QuantSpec | None, bias: bool) -> int:
+    """Safetensors header bytes of one linear map's tensors (matters for small maps)."""
+    leaves = list(GPTQ_TENSORS if spec is not None else ("weight",)) + (["bias"] if bias else [])
+    return sum(HEADER_BYTES_PER_TENSOR + len(module_name) + 1 + len(leaf) for leaf in leaves)
+
+
 def packed_bytes(spec: QuantSpec | None, out_features: int, in_features: int, element_size: int,
-                 bias: bool = False) -> float:
-    """Bytes of one linear map on disk: packed when `spec` is set, else in the original dtype."""
+                 bias: bool = False, name: str | None = None) -> float:
+    """Bytes of one linear map on disk: packed when `spec` is set, else in the original dtype.
+
+    With `name`, the map's safetensors header entries are counted too.
+    """
+    header = 0 if name is None else header_bytes(name, spec, bias)
     if spec is None:
-        return (out_features * in_features + (out_features if bias else 0)) * element_size
-    return spec.storage_bits(out_features, in_features) * out_features * in_features / 8 + (2 * out_features if bias else 0)
+        return (out_features * in_features + (out_features if bias else 0)) * element_size + header
+    data = spec.storage_bits(out_features, in_features) * out_features * in_features / 8
+    return data + (2 * out_features if bias else 0) + header
 
 
-def expert_shapes(adapter: MoEAdapter, targets: ModelTargets, layer: int) -> list[tuple[int, int, bool]]:
-    """(out, in, has_bias) of each projection of one routed expert of `layer`."""
+def expert_shapes(adapter: MoEAdapter, targets: ModelTargets, layer: int) -> list[tuple[str, int, int, bool]]:
+    """(projection name, out, in, has_bias) of each projection of one routed expert of `layer`."""
     expert = adapter.expert_weights(targets.moe[layer], 0)
-    pairs = [(expert.gate, expert.gate_bias), (expert.up, expert.up_bias), (expert.down, expert.down_bias)]
-    return [(w.shape[0], w.shape[1], b is not None) for w, b in pairs if w is not None]
+    pairs = [("gate_proj", expert.gate, expert.gate_bias), ("up_proj", expert.up, expert.up_bias),
+             ("down_proj", expert.down, expert.down_bias)]
+    return [(proj, w.shape[0], w.shape[1], b is not None) for proj, w, b in pairs if w is not None]
 
 
 def expert_sizes(adapter: MoEAdapter, targets: ModelTargets, widths: list[int], unit: str, settings: QuantSettings,
@@ -82,6 +97,7 @@ def expert_sizes(adapter: MoEAdapter, targets: ModelTargets, widths: list[int], 
     for layer, ref in targets.moe.items():
         params = expert_params(adapter, ref)
         shapes = expert_shapes(adapter, targets, layer)
+        prefix = f"{ref.experts_path}.{ref.num_experts - 1}."  # the longest expert id, for header sizes
         row = []
         for width in widths:
             if width == 0:
@@ -90,7 +106,7 @@ def expert_sizes(adapter: MoEAdapter, targets: ModelTargets, widths: list[int], 
                 row.append(float(params * width))
             else:
                 spec = settings.spec(width) if width != UNQUANTISED else None
-                row.append(sum(packed_bytes(spec, o, i, element_size, b) for o, i, b in shapes))
+                row.append(sum(packed_bytes(spec, o, i, element_size, b, prefix + proj) for proj, o, i, b in shapes))
         out[layer] = torch.tensor(row, dtype=torch.float64).expand(ref.num_experts, -1).clone()
     return out
 
@@ -120,8 +136,8 @@ def fixed_bytes(model: nn.Module, adapter: MoEAdapter, targets: ModelTargets, se
                     seen_linear.add(module_name)
                     module = target.module
                     total += packed_bytes(spec, module.out_features, module.in_features, element_size,
-                                          module.bias is not None)
+                                          module.bias is not None, module_name)
                 continue
         size = element_size if tensor.is_floating_point() else tensor.element_size()
-        total += tensor.numel() * size
+        total += tensor.numel() * size + HEADER_BYTES_PER_TENSOR + len(name)
     return total

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate
+from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate, check_budget
 from moecompress.quant.run import QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
         raise MoecompressError("compress chooses a width per expert: use --method mc-moe or gemq, "
                                "without --uniform-per-layer")
     info = inspect_checkpoint(source)
+    if not info.adapter.layerwise_supported:
+        raise MoecompressError(f"{info.config.model_type} layers pass state between layers; compress needs the "
+                               "layer-at-a-time passes it cannot run")
     scorer = get_scorer(prune_method)
     params = scorer.parse_params(prune_params)
     if scorer.granularity != "expert":
@@ -84,8 +87,15 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     element_size = torch.empty((), dtype=out_dtype).element_size()
     tokenizer = load_tokenizer(source)
     torch.manual_seed(request.seed)
-    batches, calib = calibration_batches(source, sources, request, tokenizer)
+    batches, calib = calibration_batches(sources, request, tokenizer)
     model, adapter = load_model(source, dtype="float32")
+    widths = request.widths()
+    choices = [DROP, *widths]
+    targets = find_targets(model, adapter)
+    unit, budget, budget_record = expert_budget(model, adapter, targets, request, info.bytes_on_disk, element_size)
+    sizes = expert_sizes(adapter, targets, choices, unit, request.settings, element_size)
+    shape = routing_shape(adapter, info.config)
+    check_budget(sizes, choices, budget, min_kept=min(feasible_counts(shape)))
     if stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       required_statistics(prune_method, protect_super_experts),
@@ -98,21 +108,17 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
         protected = find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers},
                                        num_layers)
 
-    widths = request.widths()
-    targets = find_targets(model, adapter)
     base = request.settings.spec(max(widths))
     assert base is not None
     if request.method == "gemq":
-        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress)
+        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress,
+                             expert_memory=request.expert_memory)
     else:
         sens = block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
-                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress)
+                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
+                            expert_memory=request.expert_memory)
     costs = joint_costs(sens.costs(request.alpha, request.beta),
                         drop_costs(scores, sens.drop_costs(request.alpha, request.beta)))
-    choices = [DROP, *widths]
-    unit, budget, budget_record = expert_budget(model, adapter, targets, request, info.bytes_on_disk, element_size)
-    sizes = expert_sizes(adapter, targets, choices, unit, request.settings, element_size)
-    shape = routing_shape(adapter, info.config)
     rules = PruneRules(feasible_kept=tuple(feasible_counts(shape)),
                        n_group=shape.groups[0] if shape.groups else 1, protected=protected)
     allocation = allocate(costs, sizes, choices, budget, scope="global", require_top=request.require_top,
@@ -121,6 +127,8 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     keep = {layer: [e for e, w in enumerate(ws) if w != DROP] for layer, ws in allocation.widths.items()}
     dropped = {layer: [e for e, w in enumerate(ws) if w == DROP] for layer, ws in allocation.widths.items()}
     kept_widths = {layer: [w for w in ws if w != DROP] for layer, ws in allocation.widths.items()}
+    log.info("joint program: %d of %d experts kept per layer (%s, %s)", len(next(iter(keep.values()))),
+             len(next(iter(allocation.widths.values()))), allocation.solver, allocation.status)
     if any(dropped.values()):
         model = adapter.drop(model, keep_experts=keep)
     pruned_targets = find_targets(model, adapter)

@@ -5,7 +5,11 @@
 * `LinearHessians`: forward pre-hooks on `nn.Linear` targets that feed their inputs to GPTQ;
 * `ExpertHessians`: an expert visitor (`MoEAdapter.run_experts`) that feeds each routed
   expert's tokens x (for gate and up) and activations (for down) to GPTQ, optionally weighted
-  by the tokens' gate values (MoEQuant's affinity-guided Hessian).
+  by the tokens' gate values (MoEQuant's affinity-guided Hessian);
+* `expert_chunks`: groups of experts whose per-expert state (Hessians, candidate copies) fits
+  a memory limit. An expert's inputs do not depend on the other experts' weights (routers are
+  never quantised), so processing a layer's experts in several passes gives the same result
+  as one pass.
 """
 
 from __future__ import annotations
@@ -18,6 +22,21 @@ from torch import nn
 
 from moecompress.calibration.layerwise import LayerwiseRunner
 from moecompress.quant.gptq import GPTQ
+
+DEFAULT_EXPERT_MEMORY = 2**30  # bytes of per-expert state held for one MoE layer at a time
+
+
+def expert_chunks(experts: Sequence[int], bytes_per_expert: int, limit: int = DEFAULT_EXPERT_MEMORY
+                  ) -> list[list[int]]:
+    """Consecutive groups of `experts` holding at most `limit` bytes of per-expert state (>= 1 expert each)."""
+    size = max(1, limit // max(bytes_per_expert, 1))
+    experts = list(experts)
+    return [experts[i : i + size] for i in range(0, len(experts), size)]
+
+
+def hessian_bytes(hidden: int, intermediate: int) -> int:
+    """float32 Hessians of one expert: H x H (gate/up inputs) and I x I (down inputs)."""
+    return 4 * (hidden * hidden + intermediate * intermediate)
 
 
 @torch.no_grad()

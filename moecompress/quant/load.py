@@ -111,7 +111,9 @@ class _LayerFiller:
         self.shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in self.linears}
         self.expert_shapes: dict[str, tuple[int, ...]] = {}
         if self.moe is not None:
-            for name, param in self.moe.experts.named_parameters(recurse=False):
+            # the module at experts_path (an adapter may expose a view of it as `experts`)
+            experts_module = model.get_submodule(self.moe.experts_path)
+            for name, param in experts_module.named_parameters(recurse=False):
                 self.expert_shapes[name] = tuple(param.shape)
         self.plan = plan
 

@@ -26,8 +26,8 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     maxq = 2**bits - 1
     sym = sym and bits > 1
     w = w.float()
-    lo = torch.clamp(w.min(dim=1).values, max=0.0)  # (rows,)
-    hi = torch.clamp(w.max(dim=1).values, min=0.0)
+    lo = torch.clamp(w.amin(dim=1), max=0.0)  # (rows,)
+    hi = torch.clamp(w.amax(dim=1), min=0.0)
     if sym:
         hi = torch.maximum(lo.abs(), hi)
         lo = -hi

@@ -20,10 +20,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from moecompress.errors import MoecompressError
-from moecompress.quant.allocate import Allocation, allocate
-from moecompress.quant.budget import SizeBudget, expert_sizes, fixed_bytes, parse_size
+from moecompress.quant.allocate import Allocation, allocate, check_budget
+from moecompress.quant.budget import expert_sizes, fixed_bytes, parse_size
 from moecompress.quant.plan import QuantPlan
 from moecompress.quant.settings import QuantSettings
+from moecompress.quant.layer_pass import DEFAULT_EXPERT_MEMORY
 from moecompress.quant.spec import SUPPORTED_BITS
 
 log = logging.getLogger(__name__)
@@ -60,21 +61,23 @@ class QuantizeRequest(BaseModel):
     streaming: bool = False
     time_limit: float = 120.0
     max_shard_bytes: int = 2 * 10**9
+    expert_memory: int = DEFAULT_EXPERT_MEMORY  # bytes of per-expert state (Hessians, copies) per pass
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeRequest:
         if (self.bits is None) == (self.size is None):
             raise ValueError("give exactly one budget: --bits (average bits per routed-expert weight) or --size")
         widths = self.widths()
-        bad = [w for w in widths if w not in SUPPORTED_BITS]
-        if bad or not widths:
+        if not widths or any(w not in SUPPORTED_BITS for w in widths):
             raise ValueError(f"candidate widths must be among {SUPPORTED_BITS}, got {self.candidate_bits}")
-        if self.method == "uniform" and self.bits is not None and self.bits not in widths and self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"--method uniform needs an integer --bits among {SUPPORTED_BITS}, got {self.bits}")
-        if self.bits is not None and not (min(widths) <= self.bits <= max(max(widths), self.bits)):
+        if self.method == "uniform":
+            if self.bits is not None and (self.bits != int(self.bits) or int(self.bits) not in SUPPORTED_BITS):
+                raise ValueError(f"--method uniform needs an integer --bits among {SUPPORTED_BITS}, got {self.bits}")
+        elif self.bits is not None and self.bits < min(widths):
             raise ValueError(f"--bits {self.bits} is below the narrowest candidate width {min(widths)}; "
                              "allow narrower widths with --candidates (e.g. 2,3,4)")
-        if self.format == "gptq" and 1 in widths:
+        one_bit = 1 in widths or (self.method == "uniform" and self.bits == 1)
+        if self.format == "gptq" and one_bit:
             raise ValueError("the GPTQ format cannot store 1-bit weights; use --format fake for 1-bit candidates")
         if self.method == "gemq" and self.streaming:
             raise ValueError("--method gemq needs a backward pass through the whole model; drop --streaming")
@@ -95,6 +98,20 @@ class QuantizeRequest(BaseModel):
     def needs_data(self) -> bool:
         """Whether calibration data is read at all."""
         return self.method != "uniform" or self.settings.method == "gptq"
+
+
+def check_model_support(adapter: Any, model_type: str, request: QuantizeRequest) -> bool:
+    """Raise when the model cannot run the layer-at-a-time passes the request needs; returns whether to stream."""
+    needs_layers = request.method == "mc-moe" or request.settings.method == "gptq"
+    if needs_layers and not getattr(adapter, "layerwise_supported", True):
+        raise MoecompressError(
+            f"{model_type} layers pass state between layers, so GPTQ and MC-MoE cannot run one layer at a time; "
+            "quantise it with --rtn and --method uniform or gemq"
+        )
+    if request.streaming and not getattr(adapter, "streaming_supported", True):
+        log.warning("%s cannot be streamed from disk; quantising with the model in memory", model_type)
+        return False
+    return request.streaming
 
 
 def parse_request(**values: Any) -> QuantizeRequest:
@@ -124,7 +141,7 @@ class QuantizeResult:
     format: str = "gptq"
 
 
-def calibration_batches(source: Path, sources: list[Any] | None, request: QuantizeRequest, tokenizer: Any
+def calibration_batches(sources: list[Any] | None, request: QuantizeRequest, tokenizer: Any
                         ) -> tuple[list[tuple[str, torch.Tensor]], Any]:
     """(domain, (B, S)) batches of the calibration set, and the set itself."""
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
@@ -148,21 +165,26 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
     if request.method == "uniform":
         chosen = _uniform_width(request, sizes, widths, budget)
         return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
+    check_budget(sizes, widths, budget, request.uniform_per_layer)  # before the sensitivity pass
     base = settings.spec(max(widths))
     assert base is not None
     if request.method == "gemq":
-        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress)
+        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress,
+                             expert_memory=request.expert_memory)
     else:
         sens = block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
-                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress)
+                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
+                            expert_memory=request.expert_memory)
     costs = sens.costs(request.alpha, request.beta)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
                       uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
+    log.info("allocation: %s %s program(s), %d binaries, %s in %.2f s", result.solver, request.scope(),
+             result.variables, result.status, result.seconds)
     return result.widths, result, budget_record
 
 
 def expert_budget(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest, input_bytes: int,
-            element_size: int) -> tuple[str, float, dict[str, float | str]]:
+                  element_size: int) -> tuple[str, float, dict[str, float | str]]:
     """(size unit, budget in that unit, record for the plan)."""
     from moecompress.quant.targets import expert_params
 
@@ -181,9 +203,8 @@ def expert_budget(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
 
 
 def _uniform_width(request: QuantizeRequest, sizes: dict[int, torch.Tensor], widths: list[int], budget: float) -> int:
+    """The width of every expert for --method uniform: --bits, or the widest candidate within --size."""
     if request.bits is not None:
-        if float(request.bits) != int(request.bits) or int(request.bits) not in SUPPORTED_BITS:
-            raise MoecompressError(f"--method uniform needs an integer --bits among {SUPPORTED_BITS}")
         return int(request.bits)
     fitting = [w for c, w in enumerate(widths) if sum(float(s[:, c].sum()) for s in sizes.values()) <= budget]
     if not fitting:
@@ -225,13 +246,19 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     source = Path(checkpoint)
     check_output_dir(output, force, inputs=(source,))
     info = inspect_checkpoint(source)
+    streaming = check_model_support(info.adapter, info.config.model_type, request)
     out_dtype = checkpoint_dtype(info) or torch.float32
     element_size = torch.empty((), dtype=out_dtype).element_size()
-    tokenizer = load_tokenizer(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except MoecompressError:
+        if request.needs_data():
+            raise
+        tokenizer = None  # RTN without data: a folder without a tokenizer is fine (none is copied)
     torch.manual_seed(request.seed)
-    batches, calib = (calibration_batches(source, sources, request, tokenizer) if request.needs_data()
+    batches, calib = (calibration_batches(sources, request, tokenizer) if request.needs_data()
                       else (None, None))
-    model, adapter = load_model(source, dtype="float32", streaming=request.streaming)
+    model, adapter = load_model(source, dtype="float32", streaming=streaming)
     targets = find_targets(model, adapter)
     if not targets.moe:
         raise MoecompressError(f"{source} has no MoE layers to quantise")
@@ -269,13 +296,15 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
         else:
             writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
         report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, min_tokens=request.min_tokens,
-                                weighted_hessian=request.weighted_hessian, progress=progress)
+                                weighted_hessian=request.weighted_hessian, progress=progress,
+                                expert_memory=request.expert_memory)
         writer.finish()
         if request.format == "fake":
             (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
         effective = (writer.effective_bits() if request.format == "gptq"
                      else planned_effective_bits(plan, model, adapter))
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         manifest = build_manifest(
             operation, plan.method, request.model_dump(mode="json"), request.seed, source, info.config,
             calibration=None if calib is None else calib.record(),

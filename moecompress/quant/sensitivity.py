@@ -26,7 +26,6 @@ removing expert i's contribution, used to put pruning scores on the same scale.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,12 +35,16 @@ from tqdm.auto import tqdm
 
 from moecompress.calibration.layerwise import LayerwiseRunner
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
-from moecompress.quant.layer_pass import ExpertHessians, run_cached
+from moecompress.quant.layer_pass import (
+    DEFAULT_EXPERT_MEMORY,
+    ExpertHessians,
+    expert_chunks,
+    hessian_bytes,
+    run_cached,
+)
 from moecompress.quant.solve import dequantized_expert, quantize_expert
 from moecompress.quant.spec import QuantSpec
 from moecompress.quant.streaming import materialized
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,8 @@ class ErrorVisitor:
     @torch.no_grad()
     def __call__(self, expert: int, token_idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor,
                  act: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
+        if expert not in self.candidates:  # measured in another pass
+            return
         errs = self.errors
         x = x.detach().float()
         g = gate.detach().double()[:, None]  # (N, 1)
@@ -141,12 +146,12 @@ def _float_expert(expert: CanonicalExpert) -> CanonicalExpert:
                            down_bias=conv(expert.down_bias), act=expert.act)
 
 
-def candidate_experts(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[int], base: QuantSpec,
-                      hessians: ExpertHessians | None = None, min_tokens: int = 0
+def candidate_experts(adapter: MoEAdapter, layer: MoELayerRef, experts: Sequence[int], widths: Sequence[int],
+                      base: QuantSpec, hessians: ExpertHessians | None = None, min_tokens: int = 0
                       ) -> tuple[dict[int, CanonicalExpert], dict[int, dict[int, CanonicalExpert]]]:
-    """(reference experts, expert -> width -> quantised copy) for one MoE layer."""
+    """(reference experts, expert -> width -> quantised copy) for some experts of one MoE layer."""
     reference, candidates = {}, {}
-    for e in range(layer.num_experts):
+    for e in experts:
         expert = _float_expert(adapter.expert_weights(layer, e))
         reference[e] = expert
         candidates[e] = {}
@@ -161,10 +166,23 @@ def candidate_experts(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[
     return reference, candidates
 
 
+def _bytes_per_expert(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[int], quantizer: str) -> int:
+    """float32 state one expert needs while its errors are measured (copies, and Hessians for GPTQ)."""
+    probe = adapter.expert_weights(layer, 0)
+    params = sum(w.numel() for w in (probe.gate, probe.up, probe.down) if w is not None)
+    extra = hessian_bytes(probe.up.shape[1], probe.up.shape[0]) if quantizer == "gptq" else 0
+    return 4 * params * (len(widths) + 1) + extra
+
+
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                  widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
-                 min_tokens: int = 0, progress: bool = True) -> Sensitivity:
-    """MC-MoE block-output errors of every expert at every width, one decoder layer at a time."""
+                 min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY
+                 ) -> Sensitivity:
+    """MC-MoE block-output errors of every expert at every width, one decoder layer at a time.
+
+    A layer whose experts' candidate copies (and Hessians) exceed `expert_memory` is measured in
+    several passes over its cached inputs, a group of experts per pass (same result).
+    """
     runner = LayerwiseRunner(model, adapter)
     runner.prepare(batches)
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
@@ -175,28 +193,40 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
                 runner.run_layer(index)
                 continue
             ref = moe[index]
-            hessians = None
-            if quantizer == "gptq":
-                probe = adapter.expert_weights(ref, 0)
-                hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], weighted=weighted)
-                with adapter.instrument(model, {index: hessians}):
-                    run_cached(runner, index)
-            reference, candidates = candidate_experts(adapter, ref, widths, base, hessians, min_tokens)
             errors = LayerErrors.zeros(ref.num_experts, widths)
-            with adapter.instrument(model, {index: ErrorVisitor(errors, reference, candidates)}):
-                runner.run_layer(index)
+            probe = adapter.expert_weights(ref, 0)
+            chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, widths, quantizer),
+                                   expert_memory)
+            for number, chunk in enumerate(chunks):
+                hessians = None
+                if quantizer == "gptq":
+                    hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], experts=chunk,
+                                              weighted=weighted)
+                    with adapter.instrument(model, {index: hessians}):
+                        run_cached(runner, index)
+                reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
+                with adapter.instrument(model, {index: ErrorVisitor(errors, reference, candidates)}):
+                    if number == len(chunks) - 1:
+                        runner.run_layer(index)  # the last pass also produces the next layer's inputs
+                    else:
+                        run_cached(runner, index)
             layers[index] = errors
     return Sensitivity("block-error", list(widths), layers)
 
 
 @contextlib.contextmanager
-def _gradient_capture(model: nn.Module, adapter: MoEAdapter, visitors: dict[int, ErrorVisitor]) -> Iterator[None]:
-    """Hooks that, for each MoE block, measure expert errors weighted by the block output's squared gradient."""
+def _gradient_capture(model: nn.Module, adapter: MoEAdapter, layers: dict[int, LayerErrors], widths: Sequence[int],
+                      base: QuantSpec, expert_memory: int) -> Iterator[None]:
+    """Hooks that, for each MoE block, measure expert errors weighted by the block output's squared gradient.
+
+    The candidate copies of a layer's experts exist only while its gradient is processed
+    (backward visits one layer at a time), a group of experts within `expert_memory` at a time.
+    """
     handles = []
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
 
     def make_hook(ref: MoELayerRef):  # noqa: ANN202
-        visitor = visitors[ref.index]
+        chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, widths, "rtn"), expert_memory)
 
         def forward_hook(module: nn.Module, args: tuple, output: object) -> None:
             hidden = args[0].detach()
@@ -208,9 +238,11 @@ def _gradient_capture(model: nn.Module, adapter: MoEAdapter, visitors: dict[int,
                 flat = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
                 with torch.no_grad():
                     routed = adapter.route(ref, flat)
-                    visitor.fisher = grad.detach().reshape(-1, grad.shape[-1]).float() ** 2  # (T, H)
-                    adapter.run_experts(ref, flat, routed.index, routed.weights, visitor)
-                    visitor.fisher = None
+                    for chunk in chunks:
+                        reference, candidates = candidate_experts(adapter, ref, chunk, widths, base)
+                        visitor = ErrorVisitor(layers[ref.index], reference, candidates)
+                        visitor.fisher = grad.detach().reshape(-1, grad.shape[-1]).float() ** 2  # (T, H)
+                        adapter.run_experts(ref, flat, routed.index, routed.weights, visitor)
 
             out.register_hook(on_grad)
 
@@ -218,7 +250,7 @@ def _gradient_capture(model: nn.Module, adapter: MoEAdapter, visitors: dict[int,
 
     try:
         for index, ref in moe.items():
-            if index in visitors:
+            if index in layers:
                 handles.append(ref.block.register_forward_hook(make_hook(ref)))
         yield
     finally:
@@ -227,22 +259,17 @@ def _gradient_capture(model: nn.Module, adapter: MoEAdapter, visitors: dict[int,
 
 
 def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
-                  widths: Sequence[int], base: QuantSpec, progress: bool = True) -> Sensitivity:
+                  widths: Sequence[int], base: QuantSpec, progress: bool = True,
+                  expert_memory: int = DEFAULT_EXPERT_MEMORY) -> Sensitivity:
     """GEMQ Fisher-weighted errors: one forward + backward per batch, whole model in memory."""
-    moe = {ref.index: ref for ref in adapter.moe_layers(model)}
-    layers: dict[int, LayerErrors] = {}
-    visitors: dict[int, ErrorVisitor] = {}
-    for index, ref in moe.items():
-        reference, candidates = candidate_experts(adapter, ref, widths, base)
-        layers[index] = LayerErrors.zeros(ref.num_experts, widths)
-        visitors[index] = ErrorVisitor(layers[index], reference, candidates)
+    layers = {ref.index: LayerErrors.zeros(ref.num_experts, widths) for ref in adapter.moe_layers(model)}
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     try:
-        with _gradient_capture(model, adapter, visitors):
+        with _gradient_capture(model, adapter, layers, widths, base, expert_memory):
             for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
                 with torch.enable_grad():
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss

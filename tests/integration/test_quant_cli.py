@@ -128,7 +128,7 @@ def test_infeasible_programs_are_one_line_errors(checkpoint, data, tmp_path, mon
 
 def test_compress_drops_and_quantises_under_a_size(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "compressed"
-    code, stdout, err = run_cli(["compress", str(checkpoint), "--size", "25%", "--prune-method", "reap", *data, *CALIB,
+    code, stdout, err = run_cli(["compress", str(checkpoint), "--size", "33%", "--prune-method", "reap", *data, *CALIB,
                                  "-o", str(out)], monkeypatch, capsys)
     assert code == 0, err
     assert "dropped" in stdout
@@ -137,7 +137,7 @@ def test_compress_drops_and_quantises_under_a_size(checkpoint, data, tmp_path, m
     kept = {len(ids) for ids in manifest["pruning"]["keep"].values()}
     assert len(kept) == 1 and 2 <= kept.pop() < 8  # same count per layer, >= top-k, something dropped
     weights = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    assert weights <= 0.25 * manifest["bytes_before"]
+    assert weights <= 0.33 * manifest["bytes_before"]
     model, _ = load_quantized(out)
     assert model.config.num_experts == len(next(iter(manifest["pruning"]["keep"].values())))
     ids = token_batch(model.config.vocab_size, seed=2)

@@ -227,3 +227,17 @@ def test_gptqmodel_loads_the_gptq_folder(quantised, gptqmodel_results) -> None: 
     assert theirs["attached"] == planned
     ids = torch.load(folder / "ids.pt")
     torch.testing.assert_close(theirs["logits"], logits(model, ids), atol=0.05, rtol=0.0)
+
+
+def test_quantised_output_head_round_trips(tmp_path: Path) -> None:
+    """--lm-head-bits: the head is packed like any map and reloads exactly (moecompress's loader)."""
+    model = tiny_model(tiny_config("mixtral"), seed=0)
+    quantise(model, tmp_path, QuantSettings(group_size=32, lm_head=8, attention=16))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "gptq" / "model.safetensors"), framework="pt") as handle:
+        assert "lm_head.qweight" in handle.keys() and "lm_head.weight" not in handle.keys()
+        assert "model.layers.0.self_attn.q_proj.weight" in handle.keys()  # attention kept unquantised
+    ids = token_batch(model.config.vocab_size, batch=1, length=12, seed=1)
+    loaded, _ = load_quantized(tmp_path / "gptq")
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)

@@ -109,3 +109,17 @@ def test_streamed_model_quantises_like_the_in_memory_one(tmp_path) -> None:  # n
     for index, state in results[False].items():
         for key, value in state.items():
             assert torch.allclose(value, results[True][index][key], atol=1e-6), key
+
+
+def test_expert_passes_within_a_memory_limit_give_the_same_result() -> None:
+    """Experts processed one per pass (tiny memory limit) are quantised exactly as in one pass."""
+    model = tiny_model(TINY_CONFIGS["mixtral"](), seed=0)
+    ids = token_batch(model.config.vocab_size, batch=2, length=16)
+    states = []
+    for memory in (2**30, 1):
+        copy_ = copy.deepcopy(model)
+        quantize_model(copy_, get_adapter(copy_), plan_for(copy_, 3, QuantSettings(group_size=16)), [("d", ids)],
+                       min_tokens=1, progress=False, expert_memory=memory)
+        states.append(copy_.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

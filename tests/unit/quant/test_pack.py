@@ -75,12 +75,29 @@ def test_v1_refuses_zero_point_zero() -> None:
         to_gptq_tensors(q, zero_offset=1)
 
 
+@pytest.fixture(scope="module")
+def gptqmodel_modules():  # noqa: ANN201
+    """GPTQModel's torch quant-linear and v1->v2 conversion; the environment variables its import sets are undone."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("gptqmodel") is None:
+        pytest.skip("gptqmodel is not installed")
+    saved = dict(os.environ)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    try:
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+        from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return TorchLinear, convert_gptq_v1_to_v2_format_module
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_matches_gptqmodel_dequantisation(bits: int) -> None:
+def test_packing_matches_gptqmodel_dequantisation(bits: int, gptqmodel_modules) -> None:  # noqa: ANN001
     """GPTQModel's torch kernel dequantises our packed tensors to exactly our weights (when installed)."""
-    pytest.importorskip("gptqmodel")
-    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+    TorchLinear, convert_gptq_v1_to_v2_format_module = gptqmodel_modules
 
     weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(bits))
     spec = QuantSpec(bits=bits, group_size=32, sym=True)

@@ -99,3 +99,15 @@ def test_fisher_errors_weight_the_error_by_squared_gradients() -> None:
     y_hat = out[0] if isinstance(out, tuple) else out
     measured = float((grads["g"].double() ** 2 * (y - y_hat).double() ** 2).sum())
     assert sens.layers[ref.index].error[2, 0] == pytest.approx(measured, rel=1e-3)
+
+
+def test_block_errors_in_several_passes_are_unchanged() -> None:
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
+    adapter = get_adapter(model)
+    ids = token_batch(model.config.vocab_size, batch=2, length=16)
+    one = block_errors(copy.deepcopy(model), adapter, [("d", ids)], [2, 3], BASE, quantizer="gptq", progress=False)
+    many = block_errors(copy.deepcopy(model), adapter, [("d", ids)], [2, 3], BASE, quantizer="gptq", progress=False,
+                        expert_memory=1)
+    for layer, errors in one.layers.items():
+        torch.testing.assert_close(errors.error, many.layers[layer].error, rtol=1e-6, atol=1e-12)
+        assert torch.equal(errors.count, many.layers[layer].count)
