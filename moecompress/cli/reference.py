@@ -42,7 +42,7 @@ def render() -> str:
         lines += ["Global options (before the command):", "", "| option | type | required | default | help |",
                   "|---|---|---|---|---|"]
         lines += [_option_row(p) for p in global_params] + [""]
-    for name in root.list_commands(ctx):
+    for name in sorted(root.list_commands(ctx)):  # registration order depends on import order
         command = root.get_command(ctx, name)
         sub_ctx = typer.Context(command, info_name=name, parent=ctx)
         lines += [f"## `moecompress {name}`", "", "```", command.get_usage(sub_ctx), "```", ""]
