@@ -7,6 +7,7 @@ output is only replaced with `force=True`, and never before the new one is compl
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,9 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; give the output the usual permissions
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"

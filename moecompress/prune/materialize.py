@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.prune.plan import PrunePlan
 
@@ -157,7 +158,17 @@ def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokeniz
     from moecompress.io.output import atomic_output_dir
     from moecompress.models.layout import save_layout_checkpoint
 
+    from moecompress.io.checkpoint import cast_model
+    from moecompress.models.load import inspect_checkpoint
+    from moecompress.sizes import checkpoint_dtype
+
     pruned, layout, config = materialize(model, adapter, plan)
+    try:
+        saved_dtype = checkpoint_dtype(inspect_checkpoint(source))
+    except MoecompressError:  # not a checkpoint folder (an in-memory model): keep the working dtype
+        saved_dtype = None
+    if saved_dtype is not None:
+        cast_model(pruned, saved_dtype)  # write in the input's dtype, not the working dtype
     form = "transformers" if layout is None else "moecompress-layout"
     loads_with = TRANSFORMERS_LOADER if layout is None else MOECOMPRESS_LOADER
     manifest = dict(manifest)

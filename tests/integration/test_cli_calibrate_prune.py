@@ -100,3 +100,20 @@ def test_prune_dry_run_and_infeasible_ratio(checkpoint, data, tmp_path, monkeypa
                             "-o", str(tmp_path / "x")], monkeypatch, capsys)
     assert code == 2 and "available:" in error_lines(err)[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_keeps_the_input_dtype(tmp_path, monkeypatch, capsys) -> None:
+    import torch as _torch
+
+    from moecompress.models.load import inspect_checkpoint
+    from moecompress.sizes import checkpoint_dtype
+
+    source = make_checkpoint(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(source, dtype=_torch.bfloat16).save_pretrained(source)
+    out = tmp_path / "pruned"
+    code, _, err = run_cli(["prune", str(source), "--method", "frequency", "--ratio", "0.5", "--samples", "2",
+                            "--seq-len", "16", "-o", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    assert checkpoint_dtype(inspect_checkpoint(out)) == _torch.bfloat16
+    assert sum(p.stat().st_size for p in out.glob("*.safetensors")) < sum(
+        p.stat().st_size for p in source.glob("*.safetensors"))
