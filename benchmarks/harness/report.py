@@ -27,9 +27,14 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or None
+                                cwd=repo, timeout=10).stdout.strip() or None
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=repo, timeout=10).stdout.strip()
+        if commit and changed:
+            commit += " + uncommitted changes"
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
@@ -81,7 +86,8 @@ def render_unpruned(data: dict[str, Any]) -> list[str]:
     for row in rows:
         ppl = " | ".join(_fmt(row["perplexity"][d]) for d in domains)
         windows = ", ".join(str(row["windows"][d]) for d in domains)
-        lines.append(f"| {row['fixture']} ({row['model_type']}) | {row['num_experts']} (top-{row['top_k']}) | "
+        name = row["fixture"] if row["fixture"] == row["model_type"] else f"{row['fixture']} ({row['model_type']})"
+        lines.append(f"| {name} | {row['num_experts']} (top-{row['top_k']}) | "
                      f"{row['parameters'] / 1e6:.2f} M | {row['training_steps']} steps, {row['training_minutes']} min | "
                      f"{ppl} | **{_fmt(row['mean_perplexity'])}** | {windows} |")
     return lines
@@ -96,7 +102,8 @@ def render_baselines(data: dict[str, Any]) -> list[str]:
     for fixture, rows in by_fixture.items():
         domains = _domains(rows)
         lines += [f"### {fixture}", "",
-                  f"Unpruned mean perplexity {_fmt(rows[0]['unpruned_mean'])}; windows per domain: {_window_note(rows)}.",
+                  f"Unpruned mean perplexity {_fmt(rows[0]['unpruned_mean'])}; windows per domain: {_window_note(rows)}. "
+                  "Random: per-domain means over seeds; ± is the standard deviation of the mean perplexity over seeds.",
                   "",
                   "| removed | kept / layer | method | " + " | ".join(domains) + " | mean | x unpruned |",
                   "|---:|---:|---|" + "---:|" * len(domains) + "---:|---:|"]

@@ -23,3 +23,4 @@ class DeepseekV3Adapter(DeepseekStyleAdapter):
     model_types = ("deepseek_v3",)
     correction_bias_paths = ("gate.e_score_correction_bias",)
     group_keys = ("n_group", "topk_group")
+    min_kept_per_group = 2  # a group is scored by the sum of its two best experts
