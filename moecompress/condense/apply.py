@@ -35,6 +35,7 @@ from torch import nn
 
 from moecompress.condense.cd_moe import CondensedExperts, condense_layer, experts_child_path, replace_submodule
 from moecompress.errors import MoecompressError
+from moecompress.models.adapters.base import _is_non_persistent
 from moecompress.io.checkpoint import cast_model
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
@@ -252,11 +253,6 @@ def load_condensed(path: str | Path, dtype: str | torch.dtype | None = None) -> 
     model.eval()
     return model
 
-
-def _is_non_persistent(model: nn.Module, key: str) -> bool:
-    module_path, _, name = key.rpartition(".")
-    module = model.get_submodule(module_path) if module_path else model
-    return name in getattr(module, "_non_persistent_buffers_set", set())
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:

@@ -33,6 +33,7 @@ from torch import nn
 
 from moecompress.condense.cd_moe import CondensedExperts, DenseMLPWeights, append_mlp, pad_neurons
 from moecompress.errors import MoecompressError
+from moecompress.models.adapters.base import _is_non_persistent
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
 
@@ -255,11 +256,6 @@ def _verify_layer(ref: MoELayerRef, dense: nn.Module, tokens: int, dtype: torch.
         raise NotExpressible(f"layer {ref.index}: a dense MLP cannot reproduce this block (relative error "
                              f"{error / scale:.2e}; its shared experts are gated or scaled)")
 
-
-def _is_non_persistent(model: nn.Module, key: str) -> bool:
-    module_path, _, name = key.rpartition(".")
-    module = model.get_submodule(module_path) if module_path else model
-    return name in getattr(module, "_non_persistent_buffers_set", set())
 
 
 def dense_layout_problem(model: nn.Module, adapter: MoEAdapter, condensed_layers: list[int]) -> str | None:
