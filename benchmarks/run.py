@@ -22,7 +22,9 @@ if __package__ in (None, ""):  # `python benchmarks/run.py` as well as `python -
 
 from benchmarks.harness.context import Protocol, load_fixtures  # noqa: E402
 from benchmarks.harness.report import RESULTS_DIR, RESULTS_MD, environment, save_suite, write_results  # noqa: E402
-from benchmarks.harness.suites import SUITES  # noqa: E402
+from benchmarks.harness.suites import load_suite_modules  # noqa: E402
+
+SUITES = load_suite_modules()
 
 DEFAULT_FIXTURES = ("example", "qwen3_moe", "deepseek_v3")
 

@@ -18,7 +18,13 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 RESULTS_MD = Path(__file__).resolve().parents[1] / "RESULTS.md"
-SUITE_ORDER = ("unpruned", "pruning-baselines", "domain-pruning")
+SUITE_ORDER = (
+    "unpruned", "pruning-baselines", "domain-pruning",  # issue 3: fixtures and baselines
+    "pruning-methods", "domain-methods", "heapr-memory",  # pruning methods
+    "quantisation",  # mixed-precision quantisation
+    "condensing",  # CD-MoE
+    "observer-overhead", "calibration-memory", "lp-solve-time",  # costs of the machinery
+)
 
 
 def environment() -> dict[str, Any]:
@@ -176,6 +182,16 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
 }
 
 
+def renderer(name: str) -> Callable[[Callable[[dict[str, Any]], list[str]]], Callable[[dict[str, Any]], list[str]]]:
+    """Register the Markdown renderer of suite `name` (used by the suite modules)."""
+
+    def wrap(fn: Callable[[dict[str, Any]], list[str]]) -> Callable[[dict[str, Any]], list[str]]:
+        RENDERERS[name] = fn
+        return fn
+
+    return wrap
+
+
 def render_results(suites: dict[str, dict[str, Any]]) -> str:
     """RESULTS.md from every stored suite."""
     lines = [
@@ -211,5 +227,8 @@ def render_results(suites: dict[str, dict[str, Any]]) -> str:
 
 def write_results(folder: Path = RESULTS_DIR, target: Path = RESULTS_MD) -> Path:
     """Render RESULTS.md from the stored JSON."""
+    from benchmarks.harness.suites import load_suite_modules
+
+    load_suite_modules()  # registers the renderers of the suites that live in their own modules
     target.write_text(render_results(load_suites(folder)))
     return target

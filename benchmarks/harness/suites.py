@@ -40,6 +40,26 @@ class Suite:
 
 SUITES: dict[str, Suite] = {}
 
+# Further suites live in their own modules (one per area), each registering with `@suite` and
+# its renderer with `report.renderer`; `load_suite_modules` imports them.
+SUITE_MODULES = (
+    "benchmarks.harness.pruning_methods",
+    "benchmarks.harness.quantisation",
+    "benchmarks.harness.condensing",
+    "benchmarks.harness.costs",
+)
+
+
+def load_suite_modules() -> dict[str, Suite]:
+    """Import every suite module that exists (so their suites and renderers register); returns SUITES."""
+    import importlib
+    import importlib.util
+
+    for module in SUITE_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    return SUITES
+
 
 def suite(name: str, title: str) -> Callable[[SuiteFn], SuiteFn]:
     """Register a suite under `name`."""

@@ -150,12 +150,14 @@ def test_deepseek_balancing_moves_correction_biases(fixtures_root, tmp_path):
 
 
 def test_harness_runs_every_suite_on_the_miniature(fixtures_root, tmp_path):
-    """benchmarks/run.py end to end on the miniature: raw JSON per suite and RESULTS.md tables."""
+    """benchmarks/run.py end to end on the miniature: raw JSON per suite and RESULTS.md tables (the baseline
+    suites; the suites in their own modules have their own tests under tests/benchmarks)."""
     from benchmarks.run import main
 
     build_fixture(MINI, root=fixtures_root, corpus_spec=TINY_CORPUS, progress=False)
     results = tmp_path / "results"
-    main(["--root", str(fixtures_root), "--fixtures", "mini", "--windows", "2", "--seq-len", "32",
+    main(["--suite", "unpruned", "pruning-baselines", "domain-pruning",
+          "--root", str(fixtures_root), "--fixtures", "mini", "--windows", "2", "--seq-len", "32",
           "--calib-windows", "2", "--seeds", "0", "1", "--threads", "1",
           "--results-dir", str(results), "--output", str(tmp_path / "RESULTS.md")])
     baselines = json.loads((results / "pruning-baselines.json").read_text())
