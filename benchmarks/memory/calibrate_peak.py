@@ -38,8 +38,10 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, experts: int, width
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+# VmHWM is the peak RSS of this process image alone; getrusage's ru_maxrss would also carry
+# the parent's peak across fork and exec (a large harness process would mask the child's).
 _CHILD = """
-import resource, sys
+import sys
 from moecompress.cli.app import main
 sys.argv = ["moecompress", *sys.argv[1:]]
 try:
@@ -47,7 +49,9 @@ try:
 except SystemExit as exit_:
     if exit_.code:
         raise
-print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+with open("/proc/self/status") as status:
+    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+print("PEAK_KIB", peak)
 """
 
 
@@ -70,8 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moecompress-mem-") as tmp:
         ckpt = Path(tmp) / "model"
         ckpt.mkdir()
-        # Linux keeps a process's peak RSS across fork and exec, so this parent process stays
-        # small (standard library only) and every heavy step runs in a fresh child.
+        # Every heavy step runs in a fresh child, which reports its own peak (VmHWM).
         build = (f"from pathlib import Path; from benchmarks.memory.calibrate_peak import build_checkpoint; "
                  f"print(build_checkpoint(Path({str(ckpt)!r}), {args.layers}, {args.hidden}, {args.experts}, {args.width}))")
         size = int(subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, text=True,
