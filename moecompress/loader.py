@@ -3,9 +3,11 @@
 Dispatch on what the folder holds:
 
 1. `config.json` with a `quantization_config` (GPTQ output): `moecompress.quant.load.load_quantized`;
-2. a `moecompress_layout.json` (non-uniform expert counts or per-expert widths, see
+2. a `moecompress_layout.json` of format "moecompress-condensed" (CD-MoE layers that the
+   architecture cannot express as dense layers): `moecompress.condense.apply.load_condensed`;
+3. any other `moecompress_layout.json` (non-uniform expert counts or per-expert widths, see
    `moecompress.models.layout`), or a manifest whose `format` says so: moecompress's layout loader;
-3. anything else (uniform pruned / condensed folders, original checkpoints): plain
+4. anything else (uniform pruned / condensed folders, original checkpoints): plain
    `AutoModelForCausalLM.from_pretrained`.
 
 Afterwards, when the config's `moecompress` entry holds NAEE dynamic-skipping thresholds, the
@@ -38,8 +40,22 @@ def _raw_config(folder: Path) -> dict[str, Any]:
         raise MoecompressError(f"{config_file} is not valid JSON ({err})") from None
 
 
+def _layout_format(folder: Path) -> str | None:
+    """The `format` recorded in the folder's moecompress_layout.json (None when absent or unreadable)."""
+    from moecompress.models.layout import LAYOUT_FILE
+
+    path = folder / LAYOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("format")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 def checkpoint_kind(path: str | Path) -> str:
-    """What `load` will do with a folder: "gptq", "layout" or "transformers"."""
+    """What `load` will do with a folder: "gptq", "condensed", "layout" or "transformers"."""
+    from moecompress.condense.apply import LAYOUT_FORMAT as CONDENSED_FORMAT
     from moecompress.io.manifest import read_manifest
     from moecompress.models.layout import LAYOUT_FILE
 
@@ -47,6 +63,8 @@ def checkpoint_kind(path: str | Path) -> str:
     raw = _raw_config(folder)
     if raw.get("quantization_config"):
         return "gptq"
+    if _layout_format(folder) == CONDENSED_FORMAT:
+        return "condensed"
     manifest = read_manifest(folder) or {}
     if (folder / LAYOUT_FILE).is_file() or manifest.get("format") == _LAYOUT_FORMAT:
         return "layout"
@@ -80,6 +98,10 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Mod
     kind = checkpoint_kind(folder)
     if kind == "gptq":
         model = _load_gptq(folder, dtype)
+    elif kind == "condensed":
+        from moecompress.condense.apply import load_condensed
+
+        model = load_condensed(folder, dtype=_dtype(dtype))
     elif kind == "layout":
         from moecompress.models.layout import load_layout_checkpoint
 

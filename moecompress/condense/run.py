@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("auto", "transformers", "moecompress")
 LOADS_WITH = {
     "transformers": "transformers.AutoModelForCausalLM.from_pretrained",
-    "moecompress": "moecompress.condense.apply.load_condensed",
+    "moecompress": "moecompress.load",
 }
 
 
@@ -118,7 +118,7 @@ def readme_for(plan: CondensePlan, source: Path, layout: str, note: str | None) 
     else:
         text += ("This folder uses moecompress's condensed layout (`moecompress_layout.json`): the config cannot express "
                  f"dense layers at these positions{f' ({note})' if note else ''}. Load it with\n\n"
-                 "```python\nfrom moecompress.condense.apply import load_condensed\nmodel = load_condensed(path)\n```\n\n"
+                 "```python\nimport moecompress\nmodel = moecompress.load(path)\n```\n\n"
                  "Plain `from_pretrained` does not open it.\n\n")
     text += ("`moecompress_manifest.json` records the parameters, the condensed layers with their experts and weights, "
              "the calibration data digest, the seed and library versions; `condense_plan.json` holds the full search "
