@@ -30,6 +30,8 @@ _LAYOUT_FORMAT = "moecompress-layout"
 
 def _raw_config(folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
+    if not folder.exists():
+        raise MoecompressError(f"{str(folder)!r} does not exist; pass a local checkpoint folder (nothing is downloaded)")
     if not folder.is_dir():
         raise MoecompressError(f"{str(folder)!r} is not a folder; pass a checkpoint folder with config.json")
     if not config_file.is_file():
@@ -121,3 +123,18 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Mod
 
         install_dynamic_skip(model, settings["dynamic_skip"])
     return model.eval()
+
+
+def open_for_evaluation(model: str | Path, dtype: str, streaming: bool) -> torch.nn.Module:
+    """The model as `moecompress eval` opens it; GPTQ and moecompress-layout folders through `moecompress.load`."""
+    from moecompress.models.load import inspect_checkpoint, load_model
+
+    kind = checkpoint_kind(model)
+    if kind == "transformers":
+        inspect_checkpoint(model)
+        loaded, _ = load_model(model, dtype=dtype, streaming=streaming)
+        return loaded
+    if streaming:
+        raise MoecompressError(f"streaming evaluation reads stock checkpoints only; {model} is a {kind} checkpoint, "
+                               "evaluate it without streaming")
+    return load(model, dtype=dtype)

@@ -18,6 +18,7 @@ from moecompress.cli.options import (
     ForceOption,
     ModelArg,
     OutputOption,
+    PrintStepOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -47,6 +48,7 @@ def calibrate_command(
     whole_model: Annotated[bool, typer.Option("--whole-model", help="Run the whole model per batch instead of one "
                                               "decoder layer at a time (more memory, same statistics).")] = False,
     force: ForceOption = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Run one calibration pass and save routing statistics (safetensors + JSON header).
 
@@ -58,6 +60,10 @@ def calibrate_command(
 
         moecompress calibrate ./Qwen3-30B-A3B --data code=code.jsonl --data prose=prose.txt --samples 64 -o ./stats
     """
+    if print_step:
+        from moecompress.recipe.cli_bridge import echo_step
+
+        return echo_step("calibrate", locals())
     from moecompress.calibration.calibrate import calibrate
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, validate_statistics

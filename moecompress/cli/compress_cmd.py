@@ -17,6 +17,7 @@ from moecompress.cli.options import (
     JsonOption,
     ModelArg,
     OutputOption,
+    PrintStepOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -87,6 +88,7 @@ def compress_command(
     expert_memory: ExpertMemory = "1GiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Drop and quantise routed experts together: each expert gets {drop, 2, 3, 4} bits under one budget.
 
@@ -99,6 +101,10 @@ def compress_command(
 
         moecompress compress ./Qwen3-30B-A3B --size 40% --data code=code.jsonl -o ./small
     """
+    if print_step:
+        from moecompress.recipe.cli_bridge import echo_step
+
+        return echo_step("compress", locals())
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.stats import RoutingStats
     from moecompress.cli.prune_cmd import parse_params

@@ -17,6 +17,7 @@ from moecompress.cli.options import (
     FieldOption,
     ForceOption,
     ModelArg,
+    PrintStepOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -50,6 +51,7 @@ def condense_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Search and print the plan without writing anything.")
                        ] = False,
     force: ForceOption = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Condense MoE layers (CD-MoE, arXiv 2412.00069): no routing, fixed experts with fixed weights.
 
@@ -57,12 +59,16 @@ def condense_command(
     by their mean gate on the calibration data, plus the shared experts. That is exactly one
     dense MLP. Experts are chosen greedily per layer; with --layers auto the layers are chosen
     greedily too. Qwen3-MoE, DeepSeek-style and other configs that can mark layers dense get a
-    checkpoint plain transformers loads; others get moecompress's layout (load_condensed).
+    checkpoint plain transformers loads; others get moecompress's layout (open it with `moecompress.load`).
 
     Example:
 
         moecompress condense ./Qwen3-30B-A3B --layers auto --num-layers 8 --experts 4 --data code=code.jsonl -o ./out
     """
+    if print_step:
+        from moecompress.recipe.cli_bridge import echo_step
+
+        return echo_step("condense", locals())
     from moecompress.calibration.data import parse_data_specs
     from moecompress.condense.run import condense_checkpoint, parse_layers
 
@@ -108,7 +114,7 @@ def print_condense_summary(result, dry_run: bool, console: Console | None = None
         console.print(f"[yellow]moecompress layout: {result.layout_note}[/yellow]")
     if result.output is not None:
         how = ("AutoModelForCausalLM.from_pretrained" if result.layout == "transformers"
-               else "moecompress.condense.apply.load_condensed (not plain from_pretrained)")
+               else "moecompress.load (not plain from_pretrained)")
         console.print(f"checkpoint is in {result.output}; it loads with {how}")
     elif dry_run:
         console.print(f"would write the {result.layout} layout")

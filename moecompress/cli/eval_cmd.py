@@ -17,6 +17,7 @@ from moecompress.cli.options import (
     ForceOption,
     JsonOption,
     ModelArg,
+    PrintStepOption,
     SeqLenOption,
     StreamingOption,
 )
@@ -56,6 +57,7 @@ def eval_command(
     ] = None,
     force: ForceOption = False,
     json_output: JsonOption = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Perplexity of a checkpoint on each text domain, and their mean.
 
@@ -70,9 +72,14 @@ def eval_command(
     * `moecompress eval ./my-moe --data code=stdlib.txt --data prose=docs.jsonl`
     * `moecompress eval ./my-moe-pruned --seq-len 512 --windows 64 --json-out pruned-eval.json`
     """
+    if print_step:
+        from moecompress.recipe.cli_bridge import echo_step
+
+        return echo_step("eval", locals())
     from moecompress.calibration.data import default_calibration_sources, parse_data_specs
     from moecompress.evaluate import evaluate_perplexity
-    from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
+    from moecompress.loader import open_for_evaluation
+    from moecompress.models.load import load_tokenizer
 
     if json_out is not None:
         if json_out.is_dir():
@@ -80,9 +87,8 @@ def eval_command(
         if json_out.exists() and not force:
             raise MoecompressError(f"{json_out} exists; pass --force to overwrite it")
     sources = parse_data_specs(data, field=field) if data else default_calibration_sources()
-    inspect_checkpoint(model)  # config, architecture and files checked before anything loads
+    loaded = open_for_evaluation(model, dtype, streaming)  # stock, pruned-layout, condensed or GPTQ folders
     tokenizer = load_tokenizer(model)
-    loaded, _adapter = load_model(model, dtype=dtype, streaming=streaming)
     report = evaluate_perplexity(
         loaded,
         tokenizer,

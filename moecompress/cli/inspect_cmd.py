@@ -9,14 +9,16 @@ from __future__ import annotations
 import inspect as pyinspect
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from moecompress.cli.app import app
 from moecompress.cli.options import JsonOption
 from moecompress.errors import MoecompressError
-from moecompress.models.adapters.base import MoEAdapter
+
+if TYPE_CHECKING:  # the annotation only: importing adapters pulls in torch, which slows every command's start
+    from moecompress.models.adapters.base import MoEAdapter
 
 ROLE_LABELS: dict[str, str] = {
     "attention": "attention",

@@ -83,3 +83,11 @@ StreamingOption = Annotated[
         help="Keep decoder layers on disk and read each one only while it runs (low memory, slower).",
     ),
 ]
+
+PrintStepOption = Annotated[
+    bool,
+    typer.Option(
+        "--print-step",
+        help="Print this command as a recipe step (YAML) and exit without running it.",
+    ),
+]

@@ -18,6 +18,7 @@ from moecompress.cli.options import (
     FieldOption,
     ForceOption,
     ModelArg,
+    PrintStepOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -79,6 +80,7 @@ def prune_command(
                                                            help="Allow pruning super experts.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without writing anything.")] = False,
     force: ForceOption = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Prune routed experts (or HEAPr neurons): calibrate (or reuse --stats), score, select, write.
 
@@ -98,6 +100,10 @@ def prune_command(
 
         moecompress prune ./model --method premoe --ratio 0.5 --data code=c.jsonl --data math=m.jsonl --patterns p.json
     """
+    if print_step:
+        from moecompress.recipe.cli_bridge import echo_step
+
+        return echo_step("prune", locals())
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.stats import RoutingStats
     from moecompress.models.load import load_config

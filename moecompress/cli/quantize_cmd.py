@@ -19,6 +19,7 @@ from moecompress.cli.options import (
     JsonOption,
     ModelArg,
     OutputOption,
+    PrintStepOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -132,6 +133,7 @@ def quantize_command(
     expert_memory: ExpertMemory = "1GiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Quantise routed experts to mixed bit-widths chosen by an integer program (average --bits or --size).
 
@@ -143,6 +145,10 @@ def quantize_command(
 
         moecompress quantize ./Qwen3-30B-A3B --bits 2.5 --data code=code.jsonl -o ./q25
     """
+    if print_step:
+        from moecompress.recipe.cli_bridge import echo_step
+
+        return echo_step("quantize", locals())
     from moecompress.calibration.data import parse_data_specs
     from moecompress.quant.run import parse_request, quantize_checkpoint
 

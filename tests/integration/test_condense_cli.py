@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import moecompress
 from moecompress.condense.apply import condense_model, load_condensed
 from moecompress.models.load import load_model
 from tests.cli_helpers import error_lines, make_checkpoint, run_cli
@@ -69,11 +70,12 @@ def test_gated_shared_expert_writes_the_moecompress_layout(checkpoints, tmp_path
                                  "--data", str(checkpoints["data"]), *DATA_ARGS, "--no-timing", "-o", str(out)],
                                 monkeypatch, capsys)
     assert code == 0, err
-    assert "load_condensed" in stdout and "shared_expert_gate" in stdout
+    assert "moecompress.load" in stdout and "shared_expert_gate" in stdout
     manifest = json.loads((out / "moecompress_manifest.json").read_text())
     assert manifest["layout"] == "moecompress" and sorted(manifest["plan"]["layers"]) == [1, 2]
     assert not (out / "model.safetensors").exists() and (out / "moecompress_layout.json").is_file()
     model = load_condensed(out)
+    assert moecompress.load(out).state_dict().keys() == model.state_dict().keys()
     ids = token_batch(model.config.vocab_size)
     with torch.no_grad():
         got = model(ids).logits
