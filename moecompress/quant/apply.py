@@ -121,16 +121,16 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
             report.add(result, damp)
             if on_layer is not None:
                 on_layer(index, result)
+    result = LayerResult(index=None)  # everything outside the decoder layers: embeddings, final norm, head
     if targets.head is not None:
         entry = plan.entries.get(targets.head.name)
-        result = LayerResult(index=None)
         if entry is not None and entry.spec is not None:
             spec = entry.spec.model_copy(update={"method": "rtn"})
             result.linears[targets.head.name] = solved = quantize_weight(targets.head.module.weight, spec, None, 0)
             write_linear(targets.head.module, solved)
             report.add(result, damp)
-        if on_layer is not None:
-            on_layer(None, result)
+    if on_layer is not None:
+        on_layer(None, result)  # also for tied heads: writers store the embeddings and final norm here
     return report
 
 
