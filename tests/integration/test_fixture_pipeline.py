@@ -139,8 +139,9 @@ def test_deepseek_balancing_moves_correction_biases(fixtures_root, tmp_path):
     config = dict(DEEPSEEK_V3.config, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16,
                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=8)
+    # The fixture itself trains with the bias update off (see specs.py); the update stays tested here.
     spec = replace(DEEPSEEK_V3, name="mini_deepseek", vocab_size=300, config=config, steps=4, batch_size=3,
-                   seq_len=32, warmup_steps=1)
+                   seq_len=32, warmup_steps=1, bias_update_rate=0.001)
     model, log = train_model(spec, tokenizer, corpus, progress=False)
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert model.model.layers[0].mlp.__class__.__name__ == "DeepseekV3MLP"  # dense first layer
