@@ -101,10 +101,12 @@ class LayerObserver:
                 acc["neuron_act_sq"][expert] += act.detach().double().square().sum(dim=0)
 
     def _hook_gradient(self, expert: int, out: torch.Tensor) -> None:
-        down = self.adapter.expert_weights(self.layer, expert).down.detach().double()  # (H, I)
         target = self.sums[self.domain]["neuron_grad_proj"]
 
         def on_grad(grad: torch.Tensor) -> None:
+            # W_down is read when the gradient arrives: a float64 copy taken at forward time would be
+            # held for every expert until the backward, O(E x H x I) per layer instead of O(E x I)
+            down = self.adapter.expert_weights(self.layer, expert).down.detach().double()  # (H, I)
             projected = grad.detach().double() @ down  # (N_e, I) = g'_t . w_k
             target[expert] += projected.square().sum(dim=0)
 

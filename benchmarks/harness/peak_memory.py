@@ -1,0 +1,72 @@
+"""Peak memory of a piece of work, two ways: live CPU tensor bytes, and peak RSS of this process.
+
+* `tensor_peak`: runs the work under `torch.profiler` with ``profile_memory=True`` and
+  replays the allocation record: every operator's net self allocation at its start time plus
+  the allocations and frees made outside operators (``[memory]`` events, e.g. a tensor freed
+  when Python drops it). The running sum's maximum is the peak of live tensor bytes above
+  what was alive when the work started (torch's CPU allocations are invisible to tracemalloc).
+  Transients inside one operator are netted, so it is the peak at operator granularity.
+* `reset_peak_rss` / `peak_rss` / `current_rss`: Linux's per-process high-water mark
+  (``VmHWM``), which writing ``5`` to ``/proc/self/clear_refs`` resets to the current RSS, so
+  the peak of one step can be read in a process that did other work first. This counts
+  everything the process maps (allocator slack included); run each measured step in a fresh
+  process so earlier work's freed-but-retained heap does not hide it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def tensor_peak(work: Callable[[], T]) -> tuple[T, int]:
+    """(work's result, peak live CPU tensor bytes allocated during it, above its starting point)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = work()
+    deltas = []
+    for event in prof.events():
+        change = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        if change:
+            deltas.append((event.time_range.start, change))
+    deltas.sort(key=lambda item: item[0])  # stable: events at the same microsecond keep record order
+    live = peak = 0
+    for _, change in deltas:
+        live += change
+        peak = max(peak, live)
+    return result, peak
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), flags=re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{field} not found in {_STATUS}")
+    return int(match.group(1))
+
+
+def rss_supported() -> bool:
+    """True where this process can read and reset its RSS high-water mark (Linux)."""
+    return _STATUS.is_file() and _CLEAR_REFS.exists()
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, bytes."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Highest resident set size of this process since start or since the last `reset_peak_rss`, bytes."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark to its current RSS."""
+    _CLEAR_REFS.write_text("5")
