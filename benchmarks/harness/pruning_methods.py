@@ -36,7 +36,7 @@ from benchmarks.harness.heapr_memory import MEMORY_WINDOWS
 from benchmarks.harness.heapr_memory import measure as measure_heapr_memory
 from benchmarks.harness.pruning_runs import (calibrated, evaluate_layout_checkpoint, evaluate_plan, method_statistics,
                                              plan_timed)
-from benchmarks.harness.report import _fmt, renderer
+from benchmarks.harness.report import _fmt, domain_matrix, renderer
 from benchmarks.harness.suites import _domain_ppl, _windows, infeasible, suite
 
 RATIOS = (0.25, 0.5, 0.75)
@@ -340,24 +340,8 @@ def render_domain_methods(data: dict[str, Any]) -> list[str]:
             rows = [r for r in data["rows"] if r["fixture"] == fixture and r["method"] == method]
             if not rows:
                 continue
-            domains = list(rows[0]["perplexity"])
             base = rows[0]["unpruned"]
-            lines += [f"### {fixture}: {method}", "",
-                      f"{method}, {data['ratio']:.0%} of routed experts removed ({rows[0]['kept_per_layer']} kept per "
-                      f"layer); windows per domain: {', '.join(f'{d} {n}' for d, n in rows[0]['windows'].items())}. "
-                      "Cells: perplexity (x unpruned); best calibration per evaluated domain in bold.", "",
-                      "| calibrated on | " + " | ".join(f"eval {d}" for d in domains) + " | mean |",
-                      "|---|" + "---:|" * len(domains) + "---:|",
-                      "| (unpruned) | " + " | ".join(_fmt(base[d]) for d in domains) + " | "
-                      + _fmt(sum(base.values()) / len(base)) + " |"]
-            best = {d: min(rows, key=lambda r: r["perplexity"][d])["calibrated_on"] for d in domains}
-            for row in rows:
-                cells = []
-                for d in domains:
-                    text = f"{_fmt(row['perplexity'][d])} ({row['perplexity'][d] / base[d]:.2f}x)"
-                    cells.append(f"**{text}**" if best[d] == row["calibrated_on"] else text)
-                lines.append(f"| {row['calibrated_on']} | " + " | ".join(cells)
-                             + f" | {_fmt(row['mean_perplexity'])} |")
+            lines += [f"### {fixture}: {method}", ""] + domain_matrix(rows, method)
             wins = domain_checks(rows)
             singles = [row["calibrated_on"] for row in rows if row["calibrated_on"] in base]
             totals.setdefault(method, [0, 0])

@@ -130,6 +130,29 @@ def render_baselines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def domain_matrix(rows: list[dict[str, Any]], method: str) -> list[str]:
+    """Intro line and table of a domain-calibration block: one row per calibration domain, one
+    column per evaluated domain, cells perplexity (x unpruned), the best calibration per column
+    in bold. `rows` carry calibrated_on, perplexity, unpruned, mean_perplexity, ratio, kept_per_layer."""
+    domains = _domains(rows)
+    base = rows[0]["unpruned"]
+    lines = [f"{method}, {rows[0]['ratio']:.0%} of routed experts removed ({rows[0]['kept_per_layer']} kept per "
+             f"layer); windows per domain: {_window_note(rows)}. Cells: perplexity (x unpruned); best calibration "
+             "per evaluated domain in bold.", "",
+             "| calibrated on | " + " | ".join(f"eval {d}" for d in domains) + " | mean |",
+             "|---|" + "---:|" * len(domains) + "---:|",
+             "| (unpruned) | " + " | ".join(_fmt(base[d]) for d in domains) + " | "
+             + _fmt(sum(base.values()) / len(base)) + " |"]
+    best = {d: min(rows, key=lambda r: r["perplexity"][d])["calibrated_on"] for d in domains}
+    for row in rows:
+        cells = []
+        for d in domains:
+            text = f"{_fmt(row['perplexity'][d])} ({row['perplexity'][d] / base[d]:.2f}x)"
+            cells.append(f"**{text}**" if best[d] == row["calibrated_on"] else text)
+        lines.append(f"| {row['calibrated_on']} | " + " | ".join(cells) + f" | {_fmt(row['mean_perplexity'])} |")
+    return lines
+
+
 def render_domain(data: dict[str, Any]) -> list[str]:
     """One table per fixture: calibration domain x evaluation domain, with both domain checks.
 
@@ -144,22 +167,7 @@ def render_domain(data: dict[str, Any]) -> list[str]:
     for fixture, rows in by_fixture.items():
         domains = _domains(rows)
         base = rows[0]["unpruned"]
-        lines += [f"### {fixture}", "",
-                  f"Frequency pruning, {rows[0]['ratio']:.0%} of routed experts removed ({rows[0]['kept_per_layer']} "
-                  f"kept per layer); windows per domain: {_window_note(rows)}. Cells: perplexity (x unpruned); "
-                  "best calibration per evaluated domain in bold.",
-                  "",
-                  "| calibrated on | " + " | ".join(f"eval {d}" for d in domains) + " | mean |",
-                  "|---|" + "---:|" * len(domains) + "---:|",
-                  "| (unpruned) | " + " | ".join(_fmt(base[d]) for d in domains) + " | "
-                  + _fmt(sum(base.values()) / len(base)) + " |"]
-        best = {d: min(rows, key=lambda r: r["perplexity"][d])["calibrated_on"] for d in domains}
-        for row in rows:
-            cells = []
-            for d in domains:
-                text = f"{_fmt(row['perplexity'][d])} ({row['perplexity'][d] / base[d]:.2f}x)"
-                cells.append(f"**{text}**" if best[d] == row["calibrated_on"] else text)
-            lines.append(f"| {row['calibrated_on']} | " + " | ".join(cells) + f" | {_fmt(row['mean_perplexity'])} |")
+        lines += [f"### {fixture}", ""] + domain_matrix(rows, "Frequency pruning")
         single = {row["calibrated_on"]: row for row in rows if row["calibrated_on"] in domains}
         column = [d for d in single if single[d]["perplexity"][d] <= min(single[o]["perplexity"][d] for o in single)]
         row_wins = []
