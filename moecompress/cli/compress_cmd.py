@@ -22,7 +22,7 @@ from moecompress.cli.options import (
     SeedOption,
     SeqLenOption,
 )
-from moecompress.cli.quantize_cmd import (
+from moecompress.cli.quant_options import (
     ActOrder,
     Asym,
     AttentionBits,

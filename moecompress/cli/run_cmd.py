@@ -35,7 +35,7 @@ def print_step_result(console: Console, planned: Any, result: Any) -> None:
 
         print_condense_summary(result, False, console)
     elif op in ("quantize", "compress"):
-        from moecompress.cli.quantize_cmd import print_quant_summary
+        from moecompress.cli.quant_options import print_quant_summary
 
         print_quant_summary(result, console)
     elif op == "eval":

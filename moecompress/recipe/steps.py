@@ -233,11 +233,10 @@ class PruneStep(_CalibrationData):
 
 
 def _quantize_cli() -> Any:
-    """`moecompress.cli.quantize_cmd`, imported through the app (importing it first is circular)."""
-    import moecompress.cli.app  # noqa: F401  (registers every command module, quantize_cmd included)
-    from moecompress.cli import quantize_cmd
+    """`moecompress.cli.quant_options`: the parsers `quantize` and `compress` use."""
+    from moecompress.cli import quant_options
 
-    return quantize_cmd
+    return quant_options
 
 
 LOCATION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
