@@ -20,19 +20,14 @@ from typing import Any
 
 import torch
 
+from moecompress.dtypes import DTYPE_ALIASES
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters import MoEAdapter, get_adapter, supported_model_types
 
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype | str] = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    name: canonical if canonical == "auto" else getattr(torch, canonical) for name, canonical in DTYPE_ALIASES.items()
 }
 
 

@@ -27,6 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from moecompress.errors import MoecompressError
+from moecompress.prune.scorer_names import check_scorer_name
 from moecompress.recipe.errors import RecipeError, cli_flags_to_keys
 from moecompress.recipe.yaml_io import Location
 
@@ -114,9 +115,9 @@ class Step(BaseModel):
 
 
 def _check_dtype(value: str, where: Location) -> None:
-    from moecompress.models.load import DTYPES
+    from moecompress.dtypes import DTYPE_ALIASES
 
-    if value.lower() not in DTYPES:
+    if value.lower() not in DTYPE_ALIASES:
         raise RecipeError(f"unknown dtype {value!r}; use one of auto, float32, bfloat16, float16", where)
 
 
@@ -172,10 +173,10 @@ class CalibrateStep(_CalibrationData):
     whole_model: bool = False
 
     def check(self, where: Location) -> None:
-        from moecompress.calibration.observer import validate_statistics
-
         super().check(where)
         if self.statistic is not None:
+            from moecompress.calibration.observer import validate_statistics  # imports torch: only when needed
+
             _library_check(where + ("statistic",), [], validate_statistics, self.statistic)
 
     def statistics(self) -> list[str]:
@@ -208,9 +209,10 @@ class PruneStep(_CalibrationData):
     no_protect_super_experts: bool = False
 
     def check(self, where: Location) -> None:
+        super().check(where)
+        _library_check(where + ("method",), [], check_scorer_name, self.method)  # fast: no torch import
         from moecompress.prune.scorers import get_scorer
 
-        super().check(where)
         scorer = _library_check(where + ("method",), [], get_scorer, self.method)
         check_method_params(scorer, self.param, where + ("param",))
         if scorer.granularity == "neuron":
@@ -341,9 +343,10 @@ class CompressStep(_QuantOptions, _CalibrationData):
     no_protect_super_experts: bool = False
 
     def check(self, where: Location) -> None:
+        super().check(where)
+        _library_check(where + ("prune_method",), [], check_scorer_name, self.prune_method)
         from moecompress.prune.scorers import get_scorer
 
-        super().check(where)
         scorer = _library_check(where + ("prune_method",), [], get_scorer, self.prune_method)
         if scorer.granularity != "expert":
             raise RecipeError(f"pruning method {self.prune_method!r} scores neurons; compress drops whole experts",
