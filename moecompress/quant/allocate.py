@@ -120,7 +120,8 @@ def allocate(
     if prune is not None and (scope != "global" or uniform_per_layer):
         raise MoecompressError("joint pruning and quantisation needs one global program (same kept count in every "
                                "layer); it cannot be combined with per-layer programs or --uniform-per-layer")
-    check_budget(sizes, widths, budget, uniform_per_layer, min(prune.feasible_kept) if prune else None)
+    check_budget(sizes, widths, budget, uniform_per_layer, min(prune.feasible_kept) if prune else None,
+                 0 if uniform_per_layer else require_top)
     started = time.perf_counter()
     if scope == "global":
         groups = [layers]
@@ -155,10 +156,12 @@ def allocate(
 
 
 def check_budget(sizes: dict[int, torch.Tensor], widths: Sequence[int], budget: float,
-                 uniform_per_layer: bool = False, min_kept: int | None = None) -> None:
+                 uniform_per_layer: bool = False, min_kept: int | None = None, require_top: int = 0) -> None:
     """A one-line error when even the smallest allowed choices exceed the budget (cheap; run it early).
 
     min_kept: for joint programs (width 0 = drop), the fewest experts a layer may keep.
+    require_top: each layer keeps an expert at each of its `require_top` widest widths (counted
+    as a lower bound: the cheapest expert's extra size for each such width).
     """
     widths = list(widths)
     narrowest = min(w for w in widths if w != DROP)
@@ -174,6 +177,12 @@ def check_budget(sizes: dict[int, torch.Tensor], widths: Sequence[int], budget: 
     else:
         smallest = sum(float(s.amin(dim=1).sum()) for s in sizes.values())
         what = f"every expert at {narrowest} bits"
+        top = sorted((c for c, w in enumerate(widths) if w != DROP), key=lambda c: -widths[c])[:require_top]
+        if top:
+            # (E, C) sizes: forcing one expert per layer to each top width costs at least the cheapest extra
+            smallest += sum(float((s[:, c] - s.amin(dim=1)).amin()) for s in sizes.values() for c in top)
+            what = (f"every expert at {narrowest} bits except one per layer at "
+                    f"{', '.join(str(widths[c]) for c in top)} bits (--require-top {require_top})")
     if smallest > budget * (1 + 1e-9):
         raise MoecompressError(f"the budget is too small: {what} already needs {smallest / max(budget, 1e-30):.3f}x "
                                "the budget; raise --bits/--size or allow narrower widths (--candidates)")

@@ -165,7 +165,8 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
     if request.method == "uniform":
         chosen = _uniform_width(request, sizes, widths, budget)
         return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
-    check_budget(sizes, widths, budget, request.uniform_per_layer)  # before the sensitivity pass
+    check_budget(sizes, widths, budget, request.uniform_per_layer,  # before the sensitivity pass
+                 require_top=0 if request.uniform_per_layer else request.require_top)
     base = settings.spec(max(widths))
     assert base is not None
     if request.method == "gemq":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.quant.allocate import DROP, PruneRules, allocate
+from moecompress.quant.allocate import DROP, PruneRules, allocate, check_budget
 
 WIDTHS = [2, 3, 4]
 
@@ -85,6 +85,17 @@ def test_budget_too_small_is_a_user_error() -> None:
     costs, sizes = synthetic(layers=1, experts=3, widths=WIDTHS, seed=0)
     with pytest.raises(MoecompressError, match="budget is too small"):
         allocate(costs, sizes, WIDTHS, 1.5 * 10 * 3)
+
+
+def test_required_top_width_counts_in_the_early_budget_check() -> None:
+    """All experts at 2 bits fits exactly, but one expert per layer must sit at 4 bits: refused before solving."""
+    costs, sizes = synthetic(layers=2, experts=4, widths=WIDTHS, seed=0)
+    with pytest.raises(MoecompressError, match=r"one per layer at 4 bits \(--require-top 1\)"):
+        check_budget(sizes, WIDTHS, 2.0 * 10 * 4 * 2, require_top=1)
+    check_budget(sizes, WIDTHS, 2.0 * 10 * 4 * 2, require_top=0)
+    check_budget(sizes, WIDTHS, (2.0 * 10 * 3 + 4 * 10) * 2, require_top=1)  # exactly enough
+    with pytest.raises(MoecompressError, match="budget is too small"):
+        allocate(costs, sizes, WIDTHS, 2.0 * 10 * 4 * 2, require_top=1)
 
 
 def test_joint_program_drops_the_same_number_per_layer_and_keeps_protected() -> None:
