@@ -39,6 +39,7 @@ from torch import nn
 
 from benchmarks.harness.context import Fixture, Protocol
 from benchmarks.harness.peak_memory import current_rss, peak_rss, reset_peak_rss, rss_supported, tensor_peak
+from moecompress.calibration.gradients import activation_gradients
 
 HEAPR_STATISTICS = ("count", "neuron_act_sq", "neuron_grad_proj")
 PASSES = ("observer_forward", "plain_backward", "heapr_observer")
@@ -51,19 +52,10 @@ _RESULT_PREFIX = "HEAPR_MEMORY "
 
 def _plain_backward(model: nn.Module, batches: list[tuple[str, torch.Tensor]]) -> None:
     """Forward + loss.backward() per batch, gradients at the activations only (no weight gradients)."""
-    params = list(model.parameters())
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
-    try:
+    with activation_gradients(model):
         for _, ids in batches:
             with torch.enable_grad():
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    finally:
-        handle.remove()
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
 
 
 def run_pass(name: str, model: nn.Module, adapter: Any, calib: Any, batch_size: int) -> Any:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecompress.calibration.gradients import activation_gradients
 from moecompress.calibration.layerwise import LayerwiseRunner
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
@@ -75,29 +76,16 @@ def collect_statistics(
 
 def _whole_model_pass(model: nn.Module, observer: Observer, batches: list[tuple[str, torch.Tensor]],
                       needs_grad: bool, progress: bool) -> None:
-    params = list(model.parameters())
-    saved_flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    handle = None
-    if needs_grad:
-        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    try:
-        with observer.active():
-            for domain, ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                observer.set_domain(domain)
-                if needs_grad:
-                    with torch.enable_grad():
-                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                        loss.backward()
-                else:
-                    with torch.no_grad():
-                        model(input_ids=ids, use_cache=False)
-    finally:
-        if handle is not None:
-            handle.remove()
-        for p, flag in zip(params, saved_flags):
-            p.requires_grad_(flag)
+    with activation_gradients(model, enabled=needs_grad), observer.active():
+        for domain, ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            observer.set_domain(domain)
+            if needs_grad:
+                with torch.enable_grad():
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=False)
 
 
 def _layerwise_pass(model: nn.Module, adapter: MoEAdapter, observer: Observer,

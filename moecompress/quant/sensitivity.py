@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecompress.calibration.gradients import activation_gradients
 from moecompress.calibration.layerwise import LayerwiseRunner
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
@@ -263,19 +264,9 @@ def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple
                   expert_memory: int = DEFAULT_EXPERT_MEMORY) -> Sensitivity:
     """GEMQ Fisher-weighted errors: one forward + backward per batch, whole model in memory."""
     layers = {ref.index: LayerErrors.zeros(ref.num_experts, widths) for ref in adapter.moe_layers(model)}
-    params = list(model.parameters())
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    try:
-        with _gradient_capture(model, adapter, layers, widths, base, expert_memory):
-            for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
-                with torch.enable_grad():
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    loss.backward()
-    finally:
-        handle.remove()
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
+    with activation_gradients(model), _gradient_capture(model, adapter, layers, widths, base, expert_memory):
+        for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
     return Sensitivity("fisher", list(widths), layers)
