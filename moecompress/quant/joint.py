@@ -62,8 +62,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     from moecompress.prune.select import feasible_counts
     from moecompress.prune.super_experts import find_super_experts
     from moecompress.quant.budget import expert_sizes
-    from moecompress.quant.run import expert_budget
-    from moecompress.quant.sensitivity import block_errors, fisher_errors
+    from moecompress.quant.run import expert_budget, measure_sensitivity
     from moecompress.quant.settings import make_plan
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
@@ -108,15 +107,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
         protected = find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers},
                                        num_layers)
 
-    base = request.settings.spec(max(widths))
-    assert base is not None
-    if request.method == "gemq":
-        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress,
-                             expert_memory=request.expert_memory)
-    else:
-        sens = block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
-                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
-                            expert_memory=request.expert_memory)
+    sens = measure_sensitivity(model, adapter, batches, widths, request, progress)
     costs = joint_costs(sens.costs(request.alpha, request.beta),
                         drop_costs(scores, sens.drop_costs(request.alpha, request.beta)))
     rules = PruneRules(feasible_kept=tuple(feasible_counts(shape)),

@@ -152,12 +152,25 @@ def calibration_batches(sources: list[Any] | None, request: QuantizeRequest, tok
     return list(calib.domain_batches(request.batch_size)), calib
 
 
+def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | None, widths: list[int],
+                        request: QuantizeRequest, progress: bool) -> Any:
+    """Per-expert costs of every candidate width: GEMQ's Fisher-weighted errors or MC-MoE's block errors."""
+    from moecompress.quant.sensitivity import block_errors, fisher_errors
+
+    base = request.settings.spec(max(widths))
+    assert base is not None
+    if request.method == "gemq":
+        return fisher_errors(model, adapter, batches, widths, base, progress=progress,
+                             expert_memory=request.expert_memory)
+    return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
+                        weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
+                        expert_memory=request.expert_memory)
+
+
 def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest,
                   batches: list | None, input_bytes: int, element_size: int, progress: bool
                   ) -> tuple[dict[int, list[int]], Allocation | None, dict[str, float | str]]:
     """Choose a width per routed expert: uniform, or sensitivity + the integer program."""
-    from moecompress.quant.sensitivity import block_errors, fisher_errors
-
     widths = request.widths()
     settings = request.settings
     unit, budget, budget_record = expert_budget(model, adapter, targets, request, input_bytes, element_size)
@@ -167,15 +180,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
         return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
     check_budget(sizes, widths, budget, request.uniform_per_layer,  # before the sensitivity pass
                  require_top=0 if request.uniform_per_layer else request.require_top)
-    base = settings.spec(max(widths))
-    assert base is not None
-    if request.method == "gemq":
-        sens = fisher_errors(model, adapter, batches, widths, base, progress=progress,
-                             expert_memory=request.expert_memory)
-    else:
-        sens = block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
-                            weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
-                            expert_memory=request.expert_memory)
+    sens = measure_sensitivity(model, adapter, batches, widths, request, progress)
     costs = sens.costs(request.alpha, request.beta)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
                       uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
