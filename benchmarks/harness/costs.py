@@ -16,11 +16,6 @@ run it with fixed settings and render the tables.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +27,6 @@ from benchmarks.harness.suites import suite
 OVERHEAD_TARGET = 1.3
 MEMORY_SHAPE = {"layers": 8, "hidden": 1024, "experts": 32, "width": 512, "samples": 2}
 LP_SHAPE = {"layers": 48, "experts": 128, "time_limit": 60.0}
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fixture_batches(fixture: Fixture, batches: int, batch_size: int) -> list[torch.Tensor]:
@@ -89,43 +83,14 @@ def render_overhead(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _child(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                          cwd=REPO).stdout
-
-
-# The baseline: a fresh interpreter that imported what `calibrate` imports (torch, transformers,
-# moecompress's loader and observer) and nothing else; its own peak RSS (VmHWM).
-_BASELINE = """
-import torch, transformers
-from transformers import AutoModelForCausalLM
-import moecompress.calibration.calibrate, moecompress.models.load
-with open("/proc/self/status") as status:
-    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
-"""
-
-
 @suite("calibration-memory", "Calibration memory: peak RSS of `moecompress calibrate` vs checkpoint size")
 def calibration_memory(fixtures: list[Fixture], options: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS of a layer-at-a-time calibrate run in a fresh process on a synthetic checkpoint."""
-    from benchmarks.memory.calibrate_peak import child_peak_rss
+    from benchmarks.memory.calibrate_peak import measure
 
     shape = {**MEMORY_SHAPE, **options.get("memory_shape", {})}
-    with tempfile.TemporaryDirectory(prefix="moecompress-mem-") as tmp:
-        ckpt = Path(tmp) / "model"
-        ckpt.mkdir()
-        # Building the checkpoint in a child keeps this process's peak out of the measurement.
-        size = int(_child(
-            "from pathlib import Path; from benchmarks.memory.calibrate_peak import build_checkpoint; "
-            f"print(build_checkpoint(Path({str(ckpt)!r}), {shape['layers']}, {shape['hidden']}, "
-            f"{shape['experts']}, {shape['width']}))").split()[-1])
-        started = time.perf_counter()
-        peak = child_peak_rss(["calibrate", str(ckpt), "--samples", str(shape["samples"]), "--seq-len", "128",
-                               "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
-        seconds = time.perf_counter() - started
-    baseline = int(_child(_BASELINE).split()[-1]) * 1024
-    return {"shape": shape, "checkpoint_bytes": size, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
-            "peak_above_baseline_over_checkpoint": (peak - baseline) / size, "calibrate_seconds": seconds}
+    return {"shape": shape, **measure(shape["layers"], shape["hidden"], shape["experts"], shape["width"],
+                                      shape["samples"])}
 
 
 @renderer("calibration-memory")

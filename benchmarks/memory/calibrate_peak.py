@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -38,9 +39,17 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, experts: int, width
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-# VmHWM is the peak RSS of this process image alone; getrusage's ru_maxrss would also carry
-# the parent's peak across fork and exec (a large harness process would mask the child's).
-_CHILD = """
+REPO = Path(__file__).resolve().parents[2]
+
+# The child reports VmHWM, the peak RSS of its own process image (`peak_rss`); getrusage's
+# ru_maxrss would also carry the parent's peak across fork and exec, so a large harness process
+# would mask the child's.
+_REPORT_PEAK = """
+from benchmarks.harness.peak_memory import peak_rss
+print("PEAK_BYTES", peak_rss())
+"""
+
+_CLI = """
 import sys
 from moecompress.cli.app import main
 sys.argv = ["moecompress", *sys.argv[1:]]
@@ -49,17 +58,53 @@ try:
 except SystemExit as exit_:
     if exit_.code:
         raise
-with open("/proc/self/status") as status:
-    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-print("PEAK_KIB", peak)
 """
+
+# The baseline: an interpreter that imported what `calibrate` imports (torch, transformers,
+# moecompress's loader and calibration code) and did nothing else.
+IMPORT_BASELINE = """
+import torch, transformers
+from transformers import AutoModelForCausalLM
+import moecompress.calibration.calibrate, moecompress.models.load
+"""
+
+
+def python_peak_rss(code: str, args: Sequence[str] = ()) -> int:
+    """Run `code` in a fresh interpreter (with `args` as sys.argv[1:]); return its peak RSS in bytes."""
+    done = subprocess.run([sys.executable, "-c", code + _REPORT_PEAK, *args], check=True, capture_output=True,
+                          text=True, cwd=REPO)
+    line = [row for row in done.stdout.splitlines() if row.startswith("PEAK_BYTES")][-1]
+    return int(line.split()[1])
 
 
 def child_peak_rss(cli_args: list[str]) -> int:
     """Run `moecompress CLI_ARGS` in a fresh interpreter; return its peak RSS in bytes."""
-    done = subprocess.run([sys.executable, "-c", _CHILD, *cli_args], check=True, capture_output=True, text=True)
-    line = [row for row in done.stdout.splitlines() if row.startswith("PEAK_KIB")][-1]
-    return int(line.split()[1]) * 1024
+    return python_peak_rss(_CLI, cli_args)
+
+
+def measure(layers: int, hidden: int, experts: int, width: int, samples: int) -> dict[str, float]:
+    """Build the synthetic checkpoint and calibrate it, each in a fresh child; sizes, peaks and their ratios."""
+    with tempfile.TemporaryDirectory(prefix="moecompress-mem-") as tmp:
+        ckpt = Path(tmp) / "model"
+        ckpt.mkdir()
+        # Every heavy step runs in a fresh child, which reports its own peak (VmHWM).
+        build = (f"from pathlib import Path; from benchmarks.memory.calibrate_peak import build_checkpoint; "
+                 f"print(build_checkpoint(Path({str(ckpt)!r}), {layers}, {hidden}, {experts}, {width}))")
+        size = int(subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, text=True,
+                                  cwd=REPO).stdout.split()[-1])
+        started = time.perf_counter()
+        peak = child_peak_rss(["calibrate", str(ckpt), "--samples", str(samples), "--seq-len", "128",
+                               "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
+        elapsed = time.perf_counter() - started
+    baseline = python_peak_rss(IMPORT_BASELINE)
+    return {
+        "checkpoint_bytes": size,
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "peak_over_checkpoint": peak / size,
+        "peak_above_baseline_over_checkpoint": (peak - baseline) / size,
+        "calibrate_seconds": elapsed,
+    }
 
 
 def main() -> None:
@@ -71,28 +116,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="moecompress-mem-") as tmp:
-        ckpt = Path(tmp) / "model"
-        ckpt.mkdir()
-        # Every heavy step runs in a fresh child, which reports its own peak (VmHWM).
-        build = (f"from pathlib import Path; from benchmarks.memory.calibrate_peak import build_checkpoint; "
-                 f"print(build_checkpoint(Path({str(ckpt)!r}), {args.layers}, {args.hidden}, {args.experts}, {args.width}))")
-        size = int(subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, text=True,
-                                  cwd=Path(__file__).resolve().parents[2]).stdout.split()[-1])
-        started = time.perf_counter()
-        peak = child_peak_rss(["calibrate", str(ckpt), "--samples", str(args.samples), "--seq-len", "128",
-                               "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
-        elapsed = time.perf_counter() - started
-    baseline = child_peak_rss(["--help"])
-    result = {
-        "checkpoint_bytes": size,
-        "peak_rss_bytes": peak,
-        "baseline_rss_bytes": baseline,
-        "peak_over_checkpoint": peak / size,
-        "peak_above_baseline_over_checkpoint": (peak - baseline) / size,
-        "calibrate_seconds": elapsed,
-        "shape": {k: v for k, v in vars(args).items() if k != "json_out"},
-    }
+    result = {**measure(args.layers, args.hidden, args.experts, args.width, args.samples),
+              "shape": {k: v for k, v in vars(args).items() if k != "json_out"}}
     print(json.dumps(result, indent=2, default=str))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2, default=str) + "\n")
