@@ -51,13 +51,11 @@ SUITE_MODULES = (
 
 
 def load_suite_modules() -> dict[str, Suite]:
-    """Import every suite module that exists (so their suites and renderers register); returns SUITES."""
+    """Import every suite module (so their suites and renderers register); returns SUITES."""
     import importlib
-    import importlib.util
 
     for module in SUITE_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+        importlib.import_module(module)
     return SUITES
 
 
