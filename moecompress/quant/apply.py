@@ -41,7 +41,7 @@ from moecompress.quant.layer_pass import (
     run_cached,
 )
 from moecompress.quant.plan import QuantPlan
-from moecompress.quant.solve import Solved, quantize_expert, quantize_weight, write_expert, write_linear
+from moecompress.quant.solve import Solved, quantize_experts, quantize_weight, write_expert, write_linear
 from moecompress.quant.spec import QuantSpec
 from moecompress.quant.streaming import materialized
 from moecompress.quant.targets import STAGE_OF_ROLE, LinearTarget, ModelTargets, find_targets
@@ -164,7 +164,11 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
                 visitors[index] = expert_stats
             with (linear_stats.hooked() if hook_linears else contextlib.nullcontext()), \
                     adapter.instrument(model, visitors):
-                run_cached(runner, index)
+                run_cached(runner, index, stop_at=_later_stages(targets, index, moe) if stage == 0 else ())
+            if stage == 0 and any(stats.tokens == 0 for stats in linear_stats.stats.values()):
+                linear_stats = LinearHessians(linear_stats.modules)  # a layer running its MLP first: no early stop
+                with linear_stats.hooked():
+                    run_cached(runner, index)
             if chunk:
                 _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
         rest = {e: spec for e, spec in experts.items() if e not in set(gptq_experts)}
@@ -174,6 +178,12 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
         for target in linears:
             _quantize_linear(plan, target, linear_stats, min_tokens, result)
     return result
+
+
+def _later_stages(targets: ModelTargets, index: int, moe: MoELayerRef | None) -> list[nn.Module]:
+    """Modules of decoder layer `index` that run after its attention: the MoE block and MLP linears."""
+    modules: list[nn.Module] = [t.module for t in targets.linears[index] if STAGE_OF_ROLE[t.role] > 0]
+    return modules + ([moe.block] if moe is not None else [])
 
 
 def _spec(plan: QuantPlan, name: str) -> QuantSpec | None:
@@ -202,13 +212,12 @@ def _quantize_linear(plan: QuantPlan, target: LinearTarget, stats: LinearHessian
 def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict[int, QuantSpec],
                       stats: ExpertHessians | None,
                       min_tokens: int, result: LayerResult) -> None:
-    for e, spec in experts.items():
+    canonical = {e: adapter.expert_weights(moe, e) for e in experts}
+    solved_all = quantize_experts(canonical, experts, stats.inputs if stats is not None else {},
+                                  stats.activations if stats is not None else {}, min_tokens)
+    for e, solved in solved_all.items():
         key = f"{moe.experts_path}.{e}"
-        canonical = adapter.expert_weights(moe, e)
-        inputs = stats.inputs.get(e) if stats is not None else None
-        acts = stats.activations.get(e) if stats is not None else None
-        solved = quantize_expert(canonical, spec, inputs, acts, min_tokens)
-        write_expert(canonical, solved)
+        write_expert(canonical[e], solved)
         result.experts[key] = solved
         if any(s.method == "rtn-fallback" for s in solved.values()):
             result.fallbacks[key] = stats.tokens(e) if stats is not None else 0

@@ -66,72 +66,103 @@ class GPTQ:
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, block_size: int = BLOCK_SIZE) -> GPTQResult:
         """Quantise weight (out, in) with the accumulated statistics (the weight is not modified)."""
-        out_features, in_features = weight.shape
-        if in_features != self.in_features:
-            raise ValueError(f"weight has {in_features} inputs, statistics have {self.in_features}")
-        w = weight.detach().float().clone()  # (out, in), updated in place by error propagation
-        h = self.hessian.clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True) if spec.act_order else None
-        if perm is not None:
-            w = w[:, perm]
-            h = h[perm][:, perm]
-        upper, damp = _inverse_cholesky_upper(h, spec.damp)  # (in, in)
+        if weight.shape[1] != self.in_features:
+            raise ValueError(f"weight has {weight.shape[1]} inputs, statistics have {self.in_features}")
+        return gptq_batched(weight[None], self.hessian[None], spec, block_size)[0]
 
-        group = spec.effective_group(in_features)
-        num_groups = -(-in_features // group)
-        codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
-        scales = torch.zeros(num_groups, out_features, dtype=torch.float16)
-        zeros = torch.zeros(num_groups, out_features, dtype=torch.int32)
-        loss = 0.0
-        scale = zero = None
-        for i1 in range(0, in_features, block_size):
-            i2 = min(i1 + block_size, in_features)
-            block = w[:, i1:i2].clone()  # (out, B)
-            errors = torch.zeros_like(block)
-            u_block = upper[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if col % group == 0:
-                    end = min(col + group, in_features)
-                    span = torch.cat([block[:, i:], w[:, i2:end]], dim=1) if end > i2 else block[:, i : i + end - col]
-                    scale, zero = grid_params(span, spec.bits, spec.sym)
-                    scales[col // group] = scale.half()
-                    zeros[col // group] = zero.to(torch.int32)
-                column = block[:, i]  # (out,)
-                q = quantize_codes(column[:, None], scale, zero, spec.bits)[:, 0]
-                codes[:, col] = q.to(torch.uint8)
-                dequant = scale * (q - zero)
-                d = u_block[i, i]
-                err = (column - dequant) / d
-                loss += float(((column - dequant) ** 2).sum() / (2 * d * d))
-                block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-                errors[:, i] = err
-            if i2 < in_features:
-                w[:, i2:] -= errors @ upper[i1:i2, i2:]
 
+def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec, block_size: int = BLOCK_SIZE
+                 ) -> list[GPTQResult]:
+    """GPTQ of N maps of one shape and one spec at once: weights (N, out, in), hessians (N, in, in).
+
+    Each map gets exactly the result of solving it alone (rows and maps never mix); batching
+    only removes the per-map Python loop over columns, which dominates for many small experts.
+    Neither input is modified.
+    """
+    count, out_features, in_features = weights.shape
+    if hessians.shape != (count, in_features, in_features):
+        raise ValueError(f"hessians {tuple(hessians.shape)} do not match weights {tuple(weights.shape)}")
+    w = weights.detach().float().clone()  # (N, out, in), updated in place by error propagation
+    h = hessians.detach().float().clone()  # (N, in, in)
+    diag = torch.diagonal(h, dim1=1, dim2=2)  # (N, in) view
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    w.masked_fill_(dead[:, None, :], 0.0)
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # (N, in)
+        w = w.gather(2, perm[:, None, :].expand_as(w))
+        h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
+    upper, damps = _inverse_cholesky_upper(h, spec.damp)  # (N, in, in), (N,)
+
+    group = spec.effective_group(in_features)
+    num_groups = -(-in_features // group)
+    codes = torch.zeros(count, out_features, in_features, dtype=torch.uint8)
+    scales = torch.zeros(count, num_groups, out_features, dtype=torch.float16)
+    zeros = torch.zeros(count, num_groups, out_features, dtype=torch.int32)
+    losses = torch.zeros(count, dtype=torch.float64)
+    rows = count * out_features
+    scale = zero = torch.empty(0)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        block = w[:, :, i1:i2].clone()  # (N, out, B)
+        errors = torch.zeros_like(block)
+        u_block = upper[:, i1:i2, i1:i2]  # (N, B, B)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                end = min(col + group, in_features)
+                span = torch.cat([block[:, :, i:], w[:, :, i2:end]], dim=2) if end > i2 else block[:, :, i : i + end - col]
+                scale, zero = grid_params(span.reshape(rows, -1), spec.bits, spec.sym)  # (N*out,)
+                scales[:, col // group] = scale.view(count, out_features).half()
+                zeros[:, col // group] = zero.view(count, out_features).to(torch.int32)
+            column = block[:, :, i].reshape(rows)  # (N*out,)
+            q = quantize_codes(column[:, None], scale, zero, spec.bits)[:, 0]
+            codes[:, :, col] = q.view(count, out_features).to(torch.uint8)
+            residual = (column - scale * (q - zero)).view(count, out_features)  # (N, out)
+            d = torch.diagonal(u_block, dim1=1, dim2=2)[:, i]  # (N,)
+            err = residual / d[:, None]
+            losses += (residual.double() ** 2).sum(dim=1) / (2 * d.double() ** 2)
+            block[:, :, i:] -= err[:, :, None] * u_block[:, i, i:][:, None, :]
+            errors[:, :, i] = err
+        if i2 < in_features:
+            w[:, :, i2:] -= torch.bmm(errors, upper[:, i1:i2, i2:])
+
+    results = []
+    for n in range(count):
         g_idx = (torch.arange(in_features) // group).to(torch.int32)
+        item_codes = codes[n]
         if perm is not None:
-            inverse = torch.argsort(perm)
-            codes = codes[:, inverse].contiguous()
+            inverse = torch.argsort(perm[n])
+            item_codes = item_codes[:, inverse].contiguous()
             g_idx = g_idx[inverse].contiguous()
-        quantized = QuantizedWeight(codes, scales, zeros, g_idx, spec.bits, group, spec.sym and spec.bits > 1)
-        return GPTQResult(quantized, damp, loss)
+        quantized = QuantizedWeight(item_codes, scales[n].contiguous(), zeros[n].contiguous(), g_idx, spec.bits,
+                                    group, spec.sym and spec.bits > 1)
+        results.append(GPTQResult(quantized, float(damps[n]), float(losses[n])))
+    return results
 
 
-def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it exists."""
-    mean_diag = float(torch.diag(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factors of (H + damp * mean(diag H) * I)^-1 for h (N, in, in), raising damp per map until it exists."""
+    count, size, _ = h.shape
+    mean_diag = torch.diagonal(h, dim1=1, dim2=2).mean(dim=1)  # (N,)
+    eye = torch.eye(size, dtype=h.dtype)
+    damps = torch.full((count,), float(damp), dtype=torch.float64)
+    upper = torch.empty_like(h)
+    pending = torch.arange(count)
     for _ in range(MAX_DAMP_TRIES):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp
-        damp = damp * 2 if damp >= 0.01 else damp + 0.01
-    raise RuntimeError(f"GPTQ: the Hessian is not positive definite even with damping {damp:.3g}")
-
+        shift = (damps[pending] * mean_diag[pending].double()).to(h.dtype)  # (P,)
+        lower, info = torch.linalg.cholesky_ex(h[pending] + shift[:, None, None] * eye)
+        ok = info == 0
+        if bool(ok.any()):
+            inverse = torch.cholesky_inverse(lower[ok])
+            factor, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
+            good = (info_upper == 0) & torch.isfinite(factor).flatten(1).all(dim=1)
+            done = pending[ok][good]
+            upper[done] = factor[good]
+            ok[ok.clone()] = good
+        pending = pending[~ok]
+        if len(pending) == 0:
+            return upper, damps
+        damps[pending] = torch.where(damps[pending] >= 0.01, damps[pending] * 2, damps[pending] + 0.01)
+    raise RuntimeError(f"GPTQ: the Hessian is not positive definite even with damping {float(damps.max()):.3g}")

@@ -39,18 +39,35 @@ def hessian_bytes(hidden: int, intermediate: int) -> int:
     return 4 * (hidden * hidden + intermediate * intermediate)
 
 
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a layer's forward early (what follows is not needed)."""
+
+
 @torch.no_grad()
-def run_cached(runner: LayerwiseRunner, index: int) -> None:
+def run_cached(runner: LayerwiseRunner, index: int, stop_at: Sequence[nn.Module] = ()) -> None:
     """Run decoder layer `index` on every cached batch, discarding the outputs.
 
     Mirrors `LayerwiseRunner.run_layer` (same inputs and keyword arguments) but leaves the
-    cached hidden states and the runner's position unchanged.
+    cached hidden states and the runner's position unchanged. With `stop_at`, each batch's
+    forward ends as soon as one of those modules is about to run: the statistics passes of
+    attention do not need the MLP that follows it.
     """
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise _StopForward
+
+    handles = [module.register_forward_pre_hook(stop) for module in stop_at]
     layer = runner.layers[index]
-    for batch in runner.batches:
-        kwargs = dict(batch.layer_kwargs[index])
-        extra = kwargs.pop("__args__", ())
-        layer(batch.hidden, *extra, **kwargs)
+    try:
+        for batch in runner.batches:
+            kwargs = dict(batch.layer_kwargs[index])
+            extra = kwargs.pop("__args__", ())
+            try:
+                layer(batch.hidden, *extra, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class LinearHessians:

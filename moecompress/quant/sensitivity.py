@@ -43,7 +43,7 @@ from moecompress.quant.layer_pass import (
     hessian_bytes,
     run_cached,
 )
-from moecompress.quant.solve import dequantized_expert, quantize_expert
+from moecompress.quant.solve import dequantized_expert, quantize_experts
 from moecompress.quant.spec import QuantSpec
 from moecompress.quant.streaming import materialized
 
@@ -151,19 +151,15 @@ def candidate_experts(adapter: MoEAdapter, layer: MoELayerRef, experts: Sequence
                       base: QuantSpec, hessians: ExpertHessians | None = None, min_tokens: int = 0
                       ) -> tuple[dict[int, CanonicalExpert], dict[int, dict[int, CanonicalExpert]]]:
     """(reference experts, expert -> width -> quantised copy) for some experts of one MoE layer."""
-    reference, candidates = {}, {}
-    for e in experts:
-        expert = _float_expert(adapter.expert_weights(layer, e))
-        reference[e] = expert
-        candidates[e] = {}
-        for width in widths:
-            spec = base.model_copy(update={"bits": width})
-            inputs = hessians.inputs.get(e) if hessians else None
-            acts = hessians.activations.get(e) if hessians else None
-            if hessians is None:
-                spec = spec.model_copy(update={"method": "rtn"})
-            solved = quantize_expert(expert, spec, inputs, acts, min_tokens)
-            candidates[e][width] = dequantized_expert(expert, solved)
+    reference = {e: _float_expert(adapter.expert_weights(layer, e)) for e in experts}
+    candidates: dict[int, dict[int, CanonicalExpert]] = {e: {} for e in experts}
+    inputs = hessians.inputs if hessians else {}
+    acts = hessians.activations if hessians else {}
+    for width in widths:
+        spec = base.model_copy(update={"bits": width} if hessians else {"bits": width, "method": "rtn"})
+        solved = quantize_experts(reference, {e: spec for e in experts}, inputs, acts, min_tokens)
+        for e in experts:
+            candidates[e][width] = dequantized_expert(reference[e], solved[e])
     return reference, candidates
 
 

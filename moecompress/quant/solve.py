@@ -8,12 +8,14 @@ report. `spec.method == "rtn"` always uses round-to-nearest.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from moecompress.models.adapters.base import CanonicalExpert
-from moecompress.quant.gptq import GPTQ
+from moecompress.quant.gptq import GPTQ, gptq_batched
+from moecompress.quant.layout import select_rows
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.quant.spec import QuantizedWeight, QuantSpec
 
@@ -46,6 +48,65 @@ def quantize_expert(expert: CanonicalExpert, spec: QuantSpec, inputs: GPTQ | Non
     solved["up_proj"] = quantize_weight(expert.up, spec, inputs, min_tokens)
     solved["down_proj"] = quantize_weight(expert.down, spec, activations, min_tokens)
     return solved
+
+
+SOLVE_MEMORY = 256 * 2**20  # bytes of float32 solver state (weights, Hessians, factors) per batched GPTQ solve
+
+
+def quantize_experts(experts: Mapping[int, CanonicalExpert], specs: Mapping[int, QuantSpec],
+                     inputs: Mapping[int, GPTQ], activations: Mapping[int, GPTQ], min_tokens: int,
+                     solve_memory: int = SOLVE_MEMORY) -> dict[int, dict[str, Solved]]:
+    """`quantize_expert` for several experts of one layer, with their GPTQ solves batched.
+
+    Experts that share a spec and have enough tokens are solved together (`gptq_batched`):
+    gate and up share the input statistics, and GPTQ treats rows independently, so they are
+    solved as one (2I, H) map; down with the activation statistics. The results equal
+    solving each expert alone. The rest (RTN, too few tokens) go through `quantize_expert`.
+    """
+    solved: dict[int, dict[str, Solved]] = {}
+    groups: dict[str, list[int]] = {}
+    for e, expert in experts.items():
+        spec, stats = specs[e], inputs.get(e)
+        if spec.method == "gptq" and stats is not None and stats.tokens >= max(min_tokens, 1):
+            groups.setdefault(spec.model_dump_json(), []).append(e)
+        else:
+            solved[e] = quantize_expert(expert, spec, stats, activations.get(e), min_tokens)
+    for members in groups.values():
+        spec = specs[members[0]]
+        probe = experts[members[0]]
+        width, hidden = probe.up.shape
+        maps = 2 if probe.gate is not None else 1
+        per_expert = 4 * (maps * width * hidden + 2 * hidden * hidden + hidden * width + 2 * width * width)
+        size = max(1, solve_memory // per_expert)
+        for start in range(0, len(members), size):
+            batch = members[start : start + size]
+            solved.update(_solve_batch({e: experts[e] for e in batch}, spec, inputs, activations))
+    return {e: solved[e] for e in experts}
+
+
+def _solve_batch(experts: Mapping[int, CanonicalExpert], spec: QuantSpec, inputs: Mapping[int, GPTQ],
+                 activations: Mapping[int, GPTQ]) -> dict[int, dict[str, Solved]]:
+    """Batched GPTQ of experts with one spec and shape: [gate; up] (N, 2I or I, H), then down (N, H, I)."""
+    ids = list(experts)
+    has_gate = experts[ids[0]].gate is not None
+    width = experts[ids[0]].up.shape[0]
+    first = torch.stack([torch.cat([experts[e].gate, experts[e].up]) if has_gate else experts[e].up
+                         for e in ids]).float()  # (N, 2I, H)
+    first_results = gptq_batched(first, torch.stack([inputs[e].hessian for e in ids]), spec)
+    del first
+    down = torch.stack([experts[e].down for e in ids]).float()  # (N, H, I)
+    down_results = gptq_batched(down, torch.stack([activations[e].hessian for e in ids]), spec)
+    out: dict[int, dict[str, Solved]] = {}
+    for e, fused, second in zip(ids, first_results, down_results):
+        result: dict[str, Solved] = {}
+        if has_gate:
+            result["gate_proj"] = Solved(select_rows(fused.weight, torch.arange(width)), "gptq", fused.damp)
+            result["up_proj"] = Solved(select_rows(fused.weight, torch.arange(width, 2 * width)), "gptq", fused.damp)
+        else:
+            result["up_proj"] = Solved(fused.weight, "gptq", fused.damp)
+        result["down_proj"] = Solved(second.weight, "gptq", second.damp)
+        out[e] = result
+    return out
 
 
 def fp16_bias(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -123,3 +123,81 @@ def test_expert_passes_within_a_memory_limit_give_the_same_result() -> None:
         states.append(copy_.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_batched_expert_solves_equal_solving_each_expert_alone() -> None:
+    """`quantize_experts` (GPTQ batched across experts, gate and up fused) = `quantize_expert` per expert."""
+    from moecompress.quant.gptq import GPTQ
+    from moecompress.quant.solve import quantize_expert, quantize_experts
+    from moecompress.quant.spec import QuantSpec
+
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
+    adapter = get_adapter(model)
+    ref = adapter.moe_layers(model)[0]
+    experts = {e: adapter.expert_weights(ref, e) for e in range(ref.num_experts)}
+    hidden, width = experts[0].up.shape[1], experts[0].up.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    inputs, acts, specs = {}, {}, {}
+    for e in experts:
+        inputs[e], acts[e] = GPTQ(hidden), GPTQ(width)
+        tokens = 3 if e == 1 else 40  # expert 1 is starved: RTN fall-back
+        inputs[e].add_batch(torch.randn(tokens, hidden, generator=gen))
+        acts[e].add_batch(torch.randn(tokens, width, generator=gen))
+        specs[e] = QuantSpec(bits=(2, 3, 4)[e % 3], group_size=16, method="rtn" if e == 2 else "gptq")
+    for memory in (2**30, 1):  # one batch per spec, or one expert per batch
+        together = quantize_experts(experts, specs, inputs, acts, min_tokens=8, solve_memory=memory)
+        for e, expert in experts.items():
+            alone = quantize_expert(expert, specs[e], inputs[e], acts[e], min_tokens=8)
+            assert together[e].keys() == alone.keys()
+            for proj, solved in alone.items():
+                assert together[e][proj].method == solved.method
+                assert torch.equal(together[e][proj].weight.codes, solved.weight.codes), (e, proj)
+                assert torch.equal(together[e][proj].weight.scales, solved.weight.scales), (e, proj)
+    assert together[1]["up_proj"].method == "rtn-fallback" and together[2]["up_proj"].method == "rtn"
+
+
+def test_attention_statistics_pass_stops_before_the_moe_block() -> None:
+    """The stage-0 pass ends at the MoE block (which never runs) and gathers the same statistics."""
+    from moecompress.calibration.layerwise import LayerwiseRunner
+    from moecompress.quant.layer_pass import LinearHessians, run_cached
+
+    model = tiny_model(TINY_CONFIGS["mixtral"](), seed=0)
+    adapter = get_adapter(model)
+    targets = find_targets(model, adapter)
+    runner = LayerwiseRunner(model, adapter)
+    runner.prepare([("d", token_batch(model.config.vocab_size, batch=2, length=16))])
+    block = targets.moe[0].block
+    calls = []
+    handle = block.register_forward_hook(lambda *args: calls.append(1))
+    stats = []
+    try:
+        for stop_at in ((), (block,)):
+            hessians = LinearHessians({t.name: t.module for t in targets.linears[0] if t.role == "attention"})
+            with hessians.hooked():
+                run_cached(runner, 0, stop_at=stop_at)
+            stats.append(hessians.stats)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # only the pass without a stop ran the MoE block
+    for name, full in stats[0].items():
+        assert torch.equal(full.hessian, stats[1][name].hessian) and full.tokens == stats[1][name].tokens
+    assert not block._forward_pre_hooks  # the stop hooks are removed
+
+
+def test_a_stop_before_attention_falls_back_to_the_full_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the early stop starves an attention map (a layer running its MLP first), the full pass is rerun."""
+    import moecompress.quant.apply as apply
+
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
+    ids = token_batch(model.config.vocab_size, batch=2, length=16)
+    states = []
+    for stop_first in (False, True):
+        copy_ = copy.deepcopy(model)
+        if stop_first:  # stop at the first attention projection itself: its statistics stay empty
+            monkeypatch.setattr(apply, "_later_stages", lambda targets, index, moe: [
+                next(t.module for t in targets.linears[index] if t.role == "attention")])
+        quantize_model(copy_, get_adapter(copy_), plan_for(copy_, 3, QuantSettings(group_size=16)), [("d", ids)],
+                       min_tokens=1, progress=False)
+        states.append(copy_.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

@@ -116,3 +116,34 @@ def test_storage_bits_count_scales_zeros_and_g_idx() -> None:
     bits = spec.storage_bits(4096, 4096)
     # 4 + 16/128 (scales) + 4/128 (zeros) + 32/4096 (g_idx)
     assert bits == pytest.approx(4 + 16 / 128 + 4 / 128 + 32 / 4096)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_batched_solve_equals_solving_each_map_alone(act_order: bool) -> None:
+    """Maps solved together get exactly their own results, damping raised only where it must be."""
+    from moecompress.quant.gptq import gptq_batched
+
+    hessians, weights = [], []
+    for seed in range(3):
+        x = correlated_inputs(200, 48, seed=seed) * torch.linspace(0.2, 2.0, 48)
+        x[:, seed] = 0.0  # a different dead input per map
+        stats = GPTQ(48)
+        stats.add_batch(x)
+        hessians.append(stats.hessian)
+        weights.append(torch.randn(20, 48, generator=torch.Generator().manual_seed(10 + seed)))
+    indefinite = torch.eye(48)
+    indefinite[7, 7] = -1.5  # needs raised damping
+    hessians.append(indefinite)
+    weights.append(torch.randn(20, 48, generator=torch.Generator().manual_seed(20)))
+    spec = QuantSpec(bits=3, group_size=16, act_order=act_order)
+    together = gptq_batched(torch.stack(weights), torch.stack(hessians), spec, block_size=32)
+    for weight, hessian, batched in zip(weights, hessians, together):
+        alone = GPTQ(48)
+        alone.hessian, alone.total_weight, alone.tokens = hessian.clone(), 1.0, 100
+        single = alone.quantize(weight, spec, block_size=32)
+        assert torch.equal(batched.weight.codes, single.weight.codes)
+        assert torch.equal(batched.weight.scales, single.weight.scales)
+        assert torch.equal(batched.weight.g_idx, single.weight.g_idx)
+        assert batched.damp == single.damp
+        assert batched.loss == pytest.approx(single.loss, rel=1e-9)
+    assert [r.damp for r in together[:3]] == [0.01] * 3 and together[3].damp > 0.01
