@@ -79,6 +79,10 @@ class QuantizeRequest(BaseModel):
         one_bit = 1 in widths or (self.method == "uniform" and self.bits == 1)
         if self.format == "gptq" and one_bit:
             raise ValueError("the GPTQ format cannot store 1-bit weights; use --format fake for 1-bit candidates")
+        if self.sensitivity_quantizer == "gptq" and self.method != "mc-moe":
+            raise ValueError(f"--sensitivity-quantizer gptq applies to --method mc-moe only (--method {self.method} "
+                             f"{'measures no sensitivity' if self.method == 'uniform' else 'simulates widths with round-to-nearest'}); "
+                             "drop the option")
         if self.method == "gemq" and self.streaming:
             raise ValueError("--method gemq needs a backward pass through the whole model; drop --streaming")
         if self.size is not None:

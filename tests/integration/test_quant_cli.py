@@ -109,6 +109,7 @@ def test_quantize_accepts_a_pruned_checkpoint(checkpoint, data, tmp_path, monkey
     (["--bits", "1.5", "--candidates", "1,2"], "cannot store 1-bit"),
     (["--size", "lots"], "is not a size"),
     (["--bits", "2.5", "--method", "gemq", "--streaming"], "drop --streaming"),
+    (["--bits", "2.5", "--method", "gemq", "--sensitivity-quantizer", "gptq"], "applies to --method mc-moe only"),
 ])
 def test_options_are_checked_before_any_work(checkpoint, tmp_path, monkeypatch, capsys, args, message) -> None:
     code, _, err = run_cli(["quantize", str(checkpoint), *args, "-o", str(tmp_path / "x")], monkeypatch, capsys)
