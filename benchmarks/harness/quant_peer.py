@@ -45,7 +45,7 @@ def gptqmodel_config(plan: QuantPlan) -> dict[str, Any]:
     if base is None:
         raise ValueError("the plan quantises nothing")
     return {"bits": base.bits, "group_size": base.group_size, "sym": base.sym, "desc_act": base.act_order,
-            "damp_percent": base.damp, "dynamic": plan.gptqmodel_dynamic(base), "offload_to_disk": False}
+            "act_group_aware": base.group_aware and not base.act_order, "damp_percent": base.damp, "dynamic": plan.gptqmodel_dynamic(base), "offload_to_disk": False}
 
 
 def run_worker(runs: list[dict[str, Any]], workdir: Path, threads: int, timeout: float) -> dict[str, Any]:

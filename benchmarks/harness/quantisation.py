@@ -20,7 +20,8 @@ Shared settings: calibration = the fixture's validation split, `calib_windows` s
 of `seq_len` tokens per domain (the same windows for every method and for GPTQModel); group
 size options["group_size"] (default 128: the group size of real checkpoints, i.e. the same
 128 weights per scale; at hidden size 128 it is one group per row, 64 for DeepSeek's expert
-down projections), symmetric, no act-order, damping 0.01; attention, shared experts and dense
+down projections), symmetric, group-aware column order (GAR, options["group_aware"]; GPTQModel's
+default, passed to it explicitly), no act-order, damping 0.01; attention, shared experts and dense
 MLPs at 4 bits (RTN rows: RTN there too); routers, norms, embeddings and the output head
 unquantised.
 """
@@ -50,6 +51,7 @@ from benchmarks.harness.suites import suite
 
 DEFAULTS: dict[str, Any] = {
     "group_size": 128,
+    "group_aware": True,
     "uniform_bits": (4, 3, 2),
     "lp_methods": ("mc-moe", "gemq"),
     "lp_bits": (3.0, 2.5, 2.0),
@@ -101,7 +103,7 @@ class FixtureRun:
         self.fixture = fixture
         self.options = options
         self.workdir = workdir
-        self.settings = QuantSettings(group_size=options["group_size"])
+        self.settings = QuantSettings(group_size=options["group_size"], group_aware=options["group_aware"])
         self.parameters = sum(p.numel() for p in fixture.model.parameters())
         self.source_bytes = folder_bytes(fixture.folder)
         self.element_size = self._dtype().itemsize
@@ -556,13 +558,21 @@ def _size_model_note(rows: list[dict[str, Any]]) -> str:
 
 
 @renderer("quantisation")
+def _ordering(settings: dict[str, Any]) -> str:
+    """How GPTQ ordered columns in this run (results written before the option existed used no reordering)."""
+    if settings.get("group_aware", False):
+        return ("group-aware column order (GAR: by decreasing Hessian diagonal inside each group, groups by their "
+                "largest; GPTQModel's default, passed to it explicitly; g_idx stays sequential), no act-order")
+    return "no act-order, no group-aware reordering (GPTQModel: act_group_aware at its default, on)"
+
+
 def render_quantisation(data: dict[str, Any]) -> list[str]:
     """One table per fixture (rows x bits, size, perplexity, KL, top-1, time) and its checks."""
     settings = data["settings"]
     lines = [
         f"GPTQ checkpoints written by moecompress's library and reopened with `moecompress.load`; group size "
         f"{settings['group_size']} (for ours and GPTQModel; at hidden size 128 that is one group per row, the same "
-        "128 weights per scale as real checkpoints), symmetric, no act-order, damping 0.01; attention, shared "
+        f"128 weights per scale as real checkpoints), symmetric, {_ordering(settings)}, damping 0.01; attention, shared "
         "experts and dense MLPs at 4 bits (RTN in the RTN rows), routers, norms, embeddings and output head "
         "unquantised. Calibration: the validation windows of the protocol, identical for every method and "
         "GPTQModel. Expert bits: nominal average over routed-expert weights; effective: bits on disk per "

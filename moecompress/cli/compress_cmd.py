@@ -24,6 +24,7 @@ from moecompress.cli.options import (
 )
 from moecompress.cli.quant_options import (
     ActOrder,
+    GroupAware,
     Asym,
     AttentionBits,
     BitsOption,
@@ -74,6 +75,7 @@ def compress_command(
     group_size: GroupSize = 128,
     asym: Asym = False,
     act_order: ActOrder = False,
+    group_aware: GroupAware = True,
     damp: Damp = 0.01,
     rtn: Rtn = False,
     min_tokens: MinTokens = 16,
@@ -115,7 +117,7 @@ def compress_command(
     request = parse_request(
         bits=bits, size=size, method=method, candidate_bits=parse_candidates(candidates), require_top=require_top,
         format=fmt, settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size,
-                                                   asym, act_order, damp, rtn),
+                                                   asym, act_order, damp, rtn, group_aware=group_aware),
         weighted_hessian=weighted_hessian, min_tokens=min_tokens, samples=samples, seq_len=seq_len, seed=seed,
         batch_size=batch_size, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
     )

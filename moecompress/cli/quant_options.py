@@ -52,11 +52,12 @@ def parse_memory(text: str) -> int:
 
 
 def settings_from_options(attention_bits: int, shared_bits: int, dense_bits: int, lm_head_bits: int, group_size: int,
-                          asym: bool, act_order: bool, damp: float, rtn: bool) -> dict[str, Any]:
+                          asym: bool, act_order: bool, damp: float, rtn: bool, group_aware: bool = True
+                          ) -> dict[str, Any]:
     """The QuantSettings values of the shared role / grid options."""
     return {"attention": attention_bits, "shared_experts": shared_bits, "dense_mlp": dense_bits,
             "lm_head": lm_head_bits, "group_size": group_size, "sym": not asym, "act_order": act_order,
-            "damp": damp, "method": "rtn" if rtn else "gptq"}
+            "group_aware": group_aware, "damp": damp, "method": "rtn" if rtn else "gptq"}
 
 
 # Options shared by `quantize` and `compress` (role bits and the quantisation grid).
@@ -69,6 +70,9 @@ GroupSize = Annotated[int, typer.Option("--group-size", help="Input columns per 
 Asym = Annotated[bool, typer.Option("--asym", help="Asymmetric grids (written as GPTQ v2 zero points).")]
 ActOrder = Annotated[bool, typer.Option("--act-order", help="GPTQ act-order (columns by decreasing Hessian "
                                         "diagonal; g_idx stored).")]
+GroupAware = Annotated[bool, typer.Option("--group-aware/--no-group-aware", help="GPTQ group-aware reordering "
+                                          "(GAR): columns by decreasing Hessian diagonal inside each group, groups "
+                                          "by their largest; g_idx stays sequential. Ignored with --act-order.")]
 Damp = Annotated[float, typer.Option("--damp", help="GPTQ damping, a fraction of the mean Hessian diagonal "
                                      "(raised automatically when the Cholesky factorisation fails).")]
 Rtn = Annotated[bool, typer.Option("--rtn", help="Round-to-nearest instead of GPTQ everywhere (baseline).")]

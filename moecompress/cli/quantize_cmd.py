@@ -25,6 +25,7 @@ from moecompress.cli.options import (
 )
 from moecompress.cli.quant_options import (
     ActOrder,
+    GroupAware,
     Asym,
     AttentionBits,
     BitsOption,
@@ -72,6 +73,7 @@ def quantize_command(
     group_size: GroupSize = 128,
     asym: Asym = False,
     act_order: ActOrder = False,
+    group_aware: GroupAware = True,
     damp: Damp = 0.01,
     rtn: Rtn = False,
     min_tokens: MinTokens = 16,
@@ -113,7 +115,7 @@ def quantize_command(
         bits=bits, size=size, method=method, allocation=allocation, candidate_bits=parse_candidates(candidates),
         require_top=require_top, uniform_per_layer=uniform_per_layer, format=fmt,
         settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size, asym,
-                                       act_order, damp, rtn),
+                                       act_order, damp, rtn, group_aware=group_aware),
         sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
         samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming,
         time_limit=time_limit, expert_memory=parse_memory(expert_memory),

@@ -88,14 +88,17 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     w.masked_fill_(dead[:, None, :], 0.0)
-    perm = None
+    group = spec.effective_group(in_features)
+    perm = group_order = None
     if spec.act_order:
         perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # (N, in)
+    elif spec.group_aware:
+        perm, group_order = group_aware_order(diag, group)  # (N, in), (N, G)
+    if perm is not None:
         w = w.gather(2, perm[:, None, :].expand_as(w))
         h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
     upper, damps = _inverse_cholesky_upper(h, spec.damp)  # (N, in, in), (N,)
 
-    group = spec.effective_group(in_features)
     num_groups = -(-in_features // group)
     codes = torch.zeros(count, out_features, in_features, dtype=torch.uint8)
     scales = torch.zeros(count, num_groups, out_features, dtype=torch.float16)
@@ -131,15 +134,42 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
     results = []
     for n in range(count):
         g_idx = (torch.arange(in_features) // group).to(torch.int32)
-        item_codes = codes[n]
+        item_codes, item_scales, item_zeros = codes[n], scales[n], zeros[n]
         if perm is not None:
             inverse = torch.argsort(perm[n])
-            item_codes = item_codes[:, inverse].contiguous()
-            g_idx = g_idx[inverse].contiguous()
-        quantized = QuantizedWeight(item_codes, scales[n].contiguous(), zeros[n].contiguous(), g_idx, spec.bits,
-                                    group, spec.sym and spec.bits > 1)
+            item_codes = item_codes[:, inverse]
+            if group_order is None:  # act-order: groups in visiting order, recorded in g_idx
+                g_idx = g_idx[inverse].contiguous()
+            else:  # group-aware: visiting group k is the original group group_order[k]; g_idx stays i // group
+                item_scales = torch.empty_like(item_scales).index_copy_(0, group_order[n], item_scales)
+                item_zeros = torch.empty_like(item_zeros).index_copy_(0, group_order[n], item_zeros)
+        quantized = QuantizedWeight(item_codes.contiguous(), item_scales.contiguous(), item_zeros.contiguous(), g_idx,
+                                    spec.bits, group, spec.sym and spec.bits > 1)
         results.append(GPTQResult(quantized, float(damps[n]), float(losses[n])))
     return results
+
+
+def group_aware_order(diag: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-aware reordering (GAR, Gafni et al., arXiv 2505.14638) of columns with Hessian diagonals diag (N, in).
+
+    Each group of `group` consecutive columns stays together: inside a group, columns are
+    visited by decreasing H_ii; groups are visited by decreasing max H_ii (a shorter last
+    group always comes last, so every group starts at a multiple of `group` in visiting
+    order). Returns the visiting order (N, in) and the original group of each visited group
+    (N, G). Most of act-order's benefit, while g_idx stays i // group (no reordering at load).
+    """
+    count, in_features = diag.shape
+    full = in_features // group
+    head = diag[:, : full * group].reshape(count, full, group)  # (N, F, group)
+    within = torch.argsort(head, dim=2, descending=True, stable=True) + (torch.arange(full) * group)[None, :, None]
+    by_max = torch.argsort(head.amax(dim=2), dim=1, descending=True, stable=True)  # (N, F)
+    order = within.gather(1, by_max[:, :, None].expand(-1, -1, group)).reshape(count, full * group)
+    groups = by_max
+    if full * group < in_features:  # the shorter last group
+        tail = torch.argsort(diag[:, full * group :], dim=1, descending=True, stable=True) + full * group
+        order = torch.cat([order, tail], dim=1)
+        groups = torch.cat([groups, torch.full((count, 1), full, dtype=groups.dtype)], dim=1)
+    return order, groups
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ class QuantSettings(BaseModel):
     group_size: int = 128
     sym: bool = True
     act_order: bool = False
+    group_aware: bool = True
     damp: float = 0.01
     method: Literal["gptq", "rtn"] = "gptq"
 
@@ -45,6 +46,7 @@ class QuantSettings(BaseModel):
         if bits == UNQUANTISED:
             return None
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+                         group_aware=self.group_aware,
                          damp=self.damp, method=self.method)
 
     def role_bits(self, role: str) -> int:

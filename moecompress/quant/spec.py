@@ -31,6 +31,8 @@ class QuantSpec(BaseModel):
     bits: 1, 2, 3, 4 or 8. group_size: input columns sharing a scale and zero (-1 = one group
     per output row, "per channel"). sym: symmetric grid (zero fixed at the grid centre).
     act_order: GPTQ visits columns by decreasing Hessian diagonal (stored as g_idx).
+    group_aware: GPTQ's group-aware reordering (GAR): columns by decreasing Hessian diagonal
+    inside each group, groups by their largest; g_idx stays i // group. Ignored with act_order.
     damp: GPTQ damping as a fraction of the mean Hessian diagonal (raised automatically when
     the Cholesky factorisation fails). method: "gptq" or "rtn" (round to nearest).
     """
@@ -41,6 +43,7 @@ class QuantSpec(BaseModel):
     group_size: int = 128
     sym: bool = True
     act_order: bool = False
+    group_aware: bool = True
     damp: float = 0.01
     method: Literal["gptq", "rtn"] = "gptq"
 

@@ -260,6 +260,7 @@ class _QuantOptions(Step):
     group_size: int = 128
     asym: bool = False
     act_order: bool = False
+    group_aware: bool = True
     damp: float = 0.01
     rtn: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 16
@@ -274,7 +275,8 @@ class _QuantOptions(Step):
     def quant_settings(self) -> dict[str, Any]:
         """QuantSettings values from the role-bits / grid keys, by the CLI's own `settings_from_options`."""
         return _quantize_cli().settings_from_options(self.attention_bits, self.shared_bits, self.dense_bits, self.lm_head_bits,
-                                     self.group_size, self.asym, self.act_order, self.damp, self.rtn)
+                                     self.group_size, self.asym, self.act_order, self.damp, self.rtn,
+                                     group_aware=self.group_aware)
 
     def expert_memory_bytes(self, where: Location) -> int:
         """`expert_memory` in bytes, by the CLI's own `parse_memory`."""

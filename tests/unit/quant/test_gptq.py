@@ -147,3 +147,47 @@ def test_batched_solve_equals_solving_each_map_alone(act_order: bool) -> None:
         assert batched.damp == single.damp
         assert batched.loss == pytest.approx(single.loss, rel=1e-9)
     assert [r.damp for r in together[:3]] == [0.01] * 3 and together[3].damp > 0.01
+
+
+def _with_hessian(hessian: torch.Tensor) -> GPTQ:
+    stats = GPTQ(hessian.shape[0])
+    stats.hessian, stats.total_weight, stats.tokens = hessian.clone(), 1.0, 100
+    return stats
+
+
+@pytest.mark.parametrize("group_size", [20, 24])  # 24: 4 groups of 24 and a shorter last one of 4
+def test_group_aware_order_with_a_diagonal_hessian_equals_rtn(group_size: int) -> None:
+    """Diagonal H: nothing is propagated, so any visiting order gives RTN; with GAR the groups are visited
+    out of order, so this checks that every group's scale and zero land back at its own index."""
+    diag = torch.rand(100, generator=torch.Generator().manual_seed(0)) + 0.1
+    weight = torch.randn(12, 100, generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(bits=3, group_size=group_size, group_aware=True)
+    result = _with_hessian(torch.diag(diag)).quantize(weight, spec)
+    rtn = quantize_rtn(weight, spec)
+    assert torch.equal(result.weight.codes, rtn.codes)
+    assert torch.equal(result.weight.scales, rtn.scales) and torch.equal(result.weight.zeros, rtn.zeros)
+    assert torch.equal(result.weight.g_idx, torch.arange(100, dtype=torch.int32) // group_size)  # sequential
+
+
+def test_group_aware_order_keeps_groups_together() -> None:
+    from moecompress.quant.gptq import group_aware_order
+
+    diag = torch.tensor([[1.0, 5.0, 2.0, 9.0, 3.0, 0.5, 4.0]])  # groups of 3: {0,1,2} {3,4,5} and a short {6}
+    order, groups = group_aware_order(diag, 3)
+    assert order.tolist() == [[3, 4, 5, 1, 2, 0, 6]]  # group 1 (max 9) first, by decreasing diagonal inside
+    assert groups.tolist() == [[1, 0, 2]]
+
+
+def test_group_aware_order_is_act_order_with_one_group() -> None:
+    """Per channel (one group per row) GAR visits columns exactly as act-order does."""
+    scales = torch.linspace(0.1, 3.0, 64)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    x = correlated_inputs(256, 64, seed=4) * scales
+    stats = GPTQ(64)
+    stats.add_batch(x)
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    gar = stats.quantize(weight, QuantSpec(bits=2, group_size=-1, group_aware=True))
+    act = stats.quantize(weight, QuantSpec(bits=2, group_size=-1, act_order=True))
+    plain = stats.quantize(weight, QuantSpec(bits=2, group_size=-1, group_aware=False))
+    assert torch.equal(gar.weight.codes, act.weight.codes) and torch.equal(gar.weight.scales, act.weight.scales)
+    assert not torch.equal(gar.weight.codes, plain.weight.codes)
+    assert gar.loss < plain.loss
