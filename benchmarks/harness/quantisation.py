@@ -557,7 +557,6 @@ def _size_model_note(rows: list[dict[str, Any]]) -> str:
             "it counts safetensors headers generously")
 
 
-@renderer("quantisation")
 def _ordering(settings: dict[str, Any]) -> str:
     """How GPTQ ordered columns in this run (results written before the option existed used no reordering)."""
     if settings.get("group_aware", False):
@@ -566,6 +565,7 @@ def _ordering(settings: dict[str, Any]) -> str:
     return "no act-order, no group-aware reordering (GPTQModel: act_group_aware at its default, on)"
 
 
+@renderer("quantisation")
 def render_quantisation(data: dict[str, Any]) -> list[str]:
     """One table per fixture (rows x bits, size, perplexity, KL, top-1, time) and its checks."""
     settings = data["settings"]
