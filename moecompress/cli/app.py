@@ -24,7 +24,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-QUIET_LOGGERS = ("accelerate.big_modeling", "torchao", "torchao.kernel.intmm")
+QUIET_LOGGERS = ("accelerate.big_modeling", "torchao", "torchao.kernel.intmm", "torch.utils._pytree")
 
 # Command modules, in the order `--help` lists them. Each defines its command(s) on `app`.
 COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "condense_cmd", "route_task_cmd", "quantize_cmd", "compress_cmd", "eval_cmd", "run_cmd", "recipe_cmd", "demo_cmd")
@@ -47,7 +47,8 @@ def _root(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:
         # Expected, harmless notices from dependencies: offloaded layers sit on the meta device
-        # by design while streaming; torchao (pulled in by optional extras) probes GPU kernels.
+        # by design while streaming; torchao (pulled in by optional extras) probes GPU kernels and
+        # registers types with torch.utils._pytree, which logs a deprecation notice.
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
