@@ -6,6 +6,11 @@
   when Python drops it). The running sum's maximum is the peak of live tensor bytes above
   what was alive when the work started (torch's CPU allocations are invisible to tracemalloc).
   Transients inside one operator are netted, so it is the peak at operator granularity.
+* `RssSampler`: a thread sampling the anonymous (``RssAnon``: heap, tensors) and file-backed
+  (``RssFile``: memory-mapped files such as safetensors shards, shared libraries) parts of RSS
+  every few milliseconds and keeping each one's maximum. The kernel has no high-water mark for
+  the two parts; file-backed pages are clean and can be dropped under memory pressure, while
+  anonymous ones cannot, so the split says how much memory a run really needs.
 * `reset_peak_rss` / `peak_rss` / `current_rss`: Linux's per-process high-water mark
   (``VmHWM``), which writing ``5`` to ``/proc/self/clear_refs`` resets to the current RSS, so
   the peak of one step can be read in a process that did other work first. This counts
@@ -16,6 +21,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -70,3 +77,41 @@ def peak_rss() -> int:
 def reset_peak_rss() -> None:
     """Reset this process's RSS high-water mark to its current RSS."""
     _CLEAR_REFS.write_text("5")
+
+
+class RssSampler:
+    """Peaks of RssAnon and RssFile of this process, sampled by a daemon thread (bytes)."""
+
+    FIELDS = ("RssAnon", "RssFile")
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peaks = dict.fromkeys(self.FIELDS, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    def start(self) -> RssSampler:
+        """Take a first sample, then keep sampling in the background."""
+        self.sample()
+        self._thread.start()
+        return self
+
+    def sample(self) -> None:
+        """Read both fields once and update the peaks."""
+        text = _STATUS.read_text()
+        for field in self.FIELDS:
+            match = re.search(rf"^{field}:\s+(\d+) kB", text, flags=re.MULTILINE)
+            if match is not None:
+                self.peaks[field] = max(self.peaks[field], int(match.group(1)) * 1024)
+
+    def stop(self) -> dict[str, int]:
+        """Stop sampling (after one last sample); {"anon": bytes, "file": bytes} peaks."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.sample()
+        return {"anon": self.peaks["RssAnon"], "file": self.peaks["RssFile"]}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()

@@ -44,9 +44,16 @@ REPO = Path(__file__).resolve().parents[2]
 # The child reports VmHWM, the peak RSS of its own process image (`peak_rss`); getrusage's
 # ru_maxrss would also carry the parent's peak across fork and exec, so a large harness process
 # would mask the child's.
+# The child also samples the anonymous and file-backed parts of its RSS (`RssSampler`): the
+# memory-mapped checkpoint shards count in RSS but are clean pages the kernel can drop.
+_START_SAMPLER = """
+from benchmarks.harness.peak_memory import RssSampler
+_sampler = RssSampler().start()
+"""
 _REPORT_PEAK = """
 from benchmarks.harness.peak_memory import peak_rss
-print("PEAK_BYTES", peak_rss())
+_parts = _sampler.stop()
+print("PEAK_BYTES", peak_rss(), _parts["anon"], _parts["file"])
 """
 
 _CLI = """
@@ -69,17 +76,19 @@ import moecompress.calibration.calibrate, moecompress.models.load
 """
 
 
-def python_peak_rss(code: str, args: Sequence[str] = ()) -> int:
-    """Run `code` in a fresh interpreter (with `args` as sys.argv[1:]); return its peak RSS in bytes."""
-    done = subprocess.run([sys.executable, "-c", code + _REPORT_PEAK, *args], check=True, capture_output=True,
-                          text=True, cwd=REPO)
+def python_peaks(code: str, args: Sequence[str] = ()) -> dict[str, int]:
+    """Run `code` in a fresh interpreter (with `args` as sys.argv[1:]); its peak RSS and peak anonymous and
+    file-backed RSS, bytes ({"rss", "anon", "file"})."""
+    done = subprocess.run([sys.executable, "-c", _START_SAMPLER + code + _REPORT_PEAK, *args], check=True,
+                          capture_output=True, text=True, cwd=REPO)
     line = [row for row in done.stdout.splitlines() if row.startswith("PEAK_BYTES")][-1]
-    return int(line.split()[1])
+    rss, anon, file = (int(value) for value in line.split()[1:])
+    return {"rss": rss, "anon": anon, "file": file}
 
 
-def child_peak_rss(cli_args: list[str]) -> int:
-    """Run `moecompress CLI_ARGS` in a fresh interpreter; return its peak RSS in bytes."""
-    return python_peak_rss(_CLI, cli_args)
+def child_peaks(cli_args: list[str]) -> dict[str, int]:
+    """Run `moecompress CLI_ARGS` in a fresh interpreter; its peaks as `python_peaks` gives them."""
+    return python_peaks(_CLI, cli_args)
 
 
 def measure(layers: int, hidden: int, experts: int, width: int, samples: int) -> dict[str, float]:
@@ -93,16 +102,22 @@ def measure(layers: int, hidden: int, experts: int, width: int, samples: int) ->
         size = int(subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, text=True,
                                   cwd=REPO).stdout.split()[-1])
         started = time.perf_counter()
-        peak = child_peak_rss(["calibrate", str(ckpt), "--samples", str(samples), "--seq-len", "128",
-                               "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
+        peaks = child_peaks(["calibrate", str(ckpt), "--samples", str(samples), "--seq-len", "128",
+                             "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
         elapsed = time.perf_counter() - started
-    baseline = python_peak_rss(IMPORT_BASELINE)
+    baseline = python_peaks(IMPORT_BASELINE)
     return {
         "checkpoint_bytes": size,
-        "peak_rss_bytes": peak,
-        "baseline_rss_bytes": baseline,
-        "peak_over_checkpoint": peak / size,
-        "peak_above_baseline_over_checkpoint": (peak - baseline) / size,
+        "peak_rss_bytes": peaks["rss"],
+        "baseline_rss_bytes": baseline["rss"],
+        "peak_over_checkpoint": peaks["rss"] / size,
+        "peak_above_baseline_over_checkpoint": (peaks["rss"] - baseline["rss"]) / size,
+        "peak_anon_bytes": peaks["anon"],
+        "baseline_anon_bytes": baseline["anon"],
+        "anon_above_baseline_over_checkpoint": (peaks["anon"] - baseline["anon"]) / size,
+        "peak_file_bytes": peaks["file"],
+        "baseline_file_bytes": baseline["file"],
+        "file_above_baseline_over_checkpoint": (peaks["file"] - baseline["file"]) / size,
         "calibrate_seconds": elapsed,
     }
 
