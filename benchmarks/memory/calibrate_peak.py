@@ -67,11 +67,14 @@ except SystemExit as exit_:
         raise
 """
 
-# The baseline: an interpreter that imported what `calibrate` imports (torch, transformers,
-# moecompress's loader and calibration code) and did nothing else.
+# The baseline: an interpreter that imported what `calibrate` imports (torch, transformers, the
+# checkpoint's model class, moecompress's loader and calibration code) and did nothing else. The
+# model class matters: transformers' modelling modules import its kernel integrations, which with
+# optional extras installed (kernels, torchao) cost about 100 MB on their own.
 IMPORT_BASELINE = """
 import torch, transformers
 from transformers import AutoModelForCausalLM
+import transformers.models.qwen3_moe.modeling_qwen3_moe
 import moecompress.calibration.calibrate, moecompress.models.load
 """
 
