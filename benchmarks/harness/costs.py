@@ -134,9 +134,9 @@ def _memory_parts(data: dict[str, Any]) -> list[str]:
         f"({1 / data['shape']['layers']:.2f}x). In a separate probe on the same checkpoint, the streaming load "
         "alone (transformers' weight converters with accelerate's disk offload) peaked at about 0.2x and kept "
         "nothing after returning, so the larger share is the layer pass itself. During that pass anonymous memory "
-        "grows by 20-25 MB per decoder layer while live CPU tensors stay at about 2 MB: memory the per-layer "
-        "weight loads freed is kept by the C allocator (malloc_trim afterwards returns about a third of it). "
-        "Bringing the peak down to one layer is open work.",
+        "grows by 20-25 MB per decoder layer while live CPU tensors stay at about 2 MB, so the growth is memory "
+        "held outside live tensors (malloc_trim, even after every layer, returns only a third of it). Finding "
+        "its owner and bringing the peak down to one layer is open work.",
         ""]
 
 
