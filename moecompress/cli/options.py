@@ -91,3 +91,11 @@ PrintStepOption = Annotated[
         help="Print this command as a recipe step (YAML) and exit without running it.",
     ),
 ]
+
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Change one recipe value, KEY=VALUE with a dotted KEY (steps.1.ratio=0.25, steps.prune.ratio=0.25, "
+    "model=./ckpt); VALUE is read as YAML; paths relative to the current directory. Repeatable.",
+    show_default=False)]
+RunDirOption = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Run folder (default: the recipe's output, else moecompress-runs/NAME).",
+    show_default=False)]

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from moecompress.cli.app import app
-from moecompress.cli.run_cmd import RunDirOption, SetOption
+from moecompress.cli.options import RunDirOption, SetOption
 
 
 class RecipeAction(str, Enum):

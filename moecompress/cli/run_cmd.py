@@ -9,14 +9,7 @@ import typer
 from rich.console import Console
 
 from moecompress.cli.app import app
-
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Change one recipe value, KEY=VALUE with a dotted KEY (steps.1.ratio=0.25, steps.prune.ratio=0.25, "
-    "model=./ckpt); VALUE is read as YAML; paths relative to the current directory. Repeatable.",
-    show_default=False)]
-RunDirOption = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Run folder (default: the recipe's output, else moecompress-runs/NAME).",
-    show_default=False)]
+from moecompress.cli.options import RunDirOption, SetOption
 
 
 def print_step_result(console: Console, planned: Any, result: Any) -> None:
