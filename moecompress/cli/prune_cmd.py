@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from moecompress.cli.options import (
     SamplesOption,
     SeedOption,
     SeqLenOption,
+    parse_key_value,
 )
 from moecompress.errors import MoecompressError
 
@@ -30,13 +30,11 @@ def parse_params(values: list[str] | None) -> dict[str, Any]:
     """--param key=value pairs; values parsed as JSON when they are valid JSON, else kept as text."""
     out: dict[str, Any] = {}
     for item in values or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise MoecompressError(f"--param {item!r} must look like key=value")
         try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+            key, value = parse_key_value(item)
+        except ValueError:
+            raise MoecompressError(f"--param {item!r} must look like key=value") from None
+        out[key] = value
     return out
 
 

@@ -19,13 +19,13 @@ registries or library validators (still no model, no files).
 
 from __future__ import annotations
 
-import json
 import re
 from abc import abstractmethod
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from moecompress.cli.options import parse_key_value
 from moecompress.errors import MoecompressError
 from moecompress.prune.scorer_names import check_scorer_name
 from moecompress.recipe.errors import RecipeError, cli_flags_to_keys
@@ -50,13 +50,11 @@ def _params(value: Any) -> Any:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         out: dict[str, Any] = {}
         for item in value:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{item!r} must look like key=value (or write param as a mapping)")
             try:
-                out[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                out[key] = raw
+                key, parsed = parse_key_value(item)
+            except ValueError:
+                raise ValueError(f"{item!r} must look like key=value (or write param as a mapping)") from None
+            out[key] = parsed
         return out
     return value
 

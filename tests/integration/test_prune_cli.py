@@ -259,3 +259,12 @@ def test_premoe_threshold_and_top_k_patch(checkpoint, data, tmp_path, monkeypatc
     assert "top-k: 2 -> 1" in stdout
     assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 1
     assert plan_of(out)["params"] == {"top_k": 2, "threshold": 0.05}
+
+
+def test_param_values_are_read_as_json_or_text_and_malformed_ones_refused() -> None:
+    from moecompress.cli.prune_cmd import parse_params
+    from moecompress.errors import MoecompressError
+
+    assert parse_params(["k=3", "s=abc", "l=[1, 2]", "e="]) == {"k": 3, "s": "abc", "l": [1, 2], "e": ""}
+    with pytest.raises(MoecompressError, match=r"--param '=3' must look like key=value"):
+        parse_params(["=3"])

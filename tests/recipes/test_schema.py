@@ -85,6 +85,7 @@ def test_the_good_recipe_validates_without_loading_anything(tmp_path) -> None:
     ("version: 1", "version: 2", "recipe.yaml:1: version: this moecompress reads recipe version 1 (got 2)"),
     ("    ratio: 0.5", "    ratio: 0.5\n    param: {foo: 1}", "recipe.yaml:11: steps[1].param.foo: reap has no "
                                                               "parameter 'foo'"),
+    ("    ratio: 0.5", "    ratio: 0.5\n    param: [nokey]", "steps[1].param: 'nokey' must look like key=value"),
     ("    ratio: 0.5", "    ratio: 0.5\n    keep: 4", "steps[1].keep: give exactly one of ratio"),
     ("  - op: calibrate", "  - op: calibrate\n    statistic: [count, nope]", "steps[0].statistic: unknown statistic"),
     ("    ratio: 0.5", "    ratio: 0.5\n    ratio: 0.4", "recipe.yaml:11: steps[1].ratio: key 'ratio' appears twice"),
