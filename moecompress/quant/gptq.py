@@ -131,9 +131,10 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
         if i2 < in_features:
             w[:, :, i2:] -= torch.bmm(errors, upper[:, i1:i2, i2:])
 
+    sequential = (torch.arange(in_features) // group).to(torch.int32)  # (in,) g_idx without act-order
     results = []
     for n in range(count):
-        g_idx = (torch.arange(in_features) // group).to(torch.int32)
+        g_idx = sequential
         item_codes, item_scales, item_zeros = codes[n], scales[n], zeros[n]
         if perm is not None:
             inverse = torch.argsort(perm[n])
