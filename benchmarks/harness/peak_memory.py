@@ -52,11 +52,17 @@ def tensor_peak(work: Callable[[], T]) -> tuple[T, int]:
     return result, peak
 
 
+def _field_kib(text: str, field: str) -> int | None:
+    """A "Field:   123 kB" line of /proc/self/status text, in KiB (None when absent)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, flags=re.MULTILINE)
+    return None if match is None else int(match.group(1))
+
+
 def _status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), flags=re.MULTILINE)
-    if match is None:
+    value = _field_kib(_STATUS.read_text(), field)
+    if value is None:
         raise RuntimeError(f"{field} not found in {_STATUS}")
-    return int(match.group(1))
+    return value
 
 
 def rss_supported() -> bool:
@@ -100,9 +106,9 @@ class RssSampler:
         """Read both fields once and update the peaks."""
         text = _STATUS.read_text()
         for field in self.FIELDS:
-            match = re.search(rf"^{field}:\s+(\d+) kB", text, flags=re.MULTILINE)
-            if match is not None:
-                self.peaks[field] = max(self.peaks[field], int(match.group(1)) * 1024)
+            kib = _field_kib(text, field)
+            if kib is not None:
+                self.peaks[field] = max(self.peaks[field], kib * 1024)
 
     def stop(self) -> dict[str, int]:
         """Stop sampling (after one last sample); {"anon": bytes, "file": bytes} peaks."""
