@@ -24,7 +24,6 @@ from moecompress.cli.options import (
 )
 from moecompress.cli.quant_options import (
     ActOrder,
-    GroupAware,
     Asym,
     AttentionBits,
     BitsOption,
@@ -33,6 +32,7 @@ from moecompress.cli.quant_options import (
     DenseBits,
     ExpertMemory,
     FormatOption,
+    GroupAware,
     GroupSize,
     HeadBits,
     MinTokens,

@@ -25,7 +25,6 @@ from moecompress.cli.options import (
 )
 from moecompress.cli.quant_options import (
     ActOrder,
-    GroupAware,
     Asym,
     AttentionBits,
     BitsOption,
@@ -34,6 +33,7 @@ from moecompress.cli.quant_options import (
     DenseBits,
     ExpertMemory,
     FormatOption,
+    GroupAware,
     GroupSize,
     HeadBits,
     MinTokens,
