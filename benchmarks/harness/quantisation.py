@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "group_size": 128,
     "group_aware": True,
     "uniform_bits": (4, 3, 2),
+    "ordering_bits": (3, 2),  # uniform GPTQ also without reordering here, to measure what the column order buys
     "lp_methods": ("mc-moe", "gemq"),
     "lp_bits": (3.0, 2.5, 2.0),
     "random_bits": 2.5,  # the LP budget the random 2/3-bit assignment is matched to
@@ -405,6 +406,11 @@ def fixture_rows(fixture: Fixture, options: dict[str, Any], progress: Any) -> tu
                 if quantiser == "gptq":
                     gptq[bits] = row
                 progress.update()
+        if options.get("group_aware", False):
+            for bits in options.get("ordering_bits", ()):
+                rows.append(quantise_row(run, "gptq-no-reorder", "uniform GPTQ, no reordering", bits,
+                                         method="uniform", bits=bits, settings={"method": "gptq", "group_aware": False}))
+                progress.update()
         lp: dict[tuple[str, float], dict[str, Any]] = {}
         for method in options["lp_methods"]:
             for bits in options["lp_bits"]:
@@ -450,6 +456,7 @@ def fixture_rows(fixture: Fixture, options: dict[str, Any], progress: Any) -> tu
 
 def _job_count(options: dict[str, Any]) -> int:
     count = 1 + 2 * len(options["uniform_bits"]) + len(options["lp_methods"]) * len(options["lp_bits"])
+    count += len(options.get("ordering_bits", ())) if options.get("group_aware", False) else 0
     count += (1 + bool(options["joint"])) if options["lp_methods"] else 0
     return count + bool(options["gptqmodel"])
 
@@ -515,6 +522,13 @@ def fixture_checks(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list
             checks.append(
                 f"{name} at {bits} bits raises mean perplexity by {rise:+.3f}, uniform 3-bit GPTQ by {ref_rise:+.3f}: "
                 f"{ratio} (target <= {INCREASE_RATIO}x; KL ratio {kl_ratio}): **{'met' if met else 'not met'}**")
+    for row in rows:
+        ordered = _by(rows, "gptq", row["target_bits"]) if row["method"] == "gptq-no-reorder" else None
+        if ordered is not None:
+            checks.append(
+                f"group-aware column order at {row['target_bits']:g} bits vs no reordering (uniform GPTQ): KL "
+                f"{ordered['kl']:.4f} vs {row['kl']:.4f} ({ordered['kl'] / row['kl'] - 1:+.0%}), mean perplexity "
+                f"{_fmt(ordered['mean_perplexity'])} vs {_fmt(row['mean_perplexity'])} (informative)")
     joint, anchor = _by(rows, "joint"), _by(rows, settings["lp_methods"][0], bits) if settings["lp_methods"] else None
     if joint is not None and anchor is not None:
         better = joint["mean_perplexity"] < anchor["mean_perplexity"]

@@ -78,6 +78,12 @@ import transformers.models.qwen3_moe.modeling_qwen3_moe
 import moecompress.calibration.calibrate, moecompress.models.load
 """
 
+# The streaming load alone (what `calibrate` does before its layer pass), on top of the baseline's imports.
+LOAD_ONLY = IMPORT_BASELINE + """
+import sys
+moecompress.models.load.load_model(sys.argv[1], dtype="bfloat16", streaming=True)
+"""
+
 
 def python_peaks(code: str, args: Sequence[str] = ()) -> dict[str, int]:
     """Run `code` in a fresh interpreter (with `args` as sys.argv[1:]); its peak RSS and peak anonymous and
@@ -108,6 +114,7 @@ def measure(layers: int, hidden: int, experts: int, width: int, samples: int) ->
         peaks = child_peaks(["calibrate", str(ckpt), "--samples", str(samples), "--seq-len", "128",
                              "--dtype", "bfloat16", "-o", str(Path(tmp) / "stats")])
         elapsed = time.perf_counter() - started
+        load = python_peaks(LOAD_ONLY, [str(ckpt)])
     baseline = python_peaks(IMPORT_BASELINE)
     return {
         "checkpoint_bytes": size,
@@ -121,6 +128,8 @@ def measure(layers: int, hidden: int, experts: int, width: int, samples: int) ->
         "peak_file_bytes": peaks["file"],
         "baseline_file_bytes": baseline["file"],
         "file_above_baseline_over_checkpoint": (peaks["file"] - baseline["file"]) / size,
+        "load_anon_bytes": load["anon"],
+        "load_anon_above_baseline_over_checkpoint": (load["anon"] - baseline["anon"]) / size,
         "calibrate_seconds": elapsed,
     }
 

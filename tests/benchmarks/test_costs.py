@@ -24,8 +24,10 @@ def test_calibration_memory_reads_a_fresh_process_peak():
                                                     "samples": 1}})
     assert data["checkpoint_bytes"] > 0 and data["peak_rss_bytes"] > data["baseline_rss_bytes"] > 0
     assert data["peak_anon_bytes"] >= data["baseline_anon_bytes"] > 0 and data["peak_file_bytes"] > 0
+    assert data["load_anon_bytes"] > 0
     text = "\n".join(render_memory(data))
     assert "| **" in text and "| anonymous |" in text and "| file-backed |" in text
+    assert "only loads the checkpoint for streaming" in text
 
 
 def test_rss_sampler_sees_an_anonymous_allocation_and_a_mapped_file(tmp_path):

@@ -13,15 +13,16 @@ from benchmarks.harness.quant_agreement import evaluation_windows, reference_pas
 from benchmarks.harness.quant_peer import gptqmodel_missing, plan_mismatches
 from benchmarks.harness.quantisation import fixture_checks, quantisation, random_widths, render_quantisation
 
-# the smallest grid that still feeds every check: 3-bit uniform, LP at 2.5, random, joint
-SMALL_GRID = {"seeds": (0, 1), "uniform_bits": (3,), "lp_bits": (2.5,), "gptqmodel": False}
+# the smallest grid that still feeds every check: 3-bit uniform (with and without reordering), LP at 2.5,
+# random, joint
+SMALL_GRID = {"seeds": (0, 1), "uniform_bits": (3,), "ordering_bits": (3,), "lp_bits": (2.5,), "gptqmodel": False}
 
 
 def test_suite_rows_tables_and_checks(mini_fixture: Fixture) -> None:
     data = quantisation([mini_fixture], SMALL_GRID)
     json.dumps(data)  # stored as raw JSON
     rows = {row["method"]: row for row in data["rows"]}
-    assert list(rows) == ["unquantised", "rtn", "gptq", "mc-moe", "gemq", "random", "joint"]
+    assert list(rows) == ["unquantised", "rtn", "gptq", "gptq-no-reorder", "mc-moe", "gemq", "random", "joint"]
     base = rows["unquantised"]
     assert base["kl"] < 1e-4 and base["top1"] == 1.0  # the reference against itself (float16 storage)
     for method, row in rows.items():
@@ -32,7 +33,7 @@ def test_suite_rows_tables_and_checks(mini_fixture: Fixture) -> None:
         assert row["expert_effective_bits"] > row["expert_bits"], method  # scales, zeros and g_idx cost bits
         assert row["format"] == "gptq", method
         assert 0 <= row["size_model_bytes"] - row["bytes"] <= 0.05 * row["bytes"], method  # size model: generous
-    assert rows["rtn"]["expert_bits"] == rows["gptq"]["expert_bits"] == 3
+    assert rows["rtn"]["expert_bits"] == rows["gptq"]["expert_bits"] == rows["gptq-no-reorder"]["expert_bits"] == 3
     for method in ("mc-moe", "gemq"):
         assert rows[method]["expert_bits"] <= 2.5 + 1e-9
     assert rows["random"]["expert_bits"] == pytest.approx(rows["mc-moe"]["expert_bits"])
@@ -41,7 +42,8 @@ def test_suite_rows_tables_and_checks(mini_fixture: Fixture) -> None:
     assert rows["joint"]["kept_per_layer"] <= rows["joint"]["experts_per_layer"]
 
     checks = fixture_checks(data["rows"], data["settings"])
-    assert len(checks) == 5  # random and 1.5x targets for both LPs, and the joint comparison
+    assert len(checks) == 6  # random and 1.5x targets for both LPs, the column-order and joint comparisons
+    assert checks[4].startswith("group-aware column order at 3 bits vs no reordering (uniform GPTQ): KL ")
     random_check = checks[0]
     assert ("**met**" in random_check) == (rows["mc-moe"]["mean_perplexity"] < rows["random"]["mean_perplexity"])
     lines = render_quantisation(data)
