@@ -119,13 +119,19 @@ def checkpoint_dtype(info: Any) -> torch.dtype | None:
 
 
 def skeleton_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
-    """The causal-LM module tree for `config` on the meta device (no memory, no weights)."""
+    """The causal-LM module tree for `config` on the meta device (no memory, no weights).
+
+    Tied parameters (a head tied to the embeddings) are tied, as in a loaded model, so they
+    count once. Buffers are real (small: rotary frequencies, correction biases).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     kwargs = {} if dtype is None else {"dtype": dtype}
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()
+    return model
 
 
 def size_report(model_or_info: Any, adapter: MoEAdapter | None = None, dtype: torch.dtype | None = None) -> SizeReport:

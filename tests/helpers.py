@@ -40,3 +40,18 @@ def token_batch(vocab_size: int, batch: int = 2, length: int = 24, seed: int = 1
     """Seeded random token ids (batch, length)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+def contract_keep(adapter, config, num_experts: int) -> list[int]:
+    """Experts kept in the adapter contract tests: every other expert, respecting groups and top-k."""
+    groups = adapter.groups(config)
+    top_k = adapter.top_k(config)
+    if groups is None:
+        keep = list(range(0, num_experts, 2))
+        if len(keep) < top_k:
+            keep = list(range(top_k))
+        return keep
+    n_group, _ = groups
+    per_group = num_experts // n_group
+    kept_per_group = max(2, per_group // 2)
+    return [g * per_group + j for g in range(n_group) for j in range(per_group - kept_per_group, per_group)]

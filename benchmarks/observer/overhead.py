@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
 from moecompress.calibration.observer import DEFAULT_STATISTICS, Observer
 from moecompress.models.adapters import get_adapter
 
@@ -64,7 +64,7 @@ def measure(model: torch.nn.Module, batches: list[torch.Tensor], repeats: int = 
 
     def layerwise(observe: bool):
         def run():
-            runner = LayerwiseRunner(model, adapter)
+            runner = LayerEngine(model, adapter)
             runner.prepare([("all", ids) for ids in batches])
             observer = Observer(model, adapter, domains, DEFAULT_STATISTICS) if observe else None
             moe = {ref.index for ref in adapter.moe_layers(model)}

@@ -3,8 +3,9 @@
 Two equivalent modes:
 
 * ``layerwise`` (default): the decoder runs one layer at a time over cached hidden states
-  (`LayerwiseRunner`), with decoder layers streamed from the checkpoint files, so peak
-  memory is about one layer plus activations;
+  (`LayerEngine`), each layer read from the checkpoint files only while it runs
+  (`CheckpointReader`), in the checkpoint's dtype unless told otherwise, so peak memory is
+  one layer plus activations;
 * ``whole-model``: an ordinary forward per batch with the whole model in memory; required
   for the gradient statistic (HEAPr's neuron_grad_proj needs a backward pass from the loss).
 
@@ -23,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moecompress.calibration.gradients import activation_gradients
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
+from moecompress.engine.reader import CheckpointReader
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
 from moecompress.errors import MoecompressError
@@ -55,8 +57,14 @@ def collect_statistics(
     batch_size: int = 8,
     mode: str = "layerwise",
     progress: bool = True,
+    reader: CheckpointReader | None = None,
+    device: torch.device | str | None = None,
 ) -> Observer:
-    """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer."""
+    """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
+
+    reader: the checkpoint the (meta-device) model is read from, one layer at a time
+    (layerwise mode only); device: where layers compute (default: where the model is).
+    """
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
     statistics = validate_statistics(statistics)
@@ -65,12 +73,15 @@ def collect_statistics(
         raise MoecompressError("gradient statistics (neuron_grad_proj) need mode 'whole-model' (a backward pass)")
     if mode == "layerwise" and not adapter.layerwise_supported:
         raise MoecompressError(f"{model.config.model_type} cannot run one layer at a time; use mode 'whole-model'")
-    observer = Observer(model, adapter, domains, statistics)
+    if reader is not None and mode != "layerwise":
+        raise MoecompressError("a checkpoint read layer by layer can only be calibrated in mode 'layerwise'")
+    engine = LayerEngine(model, adapter, reader=reader, device=device)
+    observer = Observer(model, adapter, domains, statistics, device=engine.device)
     batches = _batches(input_ids, domain_ids, domains, batch_size)
     if mode == "whole-model":
         _whole_model_pass(model, observer, batches, needs_grad, progress)
     else:
-        _layerwise_pass(model, adapter, observer, batches, progress)
+        _layerwise_pass(engine, observer, batches, progress)
     return observer
 
 
@@ -88,9 +99,8 @@ def _whole_model_pass(model: nn.Module, observer: Observer, batches: list[tuple[
                     model(input_ids=ids, use_cache=False)
 
 
-def _layerwise_pass(model: nn.Module, adapter: MoEAdapter, observer: Observer,
-                    batches: list[tuple[str, torch.Tensor]], progress: bool) -> None:
-    runner = LayerwiseRunner(model, adapter)
+def _layerwise_pass(runner: LayerEngine, observer: Observer, batches: list[tuple[str, torch.Tensor]],
+                    progress: bool) -> None:
     runner.prepare(batches)
     moe_indices = {ref.index for ref in observer.layers}
     with tqdm(total=len(runner.layers), desc="calibrating", unit="layer", disable=not progress) as bar:
@@ -142,16 +152,21 @@ def calibrate(
     seq_len: int = 256,
     seed: int = 0,
     batch_size: int = 8,
-    dtype: str = "float32",
+    dtype: str = "auto",
     statistics: Sequence[str] = DEFAULT_STATISTICS,
     mode: str = "layerwise",
     progress: bool = True,
+    device: str = "cpu",
 ) -> RoutingStats:
     """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
 
     sources: calibration domains (`DomainSource`); None uses the shipped calibration sets.
     num_samples: windows of seq_len tokens per domain, chosen with `seed`.
+    dtype: compute dtype (`auto`: the checkpoint's); device: cpu, cuda, cuda:N or auto.
+    Layer by layer (the default mode) the model is read from the checkpoint one decoder
+    layer at a time; whole-model mode (gradient statistics) loads it whole.
     """
+    from moecompress.engine.layers import resolve_device
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
     from moecompress.models.load import load_model, load_tokenizer
 
@@ -162,17 +177,25 @@ def calibrate(
     tokenizer = load_tokenizer(model_path)
     sources = list(sources) if sources else default_calibration_sources()
     calib = build_calibration_set(tokenizer, sources, num_samples=num_samples, seq_len=seq_len, seed=seed)
-    from moecompress.models.load import adapter_for, load_config
+    from moecompress.models.load import inspect_checkpoint
 
-    if mode == "layerwise" and not adapter_for(load_config(model_path)).layerwise_supported:
+    compute_device = resolve_device(device)
+    info = inspect_checkpoint(model_path)
+    if mode == "layerwise" and not info.adapter.layerwise_supported:
         log.warning("%s layers pass state between layers; calibrating with whole-model passes instead",
-                    load_config(model_path).model_type)
+                    info.config.model_type)
         mode = "whole-model"
-    streaming = mode == "layerwise" and adapter_for(load_config(model_path)).streaming_supported
-    model, adapter = load_model(model_path, dtype=dtype, streaming=streaming)
+    reader = None
+    if mode == "layerwise" and info.adapter.streaming_supported:
+        reader = CheckpointReader(model_path, dtype=dtype, info=info)
+        model, adapter = reader.model, reader.adapter
+    else:
+        model, adapter = load_model(model_path, dtype=dtype)
+        model.to(compute_device)
     observer = collect_statistics(
-        model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics, batch_size, mode, progress
+        model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics, batch_size, mode, progress,
+        reader=reader, device=compute_device,
     )
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
-            "seed": seed, "batch_size": batch_size, "dtype": dtype}
+            "seed": seed, "batch_size": batch_size, "dtype": dtype, "device": str(compute_device)}
     return build_stats(model, adapter, observer, model_path, calib.digest, data, mode, seed)

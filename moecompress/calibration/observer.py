@@ -52,7 +52,8 @@ def validate_statistics(names: Sequence[str]) -> list[str]:
 class LayerObserver:
     """Accumulates the statistics of one MoE layer; called by `run_experts` once per expert."""
 
-    def __init__(self, adapter: MoEAdapter, layer: MoELayerRef, statistics: Sequence[str], domains: Sequence[str]) -> None:
+    def __init__(self, adapter: MoEAdapter, layer: MoELayerRef, statistics: Sequence[str], domains: Sequence[str],
+                 device: torch.device | str = "cpu") -> None:
         self.adapter = adapter
         self.layer = layer
         self.statistics = set(statistics)
@@ -64,7 +65,7 @@ class LayerObserver:
             per = {}
             for name in statistics:
                 shape = (num_experts, width) if name in NEURON_STATISTICS + GRADIENT_STATISTICS else (num_experts,)
-                per[name] = torch.zeros(shape, dtype=torch.float64)
+                per[name] = torch.zeros(shape, dtype=torch.float64, device=device)
             self.sums[domain] = per
         self.tokens: dict[str, int] = {domain: 0 for domain in domains}
         self.domain = domains[0]
@@ -142,7 +143,9 @@ class Observer:
     """Collects statistics for the MoE layers of one model while `active()` is entered."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, domains: Sequence[str],
-                 statistics: Sequence[str] = DEFAULT_STATISTICS, layers: Sequence[int] | None = None) -> None:
+                 statistics: Sequence[str] = DEFAULT_STATISTICS, layers: Sequence[int] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        """Accumulators (float64) live on `device`, where the layers compute."""
         if not domains:
             raise MoecompressError("the observer needs at least one calibration domain")
         self.model = model
@@ -153,7 +156,7 @@ class Observer:
         if layers is not None:
             refs = [ref for ref in refs if ref.index in set(layers)]
         self.layers = refs
-        self.observers = {ref.index: LayerObserver(adapter, ref, self.statistics, self.domains) for ref in refs}
+        self.observers = {ref.index: LayerObserver(adapter, ref, self.statistics, self.domains, device) for ref in refs}
 
     def set_domain(self, domain: str) -> None:
         """Attribute the following forward passes to `domain`."""
@@ -198,7 +201,7 @@ class Observer:
         for index, obs in self.observers.items():
             for domain, per in obs.sums.items():
                 for name, tensor in per.items():
-                    out[RoutingStats.key(name, index, domain)] = tensor.clone()
+                    out[RoutingStats.key(name, index, domain)] = tensor.to("cpu", copy=True)
         return out
 
     def token_counts(self) -> dict[str, dict[str, int]]:

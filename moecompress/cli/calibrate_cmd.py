@@ -13,6 +13,7 @@ from moecompress.cli.app import app
 from moecompress.cli.options import (
     BatchSizeOption,
     DataOption,
+    DeviceOption,
     DtypeOption,
     FieldOption,
     ForceOption,
@@ -41,7 +42,8 @@ def calibrate_command(
     seq_len: SeqLenOption = 256,
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "cpu",
     statistic: StatisticsOption = None,
     gradients: Annotated[bool, typer.Option("--gradients", help="Also collect HEAPr's gradient statistic "
                                             "(needs a backward pass over the whole model in memory).")] = False,
@@ -52,8 +54,9 @@ def calibrate_command(
 ) -> None:
     """Run one calibration pass and save routing statistics (safetensors + JSON header).
 
-    The pass walks the decoder one layer at a time with weights streamed from the checkpoint,
-    so peak memory is about one layer plus activations. Every pruning and quantisation
+    The pass walks the decoder one layer at a time, each layer read from the checkpoint only
+    while it runs and computed in the checkpoint's dtype, so peak memory is about one layer
+    plus activations. Every pruning and quantisation
     method reads these statistics; they refuse to load against a different model.
 
     Example:
@@ -78,7 +81,7 @@ def calibrate_command(
         names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
     mode = "whole-model" if (whole_model or gradients) else "layerwise"
     stats = calibrate(model, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                      dtype=dtype, statistics=names, mode=mode)
+                      dtype=dtype, statistics=names, mode=mode, device=device)
     with atomic_output_dir(output, force=force) as tmp:
         stats.save(tmp)
     print_stats_summary(stats, Path(output))

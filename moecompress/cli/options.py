@@ -42,6 +42,12 @@ DtypeOption = Annotated[
     typer.Option("--dtype", help="Weights dtype while working: auto, float32, bfloat16 or float16."),
 ]
 
+DeviceOption = Annotated[
+    str,
+    typer.Option("--device", help="Where layers compute: cpu, cuda, cuda:N or auto (CUDA when available). "
+                 "Caches stay in host memory."),
+]
+
 SeqLenOption = Annotated[
     int,
     typer.Option("--seq-len", min=2, help="Tokens per window (sequence length)."),

@@ -13,6 +13,7 @@ from moecompress.cli.app import app
 from moecompress.cli.options import (
     BatchSizeOption,
     DataOption,
+    DeviceOption,
     DtypeOption,
     FieldOption,
     ForceOption,
@@ -73,7 +74,8 @@ def prune_command(
     seq_len: SeqLenOption = 256,
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
-    dtype: DtypeOption = "float32",
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "cpu",
     no_protect_super_experts: Annotated[bool, typer.Option("--no-protect-super-experts",
                                                            help="Allow pruning super experts.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without writing anything.")] = False,
@@ -115,7 +117,8 @@ def prune_command(
                               domain=domain, stats=loaded_stats, sources=sources, samples=samples, seq_len=seq_len,
                               seed=seed, batch_size=batch_size, dtype=dtype,
                               protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
-                              allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns)
+                              allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns,
+                              device=device)
     print_prune_summary(result, dry_run)
 
 

@@ -26,7 +26,7 @@ chosen by the relative squared error of the last decoder layer's output,
 
 wbar_e = sum of the gates the block passes to its experts module for e / N_e, read from the
 same calibration pass (equal to the observer's soft_count / count on the same tokens).
-Everything runs on cached hidden states through `LayerwiseRunner`: the layer search restarts
+Everything runs on cached hidden states through `LayerEngine`: the layer search restarts
 at each candidate layer from cached inputs instead of re-running the whole model.
 """
 
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
 from moecompress.condense.apply import compute_dtype, moe_layer_map, swapped_experts
 from moecompress.condense.cd_moe import CondensedExperts, check_condensable, condense_layer
 from moecompress.condense.plan import CRITERIA, CondensePlan
@@ -206,10 +206,10 @@ def _check_enough(available: int, count: int) -> None:
 
 
 class CachedDecoder:
-    """The decoder over cached calibration batches, restartable at any layer (wraps `LayerwiseRunner`)."""
+    """The decoder over cached calibration batches, restartable at any layer (wraps `LayerEngine`)."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]]) -> None:
-        self.runner = LayerwiseRunner(model, adapter)
+        self.runner = LayerEngine(model, adapter)
         self.runner.prepare(batches)
         self.num_layers = len(self.runner.layers)
         self.layer_passes = 0  # decoder-layer passes over all cached batches (the search's cost unit)

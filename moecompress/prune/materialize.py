@@ -18,6 +18,7 @@ renamed into place when complete (`moecompress.io.output.atomic_output_dir`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,30 @@ def materialize(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> tuple
     return pruned, layout, config
 
 
+def pruned_config(config: Any, adapter: MoEAdapter, plan: PrunePlan) -> Any:
+    """The config of a uniform expert plan's output: expert count, top-k and moecompress settings patched."""
+    counts = set(plan.kept_counts().values())
+    if plan.granularity != "expert" or len(counts) != 1:
+        raise MoecompressError("internal error: pruned_config needs a uniform expert plan")
+    count = counts.pop()
+    new = config if count == plan.num_experts else adapter.patched_config(config, num_experts=count)
+    new = copy.deepcopy(new)
+    if plan.new_top_k is not None:
+        set_top_k(new, adapter, plan.new_top_k)
+    settings = _settings(plan)
+    if settings:
+        current = dict(getattr(new, "moecompress", None) or {})
+        current.update(settings)
+        new.moecompress = current
+    return new
+
+
 def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokenizer: Any, output: str | Path,
                  manifest: dict[str, Any], source: Path, force: bool = False) -> Written:
     """Materialise `plan` on `model` and write the folder atomically to `output`."""
-    from moecompress.io.checkpoint import DEFAULT_SHARD_SIZE
-    from moecompress.io.manifest import write_manifest
+    from moecompress.io.checkpoint import DEFAULT_SHARD_SIZE, cast_model
     from moecompress.io.output import atomic_output_dir
     from moecompress.models.layout import save_layout_checkpoint
-
-    from moecompress.io.checkpoint import cast_model
     from moecompress.models.load import inspect_checkpoint
     from moecompress.sizes import checkpoint_dtype
 
@@ -170,9 +186,7 @@ def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokeniz
     if saved_dtype is not None:
         cast_model(pruned, saved_dtype)  # write in the input's dtype, not the working dtype
     form = "transformers" if layout is None else "moecompress-layout"
-    loads_with = TRANSFORMERS_LOADER if layout is None else MOECOMPRESS_LOADER
     manifest = dict(manifest)
-    manifest.update(format=form, loads_with=loads_with)
     if layout is not None:
         manifest["layout"] = layout.model_dump()
     with atomic_output_dir(output, force=force) as tmp:
@@ -183,9 +197,40 @@ def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokeniz
             save_layout_checkpoint(pruned, adapter, layout, tmp, config, max_shard_size=DEFAULT_SHARD_SIZE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, manifest)
-        (tmp / "README.md").write_text(readme_for(plan, source, form))
-        (tmp / "prune_plan.json").write_text(plan.model_dump_json(indent=2, exclude={"scores"}) + "\n")
-        if plan.neurons:
-            save_neuron_masks(plan, tmp / NEURONS_FILE)
-    return Written(Path(output), form, loads_with, None if layout is None else LAYOUT_NOTICE)
+        write_records(tmp, plan, manifest, source, form)
+    return _written(output, form)
+
+
+def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, config: Any, output: str | Path,
+                         manifest: dict[str, Any], source: Path, force: bool = False, progress: bool = True) -> Written:
+    """Write a uniform expert plan by copying the kept tensors from the input shards (no model built).
+
+    Raises `ExpertCopyUnsupported` before writing anything when the layout needs the model.
+    """
+    from moecompress.io.output import atomic_output_dir
+    from moecompress.prune.expert_copy import check_copy, prune_by_copy
+
+    new_config = pruned_config(config, adapter, plan)
+    outputs = check_copy(files, adapter, config, new_config, plan.keep)
+    with atomic_output_dir(output, force=force) as tmp:
+        prune_by_copy(source, files, outputs, new_config, tmp, progress=progress)
+        write_records(tmp, plan, dict(manifest, written_by="tensor copy"), source, "transformers")
+    return _written(output, "transformers")
+
+
+def write_records(folder: Path, plan: PrunePlan, manifest: dict[str, Any], source: Path, form: str) -> None:
+    """The manifest, README, plan and neuron masks that every pruned folder carries."""
+    from moecompress.io.manifest import write_manifest
+
+    loads_with = TRANSFORMERS_LOADER if form == "transformers" else MOECOMPRESS_LOADER
+    write_manifest(folder, dict(manifest, format=form, loads_with=loads_with))
+    (folder / "README.md").write_text(readme_for(plan, source, form))
+    (folder / "prune_plan.json").write_text(plan.model_dump_json(indent=2, exclude={"scores"}) + "\n")
+    if plan.neurons:
+        save_neuron_masks(plan, folder / NEURONS_FILE)
+
+
+def _written(output: str | Path, form: str) -> Written:
+    if form == "transformers":
+        return Written(Path(output), form, TRANSFORMERS_LOADER, None)
+    return Written(Path(output), form, MOECOMPRESS_LOADER, LAYOUT_NOTICE)

@@ -1,7 +1,7 @@
 """Layer outputs on cached inputs, for reconstruction-based pruning (NAEE) and dynamic skipping.
 
 `block_inputs` walks the decoder one layer at a time over the calibration batches
-(`LayerwiseRunner`) and yields, for every MoE layer, the inputs its MoE block received in the
+(`LayerEngine`) and yields, for every MoE layer, the inputs its MoE block received in the
 ORIGINAL model, as one (N, H) matrix of tokens (a seeded subsample when `max_tokens` is
 set). `block_output` runs the block itself on such tokens, optionally with all experts but
 `keep` masked in the router, which the adapters guarantee equals the block with those
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,14 @@ def block_inputs(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
                  ) -> Iterator[tuple[MoELayerRef, torch.Tensor]]:
     """(layer, x (N, H)) for every MoE layer in order: its block's inputs on the calibration tokens.
 
-    Runs one decoder layer at a time (`LayerwiseRunner`), so only one layer's inputs are held.
+    Runs one decoder layer at a time (`LayerEngine`), so only one layer's inputs are held.
     Architectures whose decoder layers pass extra outputs to the next layer (GLM-MoE-DSA and
     HY-V4 thread their indexer's top-k through the layers) cannot run that way; for them every
     MoE block's (subsampled) inputs are captured in ordinary forward passes instead.
     """
     batches = list(batches)
     total = sum(int(ids.numel()) for _, ids in batches)
-    runner = LayerwiseRunner(model, adapter)
+    runner = LayerEngine(model, adapter)
     try:
         runner.prepare(batches)
     except (ValueError, TypeError, RuntimeError) as err:

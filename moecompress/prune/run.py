@@ -24,6 +24,7 @@ from moecompress.prune.plan import PrunePlan
 from moecompress.prune.scorers import Scorer, ScoringContext, get_scorer
 from moecompress.prune.select import RoutingShape, kept_count, select_global, select_uniform
 from moecompress.prune.super_experts import find_super_experts
+from moecompress.sizes import skeleton_model
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +192,6 @@ def params_after(plan: PrunePlan, params_before: int, adapter: MoEAdapter, model
     return params_before - removed_experts * expert_numel - removed_neurons * neuron_numel
 
 
-def _skeleton(config: Any) -> Any:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
-
-
 def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
               params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
               patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None,
@@ -266,7 +259,7 @@ def prune_checkpoint(
     seq_len: int = 256,
     seed: int = 0,
     batch_size: int = 8,
-    dtype: str = "float32",
+    dtype: str = "auto",
     protect_super_experts: bool = True,
     dry_run: bool = False,
     force: bool = False,
@@ -275,6 +268,7 @@ def prune_checkpoint(
     dynamic_skip: bool = False,
     new_top_k: int | None = None,
     patterns: str | Path | None = None,
+    device: str = "cpu",
 ) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
@@ -282,6 +276,10 @@ def prune_checkpoint(
     folder, stats identity) runs before any model work. The input checkpoint is never
     modified; the output is written to a temporary sibling and renamed into place when
     complete. `patterns` (PreMoe) also writes one expert pattern per calibration domain.
+
+    Methods that score from statistics alone calibrate through the layer engine (one decoder
+    layer in memory at a time, on `device`, in `dtype`; `auto` is the checkpoint's), and a
+    uniform expert plan is written by copying tensors, so neither step holds the model.
     """
     from moecompress.calibration.calibrate import calibrate
 
@@ -291,14 +289,14 @@ def prune_checkpoint(
     adapter, config = info.adapter, info.config
     parsed = scorer.parse_params(params)
     needs = required_statistics(method, protect_super_experts, params)
-    needs_model = scorer.uses_model(parsed) or dynamic_skip or not dry_run
+    needs_model = scorer.uses_model(parsed) or dynamic_skip
     model = tokenizer = context = None
     if needs_model:
         model, tokenizer, context, stats = _load_and_calibrate(source, stats, needs, sources, samples, seq_len, seed,
                                                                batch_size, dtype, progress)
     elif stats is None:
         stats = calibrate(source, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                          dtype=dtype, statistics=needs, progress=progress)
+                          dtype=dtype, statistics=needs, progress=progress, device=device)
     plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
                         protect_super_experts=protect_super_experts, allocation=allocation, context=context,
                         new_top_k=new_top_k)
@@ -307,7 +305,7 @@ def prune_checkpoint(
 
         keep_masked = plan.keep if plan.granularity == "expert" else None
         plan.dynamic_skip, plan.skip_fraction = measure_betas(model, adapter, context.batches, keep_masked, progress)
-    skeleton = model if model is not None else _skeleton(config)
+    skeleton = model if model is not None else skeleton_model(config)
     before = sum(p.numel() for p in skeleton.parameters())
     after = params_after(plan, before, adapter, skeleton)
     patterns_path = None
@@ -320,7 +318,7 @@ def prune_checkpoint(
     if dry_run or output is None:
         estimate = int(info.bytes_on_disk * after / max(before, 1))
         return PruneResult(plan, None, before, after, info.bytes_on_disk, estimate, patterns=patterns_path)
-    written = _write(model, adapter, plan, tokenizer, output, source, config, stats, seed, force)
+    written = _write(model, tokenizer, info, plan, output, source, stats, seed, force, dtype, progress)
     from moecompress.io.checkpoint import folder_bytes
 
     return PruneResult(plan, written.path, before, after, info.bytes_on_disk, folder_bytes(written.path),
@@ -355,12 +353,31 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
     return model, tokenizer, context, stats
 
 
-def _write(model: Any, adapter: MoEAdapter, plan: PrunePlan, tokenizer: Any, output: str | Path, source: Path,
-           config: Any, stats: RoutingStats, seed: int, force: bool) -> Any:
-    """Build the manifest and write the pruned checkpoint (`materialize.Written`)."""
-    from moecompress.io.manifest import build_manifest
-    from moecompress.prune.materialize import write_pruned
+def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str | Path, source: Path,
+           stats: RoutingStats, seed: int, force: bool, dtype: str, progress: bool) -> Any:
+    """Write the pruned checkpoint (`materialize.Written`).
 
+    A uniform expert plan is written by copying the kept tensors from the input shards (no
+    model in memory); other plans (per-layer counts, neuron widths) and layouts the copy cannot
+    express are materialised on the whole model.
+    """
+    from moecompress.io.manifest import build_manifest
+    from moecompress.io.safetensors_stream import TensorFiles
+    from moecompress.prune.expert_copy import ExpertCopyUnsupported
+    from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
+
+    adapter, config = info.adapter, info.config
     manifest = build_manifest("prune", plan.method, plan.params, seed, source, config, stats,
                               plan=plan.model_dump(exclude={"scores"}))
+    if plan.granularity == "expert" and plan.uniform:
+        try:
+            return write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, config, output, manifest,
+                                        source, force=force, progress=progress)
+        except ExpertCopyUnsupported as reason:
+            log.info("writing through the whole model: %s", reason)
+    if model is None:
+        from moecompress.models.load import load_model, load_tokenizer
+
+        model, _ = load_model(source, dtype=dtype)
+        tokenizer = load_tokenizer(source)
     return write_pruned(model, adapter, plan, tokenizer, output, manifest, source, force=force)

@@ -1,7 +1,7 @@
 """Quantise a model one decoder layer at a time, in the sequential pattern of GPTQ.
 
 Calibration batches are embedded once and their hidden states cached between layers
-(`LayerwiseRunner`). For decoder layer i, with layers < i already quantised:
+(`LayerEngine`). For decoder layer i, with layers < i already quantised:
 
 1. stage 0 (attention and other token mixers): hook their `nn.Linear` inputs while the
    layer runs on the cached inputs; quantise them;
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
@@ -107,7 +107,7 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
                                "layer at a time on it; use round-to-nearest")
     runner = None
     if needs_data:
-        runner = LayerwiseRunner(model, adapter)
+        runner = LayerEngine(model, adapter)
         runner.prepare(batches)  # type: ignore[arg-type]
     report = QuantReport()
     damp = {name: entry.spec.damp for name, entry in plan.entries.items() if entry.spec is not None}
@@ -135,7 +135,7 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
 
 
 def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targets: ModelTargets, index: int,
-                    runner: LayerwiseRunner | None, min_tokens: int, weighted: bool, expert_memory: int
+                    runner: LayerEngine | None, min_tokens: int, weighted: bool, expert_memory: int
                     ) -> LayerResult:
     result = LayerResult(index=index)
     moe = targets.moe.get(index)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
 from moecompress.quant.gptq import GPTQ
 
 DEFAULT_EXPERT_MEMORY = 2**30  # bytes of per-expert state held for one MoE layer at a time
@@ -44,10 +44,10 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def run_cached(runner: LayerwiseRunner, index: int, stop_at: Sequence[nn.Module] = ()) -> None:
+def run_cached(runner: LayerEngine, index: int, stop_at: Sequence[nn.Module] = ()) -> None:
     """Run decoder layer `index` on every cached batch, discarding the outputs.
 
-    Mirrors `LayerwiseRunner.run_layer` (same inputs and keyword arguments) but leaves the
+    Mirrors `LayerEngine.run_layer` (same inputs and keyword arguments) but leaves the
     cached hidden states and the runner's position unchanged. With `stop_at`, each batch's
     forward ends as soon as one of those modules is about to run: the statistics passes of
     attention do not need the MLP that follows it.

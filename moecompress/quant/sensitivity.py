@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moecompress.calibration.gradients import activation_gradients
-from moecompress.calibration.layerwise import LayerwiseRunner
+from moecompress.engine.layers import LayerEngine
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
     DEFAULT_EXPERT_MEMORY,
@@ -180,7 +180,7 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
     A layer whose experts' candidate copies (and Hessians) exceed `expert_memory` is measured in
     several passes over its cached inputs, a group of experts per pass (same result).
     """
-    runner = LayerwiseRunner(model, adapter)
+    runner = LayerEngine(model, adapter)
     runner.prepare(batches)
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
     layers: dict[int, LayerErrors] = {}

@@ -165,7 +165,8 @@ class CalibrateStep(_CalibrationData):
     CHANGES_MODEL: ClassVar[bool] = False
     COMMAND: ClassVar[str | None] = "calibrate"
     op: Literal["calibrate"]
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
+    device: str = "cpu"
     statistic: Annotated[list[str] | None, BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = None
     gradients: bool = False
     whole_model: bool = False
@@ -203,7 +204,8 @@ class PruneStep(_CalibrationData):
     top_k: Annotated[int | None, Field(ge=1)] = None
     dynamic_skip: bool = False
     patterns: str | None = None
-    dtype: Dtype = "float32"
+    dtype: Dtype = "auto"
+    device: str = "cpu"
     no_protect_super_experts: bool = False
 
     def check(self, where: Location) -> None:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters import get_adapter, supported_model_types
 from tests.adapters.tiny_configs import TINY_CONFIGS
-from tests.helpers import tiny_model, token_batch
+from tests.helpers import contract_keep, tiny_model, token_batch
 
 ATOL = 2e-5
 
@@ -27,21 +27,6 @@ ATOL = 2e-5
 def test_every_adapter_has_a_tiny_config() -> None:
     missing = sorted(set(supported_model_types()) - set(TINY_CONFIGS))
     assert not missing, f"adapters without a tiny config in tests/adapters/tiny_configs.py: {missing}"
-
-
-def _kept(adapter, config, num_experts: int) -> list[int]:
-    """Experts kept in the contract test: every other expert, respecting groups and top-k."""
-    groups = adapter.groups(config)
-    top_k = adapter.top_k(config)
-    if groups is None:
-        keep = list(range(0, num_experts, 2))
-        if len(keep) < top_k:
-            keep = list(range(top_k))
-        return keep
-    n_group, _ = groups
-    per_group = num_experts // n_group
-    kept_per_group = max(2, per_group // 2)
-    return [g * per_group + j for g in range(n_group) for j in range(per_group - kept_per_group, per_group)]
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))
@@ -97,7 +82,7 @@ def test_instrumented_model_matches_plain(arch) -> None:
 def test_dropped_equals_masked_and_reloads(arch, tmp_path) -> None:
     name, model, adapter = arch
     layers = adapter.moe_layers(model)
-    keep = {ref.index: _kept(adapter, model.config, ref.num_experts) for ref in layers}
+    keep = {ref.index: contract_keep(adapter, model.config, ref.num_experts) for ref in layers}
     ids = token_batch(model.config.vocab_size)
     with torch.no_grad():
         plain = model(ids).logits

@@ -10,7 +10,7 @@ from moecompress.calibration.observer import DEFAULT_STATISTICS
 from moecompress.calibration.stats import RoutingStats
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters import get_adapter
-from moecompress.models.load import load_model
+from moecompress.engine.reader import CheckpointReader
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.helpers import tiny_model, token_batch
 
@@ -97,15 +97,22 @@ def test_layerwise_equals_whole_model(setup) -> None:
     assert whole.token_counts() == layerwise.token_counts()
 
 
-def test_streaming_layerwise_matches_in_memory(setup, tmp_path) -> None:
+def test_checkpoint_read_layer_by_layer_matches_in_memory(setup, tmp_path) -> None:
+    """The engine over a CheckpointReader (meta skeleton, one layer loaded at a time) gives the whole-model stats."""
     model, adapter, ids, domain_ids = setup
     model.save_pretrained(tmp_path / "ckpt")
-    streamed, streamed_adapter = load_model(tmp_path / "ckpt", dtype="float32", streaming=True)
-    in_memory = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, batch_size=2, progress=False)
-    streaming = collect_statistics(streamed, streamed_adapter, ids, domain_ids, DOMAINS, batch_size=2, progress=False)
-    a, b = in_memory.tensors(), streaming.tensors()
+    reader = CheckpointReader(tmp_path / "ckpt", dtype="float32")
+    in_memory = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, mode="whole-model", batch_size=2,
+                                   progress=False)
+    streamed = collect_statistics(reader.model, reader.adapter, ids, domain_ids, DOMAINS, batch_size=2,
+                                  progress=False, reader=reader)
+    a, b = in_memory.tensors(), streamed.tensors()
+    assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-9, atol=1e-9, msg=key)
+    assert in_memory.token_counts() == streamed.token_counts()
+    # every decoder layer is back on the meta device: nothing of the model stays in memory
+    assert all(p.device.type == "meta" for p in reader.model.parameters())
 
 
 def test_gradient_statistic_uses_exact_identity(setup) -> None:

@@ -158,13 +158,13 @@ def test_batched_expert_solves_equal_solving_each_expert_alone() -> None:
 
 def test_attention_statistics_pass_stops_before_the_moe_block() -> None:
     """The stage-0 pass ends at the MoE block (which never runs) and gathers the same statistics."""
-    from moecompress.calibration.layerwise import LayerwiseRunner
+    from moecompress.engine.layers import LayerEngine
     from moecompress.quant.layer_pass import LinearHessians, run_cached
 
     model = tiny_model(TINY_CONFIGS["mixtral"](), seed=0)
     adapter = get_adapter(model)
     targets = find_targets(model, adapter)
-    runner = LayerwiseRunner(model, adapter)
+    runner = LayerEngine(model, adapter)
     runner.prepare([("d", token_batch(model.config.vocab_size, batch=2, length=16))])
     block = targets.moe[0].block
     calls = []

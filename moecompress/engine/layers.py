@@ -1,0 +1,217 @@
+"""Run a decoder one layer at a time over cached hidden states.
+
+The sequential pattern of GPTQ and layer-wise calibration: embed every calibration batch once,
+then push all batches through decoder layer 0, then layer 1, ... keeping only the hidden
+states between layers.
+
+With a `CheckpointReader` the model is a meta-device skeleton: the embeddings (and the other
+small modules outside the decoder) are filled only while the batches are embedded, and each
+decoder layer only while it runs, so peak memory is one layer plus the cached activations.
+Without one, the engine runs a model already in memory (the whole-model path).
+
+Layers compute on `device`; the cached hidden states stay in host memory between layers.
+
+The keyword arguments each decoder layer receives (attention masks per layer type, rotary
+position embeddings, ...) are captured from the model's own forward, run once with every
+decoder layer replaced by an identity recorder (the forward stops after the last one), so
+the per-architecture plumbing stays transformers' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from moecompress.models.adapters.base import MoEAdapter
+
+if TYPE_CHECKING:
+    from moecompress.engine.reader import CheckpointReader
+
+
+@dataclass
+class _Batch:
+    domain: str
+    hidden: torch.Tensor  # (B, S, H) input of the next layer to run, in host memory
+    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer
+
+
+class _EndOfLayers(Exception):
+    """Raised by the last layer's recorder: nothing after the decoder is needed to capture inputs."""
+
+
+class _Recorder:
+    """Stands in for a decoder layer's forward: records its inputs, returns hidden unchanged."""
+
+    def __init__(self, store: list[tuple[tuple, dict]], last: bool) -> None:
+        self.store = store
+        self.last = last
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.store.append((args, kwargs))
+        if self.last:
+            raise _EndOfLayers
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """A torch device from `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available); clear errors."""
+    from moecompress.errors import MoecompressError
+
+    text = "cpu" if name is None else str(name)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise MoecompressError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoecompressError(f"--device {text}: no CUDA device is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MoecompressError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise MoecompressError(f"--device {text}: moecompress runs on cpu or cuda")
+    return device
+
+
+class LayerEngine:
+    """Holds the cached hidden states of every calibration batch between decoder layers."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, reader: CheckpointReader | None = None,
+                 device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.reader = reader
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.layers = adapter.decoder_layers(model)
+        self.batches: list[_Batch] = []
+        self.next_layer = 0
+
+    @classmethod
+    def from_reader(cls, reader: CheckpointReader, device: torch.device | str = "cpu") -> LayerEngine:
+        """An engine over a checkpoint read layer by layer."""
+        return cls(reader.model, reader.adapter, reader=reader, device=device)
+
+    @contextlib.contextmanager
+    def layer_loaded(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer `index` with its weights on the device inside the block (a no-op without a reader)."""
+        layer = self.layers[index]
+        if self.reader is None:
+            yield layer
+            return
+        with self.reader.loaded(layer, self.device):
+            yield layer
+
+    @contextlib.contextmanager
+    def _outside_layers_loaded(self) -> Iterator[None]:
+        """Every module outside the decoder layers except the output head, loaded (to embed the batches)."""
+        if self.reader is None:
+            yield
+            return
+        keys = self.reader.outside_layers(include_head=False)
+        try:
+            self.reader.load_keys(keys, self.device)
+            yield
+        finally:
+            self.reader.release_keys(keys)
+
+    @torch.no_grad()
+    def prepare(self, batches: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Capture each batch's layer-0 input and the kwargs of every layer (no layer runs)."""
+        records: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
+        saved = []
+        for i, (layer, store) in enumerate(zip(self.layers, records)):
+            saved.append(layer.__dict__.get("forward"))
+            layer.forward = _Recorder(store, last=i == len(self.layers) - 1)
+        try:
+            with self._outside_layers_loaded():
+                for domain, input_ids in batches:
+                    for store in records:
+                        store.clear()
+                    try:
+                        self.model.base_model(input_ids=input_ids.to(self.device), use_cache=False)
+                    except _EndOfLayers:
+                        pass
+                    first_args, first_kwargs = records[0][0]
+                    hidden = first_args[0] if first_args else first_kwargs["hidden_states"]
+                    per_layer = []
+                    for store in records:
+                        args, kwargs = store[0]
+                        kwargs = dict(kwargs)
+                        kwargs.pop("hidden_states", None)
+                        extra = args[1:]
+                        if extra:
+                            kwargs["__args__"] = extra
+                        per_layer.append(kwargs)
+                    self.batches.append(_Batch(domain=domain, hidden=self._to_host(hidden),
+                                               layer_kwargs=per_layer))
+        finally:
+            for layer, original in zip(self.layers, saved):
+                if original is None:
+                    del layer.forward
+                else:
+                    layer.forward = original
+        self.next_layer = 0
+
+    def _to_host(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A cached copy of `hidden` in host memory (pinned when the layers run on CUDA)."""
+        out = hidden.detach().to("cpu", copy=True)
+        return out.pin_memory() if self.device.type == "cuda" else out
+
+    def layer_call(self, index: int, batch: _Batch, layer: nn.Module) -> Any:
+        """Decoder layer `index`'s raw output for one cached batch (inputs moved to the device)."""
+        kwargs = to_device(dict(batch.layer_kwargs[index]), self.device)
+        extra = kwargs.pop("__args__", ())
+        return layer(batch.hidden.to(self.device, non_blocking=True), *extra, **kwargs)
+
+    @torch.no_grad()
+    def run_layer(self, index: int, before_batch: Callable[[str], None] | None = None) -> None:
+        """Push every cached batch through decoder layer `index` (layers must run in order)."""
+        if index != self.next_layer:
+            raise RuntimeError(f"layers must run in order: expected layer {self.next_layer}, got {index}")
+        with self.layer_loaded(index) as layer:
+            for batch in self.batches:
+                if before_batch is not None:
+                    before_batch(batch.domain)
+                out = self.layer_call(index, batch, layer)
+                out = out[0] if isinstance(out, tuple) else out
+                batch.hidden = self._to_host(out) if self.reader is not None or out.device != batch.hidden.device \
+                    else out
+        self.next_layer = index + 1
+
+    def restart(self, index: int, hidden: Sequence[torch.Tensor]) -> None:
+        """Make `hidden` (one (B, S, H) tensor per batch) the cached inputs of layer `index` and continue there."""
+        if len(hidden) != len(self.batches):
+            raise ValueError(f"restart needs one hidden state per batch ({len(self.batches)}), got {len(hidden)}")
+        for batch, value in zip(self.batches, hidden):
+            batch.hidden = value
+        self.next_layer = index
+
+    def layer_inputs(self) -> list[tuple[str, torch.Tensor]]:
+        """(domain, (B, S, H)) inputs of the next layer to run, one per batch."""
+        return [(batch.domain, batch.hidden) for batch in self.batches]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")

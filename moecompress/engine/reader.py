@@ -1,0 +1,173 @@
+"""Read a checkpoint one module at a time into a meta-device model.
+
+`CheckpointReader(path)` builds the model's module tree on the meta device (parameters take
+no memory; small buffers such as rotary frequencies are real), maps every tensor of the
+safetensors shards to the parameter it feeds (transformers' own renames and per-expert ->
+fused conversions, `moecompress.models.weight_conversion`), and on request fills one module
+(a decoder layer, the embeddings) with its weights on a device, then empties it again.
+
+No offload folder, no second copy on disk, no whole model in memory: tensors are read through
+memory maps (`moecompress.io.safetensors_stream.TensorFiles`), so a module costs its own
+converted weights while it is loaded and nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecompress.errors import MoecompressError
+from moecompress.io.safetensors_stream import TensorFiles
+from moecompress.models.load import CheckpointInfo, inspect_checkpoint, parse_dtype
+from moecompress.models.weight_conversion import KeyMap, key_map, load_into
+from moecompress.sizes import checkpoint_dtype, skeleton_model
+
+
+def resolve_dtype(info: CheckpointInfo, dtype: str | torch.dtype) -> torch.dtype:
+    """The compute dtype: `auto` is the floating dtype the checkpoint stores most of."""
+    parsed = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if parsed == "auto":
+        stored = checkpoint_dtype(info)
+        return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+    return parsed
+
+
+class CheckpointReader:
+    """A checkpoint's module tree on the meta device, filled one module at a time from its shards."""
+
+    def __init__(self, path: str | Path, dtype: str | torch.dtype = "auto", info: CheckpointInfo | None = None) -> None:
+        self.info = info or inspect_checkpoint(path)
+        self.adapter = self.info.adapter
+        self.dtype = resolve_dtype(self.info, dtype)
+        self.files = TensorFiles(self.info.weight_files)
+        self.model = skeleton_model(self.info.config, self.dtype)
+        self.model.eval()
+        self.keys: KeyMap = key_map(self.model)
+        self._meta_shapes = {name: (t.shape, t.dtype) for name, t in self.model.state_dict().items()}
+        # module key -> disk keys that feed it (several for fused experts)
+        self.sources: dict[str, list[str]] = {}
+        self.unmatched: list[str] = []
+        for disk_key in self.files.names():
+            target = self.keys.module_key(disk_key)
+            if target is None:
+                self.unmatched.append(disk_key)
+            else:
+                self.sources.setdefault(target, []).append(disk_key)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def module_path(self, module: nn.Module) -> str:
+        """The dotted path of a submodule of the model."""
+        for name, candidate in self.model.named_modules():
+            if candidate is module:
+                return name
+        raise KeyError("module is not part of the reader's model")
+
+    def _module_keys(self, prefix: str) -> list[str]:
+        """Parameters and persistent buffers under `prefix` that the checkpoint must provide."""
+        head = prefix + "." if prefix else ""
+        return [name for name in self._meta_shapes if name.startswith(head)]
+
+    def load(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        """Fill `module` (part of `self.model`) with its weights from the checkpoint, on `device`."""
+        prefix = self.module_path(module)
+        self.load_keys(self._module_keys(prefix), device, where=prefix or "the model")
+
+    def load_keys(self, wanted: list[str], device: torch.device | str = "cpu", where: str = "the model") -> None:
+        """Fill the named parameters and buffers (module keys) from the checkpoint, on `device`."""
+        tied = self._tied_sources(wanted)
+        missing = [name for name in wanted if name not in self.sources and name not in tied]
+        if missing:
+            raise MoecompressError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing under "
+                                   f"{where}); the checkpoint is incomplete or for another config")
+        disk_keys = [key for name in wanted if name in self.sources for key in self.sources[name]]
+        tensors = {key: self.files.tensor(key) for key in dict.fromkeys(disk_keys)}
+        report = load_into(self.model, tensors, self.keys, device, set(wanted) - set(tied))
+        if report.mismatched:
+            name, got, want = report.mismatched[0]
+            raise MoecompressError(f"tensor for {name} has shape {list(got)} in the checkpoint but the config expects "
+                                   f"{list(want)}; the checkpoint does not match its config.json")
+        for name, source in tied.items():
+            self._set(name, self._materialised(source, device))
+
+    def outside_layers(self, include_head: bool = True) -> list[str]:
+        """Module keys outside the decoder layers (embeddings, final norm; the output head if asked)."""
+        layers = self.adapter.layers_path + "."
+        head = self.model.get_output_embeddings()
+        head_prefix = self.module_path(head) + "." if head is not None else None
+        keys = []
+        for name in self._meta_shapes:
+            if name.startswith(layers):
+                continue
+            if not include_head and head_prefix is not None and name.startswith(head_prefix):
+                continue
+            keys.append(name)
+        return keys
+
+    def _tied_sources(self, wanted: list[str]) -> dict[str, str]:
+        """Tied parameters with no tensor of their own on disk -> the parameter they share."""
+        tied: dict[str, str] = {}
+        getter = getattr(self.model, "get_expanded_tied_weights_keys", None)
+        mapping = getter(all_submodels=True) if callable(getter) else (getattr(self.model, "_tied_weights_keys", None) or {})
+        if not isinstance(mapping, dict):
+            return tied
+        for target, source in mapping.items():
+            if target in wanted and target not in self.sources and source in self.sources:
+                tied[target] = source
+        return tied
+
+    def _materialised(self, name: str, device: torch.device | str) -> torch.Tensor:
+        tensor = self.model.get_parameter(name) if "." in name else getattr(self.model, name)
+        if tensor.device.type != "meta":
+            return tensor
+        self.load_keys([name], device)
+        return self.model.get_parameter(name)
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        module_path, _, attr = name.rpartition(".")
+        owner = self.model.get_submodule(module_path) if module_path else self.model
+        if attr in owner._parameters:
+            owner._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[attr] = value
+
+    def release(self, module: nn.Module) -> None:
+        """Empty `module` again: its checkpoint-backed parameters and buffers go back to the meta device."""
+        self.release_keys(self._module_keys(self.module_path(module)))
+
+    def release_keys(self, names: list[str]) -> None:
+        """Put the named parameters and buffers back on the meta device (their memory is freed)."""
+        for name in names:
+            shape, dtype = self._meta_shapes[name]
+            meta = torch.empty(shape, dtype=dtype, device="meta")
+            module_path, _, attr = name.rpartition(".")
+            owner = self.model.get_submodule(module_path) if module_path else self.model
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(meta, requires_grad=False)
+            elif attr in owner._buffers:
+                owner._buffers[attr] = meta
+
+    @contextlib.contextmanager
+    def loaded(self, module: nn.Module, device: torch.device | str = "cpu") -> Iterator[nn.Module]:
+        """`module` filled with its weights inside the block, emptied after it."""
+        self.load(module, device)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+    def layer_bytes(self, index: int) -> int:
+        """Bytes one decoder layer occupies once loaded in the compute dtype."""
+        prefix = f"{self.adapter.layers_path}.{index}."
+        total = 0
+        for name, (shape, dtype) in self._meta_shapes.items():
+            if name.startswith(prefix):
+                total += shape.numel() * dtype.itemsize
+        return total

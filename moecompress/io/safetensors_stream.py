@@ -1,0 +1,255 @@
+"""Safetensors files read and written one tensor at a time, without holding a shard in memory.
+
+Reading: `TensorFiles` parses the headers of a checkpoint's shards (8-byte little-endian
+header length, JSON header with dtype, shape and byte offsets per tensor) and hands out
+tensors that are zero-copy views of a private memory map of the file. Their pages are clean,
+file-backed pages: the kernel drops them under memory pressure, so reading a 60 GB checkpoint
+tensor by tensor holds no anonymous memory until a tensor is copied or converted.
+
+Writing: `ShardWriter` writes tensors into shards of at most `max_shard_bytes` as they come,
+each shard's header first and then its tensors' bytes one after another, so a shard never
+exists whole in memory (safetensors' own `save_file` serialises the whole dict at once).
+`finish()` writes `model.safetensors.index.json` (or a single `model.safetensors`). Output
+files get the permissions the umask gives (safetensors' writer makes them 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moecompress.errors import MoecompressError
+
+# safetensors dtype codes <-> torch dtypes
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+}
+_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in _DTYPES.items()}
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype, shape and byte range inside the file."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The tensors of one safetensors file (name -> entry) and its `__metadata__`; corrupt files raise one line."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", head)
+            size = path.stat().st_size
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file size {size}")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise MoecompressError(f"{path} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + length
+    entries = {}
+    for name, info in header.items():
+        code = info.get("dtype")
+        if code not in _DTYPES:
+            raise MoecompressError(f"{path}: tensor {name!r} has dtype {code!r}, which moecompress cannot read")
+        start, end = (base + int(v) for v in info["data_offsets"])
+        if end > size:
+            raise MoecompressError(f"{path} is truncated (tensor {name!r} ends past the end of the file); "
+                                   "re-download or re-save the checkpoint")
+        entries[name] = TensorEntry(name, path, _DTYPES[code], tuple(int(d) for d in info["shape"]), start, end)
+    return entries, metadata
+
+
+class TensorFiles:
+    """Every tensor of a set of safetensors files, read lazily through memory maps."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.entries: dict[str, TensorEntry] = {}
+        self.metadata: dict[Path, dict[str, str]] = {}
+        for file in files:
+            entries, metadata = read_header(Path(file))
+            self.entries.update(entries)
+            self.metadata[Path(file)] = metadata
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        """Every tensor name, in file order."""
+        return list(self.entries)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        found = self._maps.get(path)
+        if found is None:
+            with open(path, "rb") as handle:
+                # ACCESS_COPY: a private mapping, so tensors built on it are writable without touching the file
+                found = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[path] = found
+        return found
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy tensor over the file's bytes (file-backed pages; copy it before modifying in place)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise MoecompressError(f"tensor {name!r} is missing from the checkpoint's safetensors files")
+        count = 1
+        for dim in entry.shape:
+            count *= dim
+        if count == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        flat = torch.frombuffer(self._map(entry.file), dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
+        return flat.view(entry.dtype).view(entry.shape)
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's stored bytes, exactly as on disk."""
+        entry = self.entries[name]
+        return memoryview(self._map(entry.file))[entry.start:entry.end]
+
+    def close(self) -> None:
+        """Drop the memory maps (tensors handed out keep theirs alive)."""
+        self._maps.clear()
+
+
+@dataclass
+class _Pending:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor in row-major order (a copy only when it is not contiguous)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class ShardWriter:
+    """Write tensors into numbered safetensors shards as they come; the index is written last.
+
+    Tensors are grouped into a shard until the next one would pass `max_shard_bytes`; each
+    shard is written when it is closed, from the tensors queued for it. A queued tensor may be
+    a zero-copy view of an input file, so queueing holds no memory of its own.
+    """
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int | str = "2GB", metadata: dict[str, str] | None = None,
+                 prefix: str = "model") -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = _parse_size(max_shard_bytes)
+        self.metadata = dict(metadata or {"format": "pt"})
+        self.prefix = prefix
+        self._queue: list[tuple[_Pending, torch.Tensor | list[memoryview]]] = []
+        self._queued_bytes = 0
+        self._shards: list[tuple[str, list[str], int]] = []  # (temporary file name, tensor names, bytes)
+        self._seen: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor for the current shard (written out when the shard is full)."""
+        self._add(_Pending(name, tensor.dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size()), tensor)
+
+    def add_raw(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                data: memoryview | list[memoryview]) -> None:
+        """Queue a tensor given as its stored bytes, whole or in consecutive pieces (rows of an input tensor)."""
+        pieces = data if isinstance(data, list) else [data]
+        self._add(_Pending(name, dtype, tuple(shape), sum(len(piece) for piece in pieces)), pieces)
+
+    def _add(self, pending: _Pending, data: torch.Tensor | list[memoryview]) -> None:
+        if pending.name in self._seen:
+            raise ValueError(f"tensor {pending.name!r} written twice")
+        if pending.dtype not in _CODES:
+            raise MoecompressError(f"tensor {pending.name!r} has dtype {pending.dtype}, which safetensors cannot store")
+        self._seen.add(pending.name)
+        if self._queue and self._queued_bytes + pending.nbytes > self.max_shard_bytes:
+            self.flush()
+        self._queue.append((pending, data))
+        self._queued_bytes += pending.nbytes
+
+    def flush(self) -> None:
+        """Write the queued tensors as one shard now."""
+        if not self._queue:
+            return
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for pending, _ in self._queue:
+            header[pending.name] = {"dtype": _CODES[pending.dtype], "shape": list(pending.shape),
+                                    "data_offsets": [offset, offset + pending.nbytes]}
+            offset += pending.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        name = f"{self.prefix}-shard-{len(self._shards) + 1:05d}.safetensors"
+        with open(self.folder / name, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for pending, data in self._queue:
+                pieces = data if isinstance(data, list) else [_tensor_bytes(data)]
+                written = 0
+                for piece in pieces:
+                    handle.write(piece)
+                    written += len(piece)
+                if written != pending.nbytes:
+                    raise ValueError(f"tensor {pending.name!r}: {written} bytes for {pending.nbytes} expected")
+        _readable_by_all(self.folder / name)
+        self._shards.append((name, [pending.name for pending, _ in self._queue], offset))
+        self.total_bytes += offset
+        self._queue.clear()
+        self._queued_bytes = 0
+
+    def finish(self) -> list[Path]:
+        """Write the last shard, name the shards as transformers does, write the index; returns the files."""
+        self.flush()
+        if len(self._shards) == 1:
+            final = [self.prefix + ".safetensors"]
+        else:
+            final = [f"{self.prefix}-{i + 1:05d}-of-{len(self._shards):05d}.safetensors" for i in range(len(self._shards))]
+        weight_map: dict[str, str] = {}
+        for (temporary, names, _), target in zip(self._shards, final):
+            os.replace(self.folder / temporary, self.folder / target)
+            weight_map.update({name: target for name in names})
+        if len(self._shards) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [self.folder / name for name in final]
+
+
+def _readable_by_all(path: Path) -> None:
+    """Give a written file the permissions the umask allows (0644 under the usual umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

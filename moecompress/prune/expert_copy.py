@@ -1,0 +1,198 @@
+"""Write an expert-pruned checkpoint by copying the kept tensors, byte for byte, without a model.
+
+Dropping routed experts (the same number in every MoE layer) changes no number in any kept
+tensor: each output tensor is an input tensor, or rows of one. So the pruned checkpoint is
+written straight from the input's safetensors shards, in their stored dtype and on-disk
+names, one tensor at a time through memory maps: peak memory is the writer's queue, not the
+model. For each input tensor (classified by the module key it feeds, through transformers'
+own key conversions):
+
+* an expert tensor stored per expert (`...experts.{e}.gate_proj.weight`): dropped, or kept
+  and renumbered to its position among the kept experts;
+* an expert tensor stored fused (`experts.gate_up_proj (E, ...)`): its kept rows along dim 0;
+* the router weight and bias: kept rows along dim 0; correction biases: kept entries along
+  the last dim (as `MoEAdapter.sliced_state_dict` slices them in memory);
+* anything else: copied as stored.
+
+Before anything is written, the output's tensor names and shapes are checked against the
+model the patched config declares (its meta skeleton): a layout this copy cannot express
+raises `ExpertCopyUnsupported`, and the caller writes through the model instead.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.io.safetensors_stream import ShardWriter, TensorEntry, TensorFiles
+from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.weight_conversion import KeyMap, key_map
+from moecompress.sizes import skeleton_model
+
+_PER_EXPERT = re.compile(r"(^|\.)experts\.(\d+)\.")
+# files of a checkpoint folder that travel with the weights unchanged
+_COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "added_tokens.json",
+                 "chat_template*", "generation_config.json", "*.model", "*.tiktoken")
+
+
+class ExpertCopyUnsupported(Exception):
+    """This checkpoint's expert layout cannot be pruned by copying tensors (the caller falls back)."""
+
+
+@dataclass
+class _Output:
+    name: str  # output disk key
+    source: str  # input disk key
+    dim: int | None = None  # slicing dim, None for a plain copy
+    rows: list[int] | None = None
+
+
+def supports_expert_copy(adapter: MoEAdapter) -> bool:
+    """Whether the adapter slices experts the generic way (adapters that override dropping do their own)."""
+    cls = type(adapter)
+    return cls.sliced_state_dict is MoEAdapter.sliced_state_dict and cls.drop is MoEAdapter.drop
+
+
+def _slice_dim(kind: str, shape: tuple[int, ...], num_experts: int) -> int:
+    dim = 0 if kind in ("expert", "router") else len(shape) - 1
+    if not shape or shape[dim] != num_experts:
+        raise ExpertCopyUnsupported(f"tensor of shape {list(shape)} has no expert dimension of size {num_experts}")
+    return dim
+
+
+def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: Any,
+              keep: dict[int, Sequence[int]]) -> list[_Output]:
+    """Every output tensor: which input it copies and which rows it keeps."""
+    kinds: dict[str, tuple[str, int]] = {}  # module key -> (kind, layer index)
+    expert_prefixes: dict[str, int] = {}
+    for ref in adapter.moe_layers(skeleton):
+        if ref.index not in keep:
+            continue
+        expert_prefixes[ref.experts_path + "."] = ref.index
+        for name in adapter.expert_param_names(ref):
+            kinds[f"{ref.experts_path}.{name}"] = ("expert", ref.index)
+        for rel in (adapter.router_weight_attr, adapter.router_bias_attr):
+            if rel is not None:
+                kinds[f"{ref.router_path}.{rel}"] = ("router", ref.index)
+        for path in adapter.correction_bias_paths:
+            kinds[f"{ref.path}.{path}"] = ("bias", ref.index)
+    num_experts = adapter.num_experts(skeleton.config)
+    outputs: list[_Output] = []
+    for disk_key, entry in files.entries.items():
+        module_key = keys.module_key(disk_key)
+        if module_key is None:
+            raise ExpertCopyUnsupported(f"input tensor {disk_key!r} feeds no parameter of the model")
+        kind = kinds.get(module_key)
+        if kind is None:
+            if any(module_key.startswith(prefix) for prefix in expert_prefixes):
+                raise ExpertCopyUnsupported(f"expert tensor {module_key!r} is not a declared expert parameter")
+            outputs.append(_Output(disk_key, disk_key))
+            continue
+        what, layer = kind
+        kept = list(keep[layer])
+        match = _PER_EXPERT.search(disk_key) if what == "expert" else None
+        if match is not None:
+            expert = int(match.group(2))
+            if expert in kept:
+                start, end = match.span(2)
+                outputs.append(_Output(disk_key[:start] + str(kept.index(expert)) + disk_key[end:], disk_key))
+            continue
+        outputs.append(_Output(disk_key, disk_key, _slice_dim(what, entry.shape, num_experts), kept))
+    return outputs
+
+
+def _output_shape(entry: TensorEntry, out: _Output) -> tuple[int, ...]:
+    if out.dim is None:
+        return entry.shape
+    shape = list(entry.shape)
+    shape[out.dim] = len(out.rows or [])
+    return tuple(shape)
+
+
+def check_against_config(outputs: list[_Output], files: TensorFiles, config: Any) -> None:
+    """The output's tensors feed exactly the parameters of the model `config` declares, with their shapes."""
+    skeleton = skeleton_model(config)
+    keys = key_map(skeleton)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    fed: dict[str, list[tuple[int, ...]]] = {}
+    for out in outputs:
+        module_key = keys.module_key(out.name)
+        if module_key is None:
+            raise ExpertCopyUnsupported(f"output tensor {out.name!r} would feed no parameter of the pruned model")
+        fed.setdefault(module_key, []).append(_output_shape(files.entries[out.source], out))
+    tied = getattr(skeleton, "_tied_weights_keys", None) or {}
+    tied_targets = set(tied) if isinstance(tied, dict) else set()
+    missing = [name for name in expected if name not in fed and name not in tied_targets]
+    if missing:
+        raise ExpertCopyUnsupported(f"the pruned model's {missing[0]} would have no tensor")
+    for name, shapes in fed.items():
+        if len(shapes) == 1 and shapes[0] != expected[name]:
+            raise ExpertCopyUnsupported(f"{name}: shape {list(shapes[0])} but the pruned config expects "
+                                        f"{list(expected[name])}")
+
+
+def _rows_bytes(files: TensorFiles, entry: TensorEntry, out: _Output) -> list[memoryview] | torch.Tensor:
+    """Kept rows of a tensor: byte ranges of the input when slicing dim 0, else a small gathered copy."""
+    rows = out.rows or []
+    if out.dim == 0:
+        raw = files.raw(entry.name)
+        stride = entry.nbytes // entry.shape[0]
+        return [raw[r * stride:(r + 1) * stride] for r in rows]
+    tensor = files.tensor(entry.name)
+    return tensor.index_select(out.dim or 0, torch.as_tensor(rows, dtype=torch.long)).contiguous()
+
+
+def write_expert_copy(files: TensorFiles, outputs: list[_Output], folder: Path, max_shard_bytes: int | str,
+                      progress: bool = True) -> int:
+    """Write the planned tensors into safetensors shards in `folder`; returns bytes written."""
+    from tqdm.auto import tqdm
+
+    writer = ShardWriter(folder, max_shard_bytes)
+    for out in tqdm(outputs, desc="copying kept tensors", unit="tensor", disable=not progress, mininterval=1.0):
+        entry = files.entries[out.source]
+        if out.dim is None:
+            writer.add_raw(out.name, entry.dtype, entry.shape, files.raw(out.source))
+            continue
+        data = _rows_bytes(files, entry, out)
+        if isinstance(data, torch.Tensor):
+            writer.add(out.name, data)
+        else:
+            writer.add_raw(out.name, entry.dtype, _output_shape(entry, out), data)
+    writer.finish()
+    return writer.total_bytes
+
+
+def copy_side_files(source: Path, folder: Path) -> None:
+    """Copy the tokenizer and generation files of the input folder unchanged."""
+    seen: set[Path] = set()
+    for pattern in _COPIED_FILES:
+        for path in sorted(source.glob(pattern)):
+            if path.is_file() and path not in seen:
+                seen.add(path)
+                shutil.copy2(path, folder / path.name)
+
+
+def check_copy(files: TensorFiles, adapter: MoEAdapter, config: Any, new_config: Any,
+               keep: dict[int, Sequence[int]]) -> list[_Output]:
+    """The planned output tensors, checked against `new_config`; `ExpertCopyUnsupported` when they cannot be."""
+    if not supports_expert_copy(adapter):
+        raise ExpertCopyUnsupported(f"{config.model_type} drops experts with its own adapter code")
+    skeleton = skeleton_model(config)
+    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep)
+    check_against_config(outputs, files, new_config)
+    return outputs
+
+
+def prune_by_copy(source: Path, files: TensorFiles, outputs: list[_Output], new_config: Any, folder: Path,
+                  max_shard_bytes: int | str = "5GB", progress: bool = True) -> int:
+    """Write the checked output tensors, the config and the side files into `folder`; returns weight bytes."""
+    written = write_expert_copy(files, outputs, folder, max_shard_bytes, progress)
+    new_config.save_pretrained(folder)
+    copy_side_files(source, folder)
+    return written

@@ -1,0 +1,100 @@
+"""Pruning by copying tensors equals pruning the whole model, on every architecture it handles.
+
+For each tiny architecture: keep the same experts in every MoE layer, write once by copying
+the kept tensors from the input shards (`write_pruned_by_copy`) and once through the whole
+model (`write_pruned`), reopen both with plain `from_pretrained`, and compare every tensor
+bit for bit and the logits; the copy must also give the original model's logits with the
+other experts masked in its router.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecompress.io.safetensors_stream import TensorFiles
+from moecompress.models.load import inspect_checkpoint
+from moecompress.prune.expert_copy import ExpertCopyUnsupported, supports_expert_copy
+from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
+from moecompress.prune.plan import PrunePlan
+from tests.adapters.tiny_configs import TINY_CONFIGS
+from tests.adapters.test_contract import ATOL
+from tests.helpers import contract_keep, tiny_model, token_batch
+
+# architectures whose adapter drops experts with its own code: written through the model
+OWN_DROP = {"dbrx", "inkling_text"}
+
+
+def _plan(adapter, model) -> PrunePlan:
+    refs = adapter.moe_layers(model)
+    num = refs[0].num_experts
+    kept = contract_keep(adapter, model.config, num)
+    return PrunePlan(method="frequency", params={}, allocation="uniform", domain=None, num_experts=num,
+                     top_k=adapter.top_k(model.config), new_top_k=None, keep={ref.index: kept for ref in refs},
+                     protected={})
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_copy_equals_whole_model(model_type, tmp_path) -> None:
+    model = tiny_model(TINY_CONFIGS[model_type]())
+    source = tmp_path / "in"
+    model.save_pretrained(source)
+    info = inspect_checkpoint(source)
+    adapter = info.adapter
+    plan = _plan(adapter, model)
+    if model_type in OWN_DROP:
+        assert not supports_expert_copy(adapter)
+        with pytest.raises(ExpertCopyUnsupported):
+            write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, info.config, tmp_path / "copy", {},
+                                 source, progress=False)
+        assert not (tmp_path / "copy").exists()
+        return
+    write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, info.config, tmp_path / "copy", {}, source,
+                         progress=False)
+    reference, _ = AutoModelForCausalLM.from_pretrained(source).eval(), None
+    write_pruned(reference, adapter, plan, None, tmp_path / "whole", {}, source)
+
+    copied = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval()
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").eval()
+    a, b = copied.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    ids = token_batch(model.config.vocab_size, batch=2, length=12)
+    with torch.no_grad():
+        got = copied(ids).logits
+        assert torch.equal(got, whole(ids).logits)
+        original = AutoModelForCausalLM.from_pretrained(source).eval()
+        with adapter.mask_experts(original, plan.keep):
+            masked = original(ids).logits
+    torch.testing.assert_close(got, masked, atol=ATOL, rtol=1e-4)
+    manifest = json.loads((tmp_path / "copy" / "moecompress_manifest.json").read_text())
+    assert manifest["written_by"] == "tensor copy" and manifest["loads_with"].startswith("transformers")
+
+
+def test_prune_command_streams_and_copies(tmp_path) -> None:
+    """`prune_checkpoint` with a statistics-only method calibrates layer by layer and writes by copying."""
+    from pathlib import Path
+
+    import moecompress
+    from moecompress.prune.run import prune_checkpoint
+
+    example = Path(moecompress.__file__).parent / "example" / "model"
+    result = prune_checkpoint(example, tmp_path / "out", "frequency", ratio=0.5, samples=2, seq_len=32,
+                              progress=False)
+    manifest = json.loads((tmp_path / "out" / "moecompress_manifest.json").read_text())
+    assert manifest["written_by"] == "tensor copy"
+    assert manifest["calibration"]["mode"] == "layerwise"
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(example)
+    assert pruned.dtype == original.dtype  # written in the stored dtype
+    assert sum(p.numel() for p in pruned.parameters()) == result.params_after
+    ids = token_batch(original.config.vocab_size, batch=1, length=16)
+    adapter = inspect_checkpoint(example).adapter
+    with torch.no_grad(), adapter.mask_experts(original, result.plan.keep):
+        masked = original(ids).logits
+        got = pruned(ids).logits
+    torch.testing.assert_close(got.float(), masked.float(), atol=0, rtol=0)
