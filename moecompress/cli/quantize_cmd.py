@@ -12,6 +12,7 @@ from moecompress.cli.app import app
 from moecompress.cli.options import (
     BatchSizeOption,
     DataOption,
+    DtypeOption,
     FieldOption,
     ForceOption,
     JsonOption,
@@ -21,7 +22,6 @@ from moecompress.cli.options import (
     SamplesOption,
     SeedOption,
     SeqLenOption,
-    StreamingOption,
 )
 from moecompress.cli.quant_options import (
     ActOrder,
@@ -86,7 +86,10 @@ def quantize_command(
     seq_len: SeqLenOption = 256,
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
-    streaming: StreamingOption = False,
+    streaming: Annotated[bool, typer.Option("--streaming", help="Insist on reading the checkpoint one decoder layer "
+                                            "at a time (already the default for mc-moe and uniform; refused with "
+                                            "gemq, whose backward pass needs the whole model).")] = False,
+    dtype: DtypeOption = "auto",
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run; a "
                                               "time-limited solve reports its gap.")] = 120.0,
     expert_memory: ExpertMemory = "1GiB",
@@ -98,7 +101,8 @@ def quantize_command(
 
     Attention, shared experts and dense MLPs get their own fixed widths (default 4 bits); routers,
     norms and embeddings stay unquantised. GPTQ runs one decoder layer at a time on cached
-    calibration activations. Accepts checkpoints `moecompress prune` wrote.
+    calibration activations, reading the checkpoint one layer at a time (GEMQ, which needs a
+    backward pass, loads the whole model). Accepts checkpoints `moecompress prune` wrote.
 
     Example:
 
@@ -117,7 +121,7 @@ def quantize_command(
         settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size, asym,
                                        act_order, damp, rtn, group_aware=group_aware),
         sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
-        samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming,
+        samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming, dtype=dtype,
         time_limit=time_limit, expert_memory=parse_memory(expert_memory),
     )
     sources = parse_data_specs(data, field=field) if data else None

@@ -104,6 +104,7 @@ class LayerEngine:
         self.layers = adapter.decoder_layers(model)
         self.batches: list[_Batch] = []
         self.next_layer = 0
+        self._loaded: set[int] = set()  # layers whose weights are in memory (entered `layer_loaded`)
 
     @classmethod
     def from_reader(cls, reader: CheckpointReader, device: torch.device | str = "cpu") -> LayerEngine:
@@ -112,21 +113,29 @@ class LayerEngine:
 
     @contextlib.contextmanager
     def layer_loaded(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer `index` with its weights on the device inside the block (a no-op without a reader)."""
+        """Decoder layer `index` with its weights on the device inside the block (a no-op without a reader).
+
+        Re-entrant: inside an outer `layer_loaded(index)` the layer keeps the weights it has
+        (which a stage may have changed, e.g. quantised), and is released by the outer block.
+        """
         layer = self.layers[index]
-        if self.reader is None:
+        if self.reader is None or index in self._loaded:
             yield layer
             return
-        with self.reader.loaded(layer, self.device):
-            yield layer
+        self._loaded.add(index)
+        try:
+            with self.reader.loaded(layer, self.device):
+                yield layer
+        finally:
+            self._loaded.discard(index)
 
     @contextlib.contextmanager
-    def _outside_layers_loaded(self) -> Iterator[None]:
-        """Every module outside the decoder layers except the output head, loaded (to embed the batches)."""
+    def outside_layers_loaded(self, include_head: bool = False) -> Iterator[None]:
+        """Every module outside the decoder layers (the output head only if asked), loaded inside the block."""
         if self.reader is None:
             yield
             return
-        keys = self.reader.outside_layers(include_head=False)
+        keys = self.reader.outside_layers(include_head=include_head)
         try:
             self.reader.load_keys(keys, self.device)
             yield
@@ -142,7 +151,7 @@ class LayerEngine:
             saved.append(layer.__dict__.get("forward"))
             layer.forward = _Recorder(store, last=i == len(self.layers) - 1)
         try:
-            with self._outside_layers_loaded():
+            with self.outside_layers_loaded():
                 for domain, input_ids in batches:
                     for store in records:
                         store.clear()

@@ -2,9 +2,11 @@
 
 Reading: `TensorFiles` parses the headers of a checkpoint's shards (8-byte little-endian
 header length, JSON header with dtype, shape and byte offsets per tensor) and hands out
-tensors that are zero-copy views of a private memory map of the file. Their pages are clean,
-file-backed pages: the kernel drops them under memory pressure, so reading a 60 GB checkpoint
-tensor by tensor holds no anonymous memory until a tensor is copied or converted.
+tensors that are zero-copy views of a private (copy-on-write) memory map of their bytes, one
+map per tensor handed out. Their pages are clean, file-backed pages: the kernel drops them
+under memory pressure, so reading a 60 GB checkpoint tensor by tensor holds no anonymous
+memory until a tensor is copied, converted or written to. Writing to such a tensor never
+reaches the file, and the next read of the same tensor maps the file afresh.
 
 Writing: `ShardWriter` writes tensors into shards of at most `max_shard_bytes` as they come,
 each shard's header first and then its tensors' bytes one after another, so a shard never
@@ -105,29 +107,29 @@ class TensorFiles:
         return list(self.entries)
 
     def _map(self, path: Path) -> mmap.mmap:
+        """A shared read-only map of a whole file (for byte copies)."""
         found = self._maps.get(path)
         if found is None:
             with open(path, "rb") as handle:
-                # ACCESS_COPY: a private mapping, so tensors built on it are writable without touching the file
-                found = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                found = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[path] = found
         return found
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A zero-copy tensor over the file's bytes (file-backed pages; copy it before modifying in place)."""
+        """A zero-copy, writable tensor over the tensor's bytes in the file (a private copy-on-write map)."""
         entry = self.entries.get(name)
         if entry is None:
             raise MoecompressError(f"tensor {name!r} is missing from the checkpoint's safetensors files")
-        count = 1
-        for dim in entry.shape:
-            count *= dim
-        if count == 0:
+        if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
-        flat = torch.frombuffer(self._map(entry.file), dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
+        start = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY  # maps start on a page boundary
+        with open(entry.file, "rb") as handle:
+            region = mmap.mmap(handle.fileno(), entry.end - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(region, dtype=torch.uint8, count=entry.nbytes, offset=entry.start - start)
         return flat.view(entry.dtype).view(entry.shape)
 
     def raw(self, name: str) -> memoryview:
-        """The tensor's stored bytes, exactly as on disk."""
+        """The tensor's stored bytes, exactly as on disk (read-only)."""
         entry = self.entries[name]
         return memoryview(self._map(entry.file))[entry.start:entry.end]
 

@@ -11,7 +11,9 @@ Calibration batches are embedded once and their hidden states cached between lay
    experts with fewer than `min_tokens` routed tokens fall back to round-to-nearest; when the
    layer's expert Hessians exceed `expert_memory`, the experts are done in several passes;
 3. run the layer once more to produce the next layer's inputs, call `on_layer` (writers read
-   the layer there), and release the layer (streamed models keep one layer in memory).
+   the layer there), and release the layer: a model read through a `CheckpointReader` holds
+   one decoder layer in memory at a time (the embeddings, final norm and head only while the
+   head is quantised and written, after the last layer).
 
 Dequantised weights are written back into the model (fused expert parameters through the
 adapter's canonical views), so the model in memory is exactly what the checkpoint stores.
@@ -30,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moecompress.engine.layers import LayerEngine
+from moecompress.engine.reader import CheckpointReader
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
@@ -43,7 +46,6 @@ from moecompress.quant.layer_pass import (
 from moecompress.quant.plan import QuantPlan
 from moecompress.quant.solve import Solved, quantize_experts, quantize_weight, write_expert, write_linear
 from moecompress.quant.spec import QuantSpec
-from moecompress.quant.streaming import materialized
 from moecompress.quant.targets import STAGE_OF_ROLE, LinearTarget, ModelTargets, find_targets
 
 log = logging.getLogger(__name__)
@@ -90,13 +92,15 @@ def _needs_statistics(plan: QuantPlan) -> bool:
 def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
                    batches: Sequence[tuple[str, torch.Tensor]] | None, on_layer: LayerCallback | None = None,
                    min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True,
-                   expert_memory: int = DEFAULT_EXPERT_MEMORY) -> QuantReport:
+                   expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None
+                   ) -> QuantReport:
     """Quantise every entry of `plan` in place, layer by layer; `on_layer(i, result)` after each layer.
 
     batches: (domain, (B, S) token ids) calibration batches; may be None when every entry uses
     round-to-nearest. The output head (when in the plan) is quantised last, with RTN.
     expert_memory: bytes of expert Hessians held at once; a MoE layer whose experts need more
     is processed in several passes over its cached inputs (same result).
+    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time.
     """
     targets = find_targets(model, adapter)
     needs_data = _needs_statistics(plan)
@@ -105,15 +109,15 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     if needs_data and not getattr(adapter, "layerwise_supported", True):
         raise MoecompressError(f"{model.config.model_type} layers pass state between layers: GPTQ cannot run one "
                                "layer at a time on it; use round-to-nearest")
+    engine = LayerEngine(model, adapter, reader=reader)
     runner = None
     if needs_data:
-        runner = LayerEngine(model, adapter)
+        runner = engine
         runner.prepare(batches)  # type: ignore[arg-type]
     report = QuantReport()
     damp = {name: entry.spec.damp for name, entry in plan.entries.items() if entry.spec is not None}
     for index in tqdm(range(targets.num_layers), desc="quantising", unit="layer", disable=not progress):
-        layer = adapter.decoder_layers(model)[index]
-        with materialized(layer):
+        with engine.layer_loaded(index):
             result = _quantize_layer(model, adapter, plan, targets, index, runner, min_tokens, weighted_hessian,
                                      expert_memory)
             if runner is not None:
@@ -122,15 +126,16 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
             if on_layer is not None:
                 on_layer(index, result)
     result = LayerResult(index=None)  # everything outside the decoder layers: embeddings, final norm, head
-    if targets.head is not None:
-        entry = plan.entries.get(targets.head.name)
-        if entry is not None and entry.spec is not None:
-            spec = entry.spec.model_copy(update={"method": "rtn"})
-            result.linears[targets.head.name] = solved = quantize_weight(targets.head.module.weight, spec, None, 0)
-            write_linear(targets.head.module, solved)
-            report.add(result, damp)
-    if on_layer is not None:
-        on_layer(None, result)  # also for tied heads: writers store the embeddings and final norm here
+    with engine.outside_layers_loaded(include_head=True):
+        if targets.head is not None:
+            entry = plan.entries.get(targets.head.name)
+            if entry is not None and entry.spec is not None:
+                spec = entry.spec.model_copy(update={"method": "rtn"})
+                result.linears[targets.head.name] = solved = quantize_weight(targets.head.module.weight, spec, None, 0)
+                write_linear(targets.head.module, solved)
+                report.add(result, damp)
+        if on_layer is not None:
+            on_layer(None, result)  # also for tied heads: writers store the embeddings and final norm here
     return report
 
 

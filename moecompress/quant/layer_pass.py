@@ -56,15 +56,13 @@ def run_cached(runner: LayerEngine, index: int, stop_at: Sequence[nn.Module] = (
         raise _StopForward
 
     handles = [module.register_forward_pre_hook(stop) for module in stop_at]
-    layer = runner.layers[index]
     try:
-        for batch in runner.batches:
-            kwargs = dict(batch.layer_kwargs[index])
-            extra = kwargs.pop("__args__", ())
-            try:
-                layer(batch.hidden, *extra, **kwargs)
-            except _StopForward:
-                pass
+        with runner.layer_loaded(index) as layer:
+            for batch in runner.batches:
+                try:
+                    runner.layer_call(index, batch, layer)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()

@@ -59,6 +59,7 @@ class QuantizeRequest(BaseModel):
     seed: int = 0
     batch_size: int = 8
     streaming: bool = False
+    dtype: str = "auto"
     time_limit: float = 120.0
     max_shard_bytes: int = 2 * 10**9
     expert_memory: int = DEFAULT_EXPERT_MEMORY  # bytes of per-expert state (Hessians, copies) per pass
@@ -105,17 +106,22 @@ class QuantizeRequest(BaseModel):
 
 
 def check_model_support(adapter: Any, model_type: str, request: QuantizeRequest) -> bool:
-    """Raise when the model cannot run the layer-at-a-time passes the request needs; returns whether to stream."""
+    """Raise when the model cannot run the layer-at-a-time passes the request needs; returns whether to stream.
+
+    Every method but GEMQ (a backward pass through the whole model) reads the checkpoint one
+    decoder layer at a time; `--streaming` insists on it (and is refused with GEMQ).
+    """
     needs_layers = request.method == "mc-moe" or request.settings.method == "gptq"
     if needs_layers and not getattr(adapter, "layerwise_supported", True):
         raise MoecompressError(
             f"{model_type} layers pass state between layers, so GPTQ and MC-MoE cannot run one layer at a time; "
             "quantise it with --rtn and --method uniform or gemq"
         )
-    if request.streaming and not getattr(adapter, "streaming_supported", True):
-        log.warning("%s cannot be streamed from disk; quantising with the model in memory", model_type)
+    streams = request.streaming or request.method != "gemq"
+    if streams and not getattr(adapter, "streaming_supported", True):
+        log.warning("%s cannot be read one layer at a time; quantising with the model in memory", model_type)
         return False
-    return request.streaming
+    return streams
 
 
 def parse_request(**values: Any) -> QuantizeRequest:
@@ -157,7 +163,7 @@ def calibration_batches(sources: list[Any] | None, request: QuantizeRequest, tok
 
 
 def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | None, widths: list[int],
-                        request: QuantizeRequest, progress: bool) -> Any:
+                        request: QuantizeRequest, progress: bool, reader: Any = None) -> Any:
     """Per-expert costs of every candidate width: GEMQ's Fisher-weighted errors or MC-MoE's block errors."""
     from moecompress.quant.sensitivity import block_errors, fisher_errors
 
@@ -168,11 +174,11 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
                              expert_memory=request.expert_memory)
     return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
                         weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
-                        expert_memory=request.expert_memory)
+                        expert_memory=request.expert_memory, reader=reader)
 
 
 def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest,
-                  batches: list | None, input_bytes: int, element_size: int, progress: bool
+                  batches: list | None, input_bytes: int, element_size: int, progress: bool, reader: Any = None
                   ) -> tuple[dict[int, list[int]], Allocation | None, dict[str, float | str]]:
     """Choose a width per routed expert: uniform, or sensitivity + the integer program."""
     widths = request.widths()
@@ -184,7 +190,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
         return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
     check_budget(sizes, widths, budget, request.uniform_per_layer,  # before the sensitivity pass
                  require_top=0 if request.uniform_per_layer else request.require_top)
-    sens = measure_sensitivity(model, adapter, batches, widths, request, progress)
+    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader)
     costs = sens.costs(request.alpha, request.beta)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
                       uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
@@ -268,12 +274,19 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     torch.manual_seed(request.seed)
     batches, calib = (calibration_batches(sources, request, tokenizer) if request.needs_data()
                       else (None, None))
-    model, adapter = load_model(source, dtype="float32", streaming=streaming)
+    reader = None
+    if streaming:
+        from moecompress.engine.reader import CheckpointReader
+
+        reader = CheckpointReader(source, dtype=request.dtype, info=info)
+        model, adapter = reader.model, reader.adapter
+    else:
+        model, adapter = load_model(source, dtype=request.dtype)
     targets = find_targets(model, adapter)
     if not targets.moe:
         raise MoecompressError(f"{source} has no MoE layers to quantise")
     widths, allocation, budget_record = expert_widths(model, adapter, targets, request, batches, info.bytes_on_disk,
-                                                      element_size, progress)
+                                                      element_size, progress, reader)
     allocation_record: dict[str, object] = {}
     if allocation is not None:
         allocation_record = {"solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
@@ -282,7 +295,7 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     plan = make_plan(targets, adapter, widths, request.settings, request.method, request.widths(), budget_record,
                      allocation_record)
     result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
-                             progress, out_dtype)
+                             progress, out_dtype, reader=reader)
     result.allocation = allocation
     return result
 
@@ -290,8 +303,11 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
 def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batches: list | None, source: Path,
                     info: Any, output: str | Path, request: QuantizeRequest, tokenizer: Any, calib: Any, force: bool,
                     progress: bool, out_dtype: torch.dtype, operation: str = "quantize",
-                    extra_manifest: dict[str, Any] | None = None) -> QuantizeResult:
-    """Quantise `model` per `plan` layer by layer while writing the chosen format into `output`."""
+                    extra_manifest: dict[str, Any] | None = None, reader: Any = None) -> QuantizeResult:
+    """Quantise `model` per `plan` layer by layer while writing the chosen format into `output`.
+
+    reader: the `CheckpointReader` a meta-device `model` is read from, one layer at a time.
+    """
     from moecompress.io.checkpoint import folder_bytes
     from moecompress.io.fake_quant import FakeQuantWriter
     from moecompress.io.gptq_writer import GPTQWriter
@@ -307,7 +323,7 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
             writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
         report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, min_tokens=request.min_tokens,
                                 weighted_hessian=request.weighted_hessian, progress=progress,
-                                expert_memory=request.expert_memory)
+                                expert_memory=request.expert_memory, reader=reader)
         writer.finish()
         if request.format == "fake":
             (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from moecompress.calibration.gradients import activation_gradients
 from moecompress.engine.layers import LayerEngine
+from moecompress.engine.reader import CheckpointReader
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
     DEFAULT_EXPERT_MEMORY,
@@ -45,7 +46,6 @@ from moecompress.quant.layer_pass import (
 )
 from moecompress.quant.solve import dequantized_expert, quantize_experts
 from moecompress.quant.spec import QuantSpec
-from moecompress.quant.streaming import materialized
 
 
 @dataclass
@@ -173,19 +173,20 @@ def _bytes_per_expert(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[
 
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                  widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
-                 min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY
-                 ) -> Sensitivity:
+                 min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY,
+                 reader: CheckpointReader | None = None) -> Sensitivity:
     """MC-MoE block-output errors of every expert at every width, one decoder layer at a time.
 
     A layer whose experts' candidate copies (and Hessians) exceed `expert_memory` is measured in
     several passes over its cached inputs, a group of experts per pass (same result).
+    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time.
     """
-    runner = LayerEngine(model, adapter)
+    runner = LayerEngine(model, adapter, reader=reader)
     runner.prepare(batches)
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
     layers: dict[int, LayerErrors] = {}
     for index in tqdm(range(len(runner.layers)), desc="sensitivity", unit="layer", disable=not progress):
-        with materialized(runner.layers[index]):
+        with runner.layer_loaded(index):
             if index not in moe:
                 runner.run_layer(index)
                 continue

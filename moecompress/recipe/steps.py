@@ -316,6 +316,7 @@ class QuantizeStep(_QuantOptions, _CalibrationData):
     uniform_per_layer: bool = False
     sensitivity_quantizer: Literal["rtn", "gptq"] = "rtn"
     streaming: bool = False
+    dtype: Dtype = "auto"
 
     def check(self, where: Location) -> None:
         super().check(where)
@@ -327,7 +328,8 @@ class QuantizeStep(_QuantOptions, _CalibrationData):
                     uniform_per_layer=self.uniform_per_layer, format=self.format, settings=self.quant_settings(),
                     sensitivity_quantizer=self.sensitivity_quantizer, weighted_hessian=self.weighted_hessian,
                     min_tokens=self.min_tokens, samples=samples, seq_len=seq_len, seed=seed,
-                    batch_size=self.batch_size, streaming=self.streaming, time_limit=self.time_limit)
+                    batch_size=self.batch_size, streaming=self.streaming, dtype=self.dtype,
+                    time_limit=self.time_limit)
 
 
 class CompressStep(_QuantOptions, _CalibrationData):

@@ -38,6 +38,11 @@ def test_reader_gives_safetensors_tensors_without_copying(tmp_path) -> None:
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)) if got.numel() else True
     with pytest.raises(MoecompressError, match="missing"):
         files.tensor("nope")
+    first = files.tensor("b.bias")
+    first.zero_()  # a private copy-on-write map: the file and the next read are untouched
+    assert torch.equal(files.tensor("b.bias"), tensors["b.bias"])
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("b.bias"), tensors["b.bias"])
 
 
 def test_writer_round_trips_through_safe_open_with_shards_and_index(tmp_path) -> None:
