@@ -40,12 +40,14 @@ def resolve_dtype(info: CheckpointInfo, dtype: str | torch.dtype) -> torch.dtype
 class CheckpointReader:
     """A checkpoint's module tree on the meta device, filled one module at a time from its shards."""
 
-    def __init__(self, path: str | Path, dtype: str | torch.dtype = "auto", info: CheckpointInfo | None = None) -> None:
+    def __init__(self, path: str | Path, dtype: str | torch.dtype = "auto", info: CheckpointInfo | None = None,
+                 files: Any = None, config: Any = None) -> None:
+        """files/config: read other tensors (e.g. `PrunedTensors`) for another config than the folder's."""
         self.info = info or inspect_checkpoint(path)
         self.adapter = self.info.adapter
         self.dtype = resolve_dtype(self.info, dtype)
-        self.files = TensorFiles(self.info.weight_files)
-        self.model = skeleton_model(self.info.config, self.dtype)
+        self.files = files if files is not None else TensorFiles(self.info.weight_files)
+        self.model = skeleton_model(config if config is not None else self.info.config, self.dtype)
         self.model.eval()
         self.keys: KeyMap = key_map(self.model)
         self._meta_shapes = {name: (t.shape, t.dtype) for name, t in self.model.state_dict().items()}
@@ -62,6 +64,18 @@ class CheckpointReader:
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def with_experts(self, keep: dict[int, list[int]], config: Any) -> CheckpointReader:
+        """A reader of the same checkpoint with only the `keep` experts of each MoE layer (`config` patched).
+
+        The kept experts' tensors are served from the input's shards (no pruned copy is written).
+        """
+        from moecompress.prune.expert_copy import PrunedTensors, check_copy
+
+        if not isinstance(self.files, TensorFiles):
+            raise MoecompressError("internal error: experts can be dropped from a checkpoint read as stored only")
+        outputs = check_copy(self.files, self.adapter, self.config, config, keep)
+        return CheckpointReader(self.info.path, self.dtype, self.info, PrunedTensors(self.files, outputs), config)
 
     def module_path(self, module: nn.Module) -> str:
         """The dotted path of a submodule of the model."""

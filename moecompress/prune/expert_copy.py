@@ -21,6 +21,7 @@ raises `ExpertCopyUnsupported`, and the caller writes through the model instead.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from collections.abc import Sequence
@@ -135,6 +136,32 @@ def check_against_config(outputs: list[_Output], files: TensorFiles, config: Any
         if len(shapes) == 1 and shapes[0] != expected[name]:
             raise ExpertCopyUnsupported(f"{name}: shape {list(shapes[0])} but the pruned config expects "
                                         f"{list(expected[name])}")
+
+
+class PrunedTensors:
+    """The tensors of an expert-pruned checkpoint, served from the input's shards without writing them.
+
+    Quacks like `TensorFiles` for `CheckpointReader`: `names()`, `entries` and `tensor(name)`.
+    """
+
+    def __init__(self, files: TensorFiles, outputs: list[_Output]) -> None:
+        self.files = files
+        self.outputs = {out.name: out for out in outputs}
+        self.entries = {out.name: dataclasses.replace(files.entries[out.source], name=out.name,
+                                                      shape=_output_shape(files.entries[out.source], out))
+                        for out in outputs}
+
+    def names(self) -> list[str]:
+        """Every tensor name of the pruned checkpoint."""
+        return list(self.outputs)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A kept tensor: the input's (zero-copy) or its kept rows (a copy of those rows)."""
+        out = self.outputs[name]
+        tensor = self.files.tensor(out.source)
+        if out.dim is None:
+            return tensor
+        return tensor.index_select(out.dim, torch.as_tensor(out.rows or [], dtype=torch.long))
 
 
 def _rows_bytes(files: TensorFiles, entry: TensorEntry, out: _Output) -> list[memoryview] | torch.Tensor:

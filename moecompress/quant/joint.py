@@ -14,6 +14,11 @@ bits. Feasibility: every layer keeps the same number of experts K (stock configs
 expert count), K >= top_k and equal per group for group-limited routers; super experts are
 never dropped. Dropped experts are removed (router rows and config patched) and the rest
 quantised layer by layer.
+
+Except with GEMQ (a backward pass through the whole model), every pass reads the checkpoint
+one decoder layer at a time (`CheckpointReader`): statistics, sensitivity, and the
+quantisation of the kept experts, which are served from the input's shards with the dropped
+ones left out (`CheckpointReader.with_experts`), so no pruned copy is written first.
 """
 
 from __future__ import annotations
@@ -87,7 +92,15 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     tokenizer = load_tokenizer(source)
     torch.manual_seed(request.seed)
     batches, calib = calibration_batches(sources, request, tokenizer)
-    model, adapter = load_model(source, dtype="float32")
+    from moecompress.engine.reader import CheckpointReader
+    from moecompress.quant.run import check_model_support
+
+    reader = None
+    if check_model_support(info.adapter, info.config.model_type, request):
+        reader = CheckpointReader(source, dtype=request.dtype, info=info)
+        model, adapter = reader.model, reader.adapter
+    else:
+        model, adapter = load_model(source, dtype=request.dtype)
     widths = request.widths()
     choices = [DROP, *widths]
     targets = find_targets(model, adapter)
@@ -98,7 +111,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     if stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       required_statistics(prune_method, protect_super_experts),
-                                      request.batch_size, "layerwise", progress)
+                                      request.batch_size, "layerwise", progress, reader=reader)
         stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
     scores = scorer.score(stats, params, None)
     protected: dict[int, list[int]] = {}
@@ -107,7 +120,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
         protected = find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers},
                                        num_layers)
 
-    sens = measure_sensitivity(model, adapter, batches, widths, request, progress)
+    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader)
     costs = joint_costs(sens.costs(request.alpha, request.beta),
                         drop_costs(scores, sens.drop_costs(request.alpha, request.beta)))
     rules = PruneRules(feasible_kept=tuple(feasible_counts(shape)),
@@ -121,7 +134,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     log.info("joint program: %d of %d experts kept per layer (%s, %s)", len(next(iter(keep.values()))),
              len(next(iter(allocation.widths.values()))), allocation.solver, allocation.status)
     if any(dropped.values()):
-        model = adapter.drop(model, keep_experts=keep)
+        model, reader = _drop_experts(model, adapter, reader, keep, source, request.dtype)
     pruned_targets = find_targets(model, adapter)
     allocation_record: dict[str, object] = {
         "solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
@@ -133,6 +146,27 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     extra = {"pruning": {"method": prune_method, "params": params.model_dump(), "keep": keep, "dropped": dropped,
                          "protected": protected, "stats_digest": stats.digest()}}
     result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
-                             progress, out_dtype, operation="compress", extra_manifest=extra)
+                             progress, out_dtype, operation="compress", extra_manifest=extra, reader=reader)
     result.allocation = allocation
     return result, allocation
+
+
+def _drop_experts(model: torch.nn.Module, adapter: Any, reader: Any, keep: dict[int, list[int]], source: Path,
+                  dtype: str) -> tuple[torch.nn.Module, Any]:
+    """The model with only the `keep` experts, and its reader (None for a model in memory).
+
+    A checkpoint read layer by layer gets a reader that serves only the kept experts; an
+    architecture whose adapter drops experts with its own code is loaded and dropped whole.
+    """
+    from moecompress.models.load import load_model
+    from moecompress.prune.expert_copy import ExpertCopyUnsupported
+
+    if reader is not None:
+        count = len(next(iter(keep.values())))
+        try:
+            pruned = reader.with_experts(keep, adapter.patched_config(reader.config, num_experts=count))
+            return pruned.model, pruned
+        except ExpertCopyUnsupported as reason:
+            log.info("dropping experts on the whole model: %s", reason)
+            model, _ = load_model(source, dtype=dtype)
+    return adapter.drop(model, keep_experts=keep), None
