@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+import moecompress.quant.run as quant_run
 from moecompress.quant.load import load_quantized
 from moecompress.quant.plan import QuantPlan
 from tests.cli_helpers import error_lines, make_checkpoint, run_cli
@@ -143,3 +145,41 @@ def test_compress_drops_and_quantises_under_a_size(checkpoint, data, tmp_path, m
     assert model.config.num_experts == len(next(iter(manifest["pruning"]["keep"].values())))
     ids = token_batch(model.config.vocab_size, seed=2)
     assert torch.isfinite(logits(model, ids)).all()
+
+
+# The checkpoint read layer by layer (CheckpointReader, the shipped path) against the whole model in
+# memory (the path GEMQ still takes): every written tensor equal bit for bit.
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+@pytest.mark.parametrize("command", [["quantize", "--bits", "2.5"], ["compress", "--size", "40%"]])
+def test_streamed_equals_whole_model(command, checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
+    streamed = tmp_path / "streamed"
+    code, _, err = run_cli([command[0], str(checkpoint), *command[1:], *data, *CALIB, "-o", str(streamed)],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    original = quant_run.check_model_support
+    calls = []
+
+    def whole_model(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(original(*args, **kwargs))
+        return False
+
+    monkeypatch.setattr(quant_run, "check_model_support", whole_model)
+    whole = tmp_path / "whole"
+    code, _, err = run_cli([command[0], str(checkpoint), *command[1:], *data, *CALIB, "-o", str(whole)],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    assert calls == [True]  # the shipped path did stream
+    a, b = _tensors(streamed), _tensors(whole)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    model, _ = load_quantized(streamed)
+    assert not any(p.device.type == "meta" for p in model.parameters())
