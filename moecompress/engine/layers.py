@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.adapters.instrument import is_instrumented
 
 if TYPE_CHECKING:
     from moecompress.engine.reader import CheckpointReader
@@ -105,6 +106,7 @@ class LayerEngine:
         self.batches: list[_Batch] = []
         self.next_layer = 0
         self._loaded: set[int] = set()  # layers whose weights are in memory (entered `layer_loaded`)
+        self._moe = {ref.index: ref for ref in adapter.moe_layers(model)}
 
     @classmethod
     def from_reader(cls, reader: CheckpointReader, device: torch.device | str = "cpu") -> LayerEngine:
@@ -186,10 +188,25 @@ class LayerEngine:
         return out.pin_memory() if self.device.type == "cuda" else out
 
     def layer_call(self, index: int, batch: _Batch, layer: nn.Module) -> Any:
-        """Decoder layer `index`'s raw output for one cached batch (inputs moved to the device)."""
+        """Decoder layer `index`'s raw output for one cached batch (inputs moved to the device).
+
+        When the reader keeps routed experts narrower than the activations, a MoE layer that no
+        stage instruments computes its experts through the adapter's `run_experts`, which
+        widens each expert's weights as it goes (transformers' own kernels want one dtype).
+        """
         kwargs = to_device(dict(batch.layer_kwargs[index]), self.device)
         extra = kwargs.pop("__args__", ())
-        return layer(batch.hidden.to(self.device, non_blocking=True), *extra, **kwargs)
+        with self._mixed_precision_experts(index):
+            return layer(batch.hidden.to(self.device, non_blocking=True), *extra, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_precision_experts(self, index: int) -> Iterator[None]:
+        ref = self._moe.get(index) if self.reader is not None and self.reader.mixed_precision else None
+        if ref is None or is_instrumented(ref.experts):
+            yield
+            return
+        with self.adapter.instrument(self.model, {index: None}):
+            yield
 
     @torch.no_grad()
     def run_layer(self, index: int, before_batch: Callable[[str], None] | None = None) -> None:

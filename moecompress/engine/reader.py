@@ -28,26 +28,45 @@ from moecompress.models.weight_conversion import KeyMap, key_map, load_into
 from moecompress.sizes import checkpoint_dtype, skeleton_model
 
 
-def resolve_dtype(info: CheckpointInfo, dtype: str | torch.dtype) -> torch.dtype:
-    """The compute dtype: `auto` is the floating dtype the checkpoint stores most of."""
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_dtypes(info: CheckpointInfo, dtype: str | torch.dtype, device: torch.device | str = "cpu"
+                   ) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of activations and non-expert weights, dtype of routed-expert weights).
+
+    An explicit dtype is used for both. `auto` keeps the routed experts (almost all of an MoE
+    model's bytes) in the dtype the checkpoint stores; the rest computes in that dtype on CUDA
+    and in float32 on the CPU, where bfloat16 and float16 matrix products are several times
+    slower than float32 ones (experts are then multiplied in float32 one expert at a time).
+    """
     parsed = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if parsed == "auto":
-        stored = checkpoint_dtype(info)
-        return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
-    return parsed
+    if parsed != "auto":
+        return parsed, parsed
+    stored = checkpoint_dtype(info)
+    stored = stored if stored in _FLOATS else torch.bfloat16
+    if torch.device(device).type == "cpu" and not info.adapter.own_expert_arithmetic:
+        return torch.float32, stored
+    return stored, stored
 
 
 class CheckpointReader:
     """A checkpoint's module tree on the meta device, filled one module at a time from its shards."""
 
     def __init__(self, path: str | Path, dtype: str | torch.dtype = "auto", info: CheckpointInfo | None = None,
-                 files: Any = None, config: Any = None) -> None:
-        """files/config: read other tensors (e.g. `PrunedTensors`) for another config than the folder's."""
+                 files: Any = None, config: Any = None, device: torch.device | str = "cpu") -> None:
+        """dtype: see `resolve_dtypes`; device: where layers will compute (it decides what `auto` means).
+
+        files/config: read other tensors (e.g. `PrunedTensors`) for another config than the folder's.
+        """
         self.info = info or inspect_checkpoint(path)
         self.adapter = self.info.adapter
-        self.dtype = resolve_dtype(self.info, dtype)
+        self.requested = (dtype, device)
+        self.dtype, self.expert_dtype = resolve_dtypes(self.info, dtype, device)
         self.files = files if files is not None else TensorFiles(self.info.weight_files)
-        self.model = skeleton_model(config if config is not None else self.info.config, self.dtype)
+        self.model = skeleton_model(config if config is not None else self.info.config, self.expert_dtype)
+        if self.dtype != self.expert_dtype:
+            self._declare_dense_dtype()
         self.model.eval()
         self.keys: KeyMap = key_map(self.model)
         self._meta_shapes = {name: (t.shape, t.dtype) for name, t in self.model.state_dict().items()}
@@ -75,7 +94,25 @@ class CheckpointReader:
         if not isinstance(self.files, TensorFiles):
             raise MoecompressError("internal error: experts can be dropped from a checkpoint read as stored only")
         outputs = check_copy(self.files, self.adapter, self.config, config, keep)
-        return CheckpointReader(self.info.path, self.dtype, self.info, PrunedTensors(self.files, outputs), config)
+        dtype, device = self.requested
+        return CheckpointReader(self.info.path, dtype, self.info, PrunedTensors(self.files, outputs), config, device)
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether routed experts are kept in another dtype than the activations (see `resolve_dtypes`)."""
+        return self.dtype != self.expert_dtype
+
+    def _declare_dense_dtype(self) -> None:
+        """Give every floating parameter outside the routed experts the activation dtype (still on meta)."""
+        expert_params = {id(p) for ref in self.adapter.moe_layers(self.model) for p in ref.experts.parameters()}
+        for module in self.model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or id(param) in expert_params or not param.is_floating_point() \
+                        or param.dtype == self.dtype:
+                    continue
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=self.dtype, device="meta"),
+                                                        requires_grad=False)
+        self.model.tie_weights()
 
     def module_path(self, module: nn.Module) -> str:
         """The dotted path of a submodule of the model."""

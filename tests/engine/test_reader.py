@@ -46,10 +46,30 @@ def test_engine_over_reader_reproduces_hidden_states(tmp_path) -> None:
     assert all(p.device.type == "meta" for p in reader.model.parameters())
 
 
-def test_auto_dtype_is_the_stored_one(tmp_path) -> None:
-    tiny_model(TINY_CONFIGS["qwen3_moe"]()).to(torch.bfloat16).save_pretrained(tmp_path)
-    assert CheckpointReader(tmp_path).dtype == torch.bfloat16
-    assert CheckpointReader(tmp_path, dtype="float32").dtype == torch.float32
+def test_auto_dtype_keeps_experts_stored_and_computes_in_float32_on_cpu(tmp_path) -> None:
+    """`auto` on the CPU: experts stay bfloat16, the rest float32; the engine then gives the float32 model's
+    statistics (the same bfloat16 weights, widened), with every layer's experts read in bfloat16."""
+    from moecompress.calibration.calibrate import collect_statistics
+
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"]()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path)
+    assert (reader.dtype, reader.expert_dtype) == (torch.float32, torch.bfloat16) and reader.mixed_precision
+    explicit = CheckpointReader(tmp_path, dtype="bfloat16")
+    assert (explicit.dtype, explicit.expert_dtype) == (torch.bfloat16, torch.bfloat16)
+    widened = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    adapter = reader.adapter
+    ids = token_batch(model.config.vocab_size, batch=2, length=12)
+    domains = torch.zeros(2, dtype=torch.long)
+    expected = collect_statistics(widened, adapter, ids, domains, ["all"], mode="whole-model", progress=False)
+    got = collect_statistics(reader.model, adapter, ids, domains, ["all"], progress=False, reader=reader)
+    a, b = expected.tensors(), got.tensors()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    layer = adapter.moe_layers(reader.model)[0]
+    with reader.loaded(reader.adapter.decoder_layers(reader.model)[layer.index]):
+        assert all(p.dtype == torch.bfloat16 for p in layer.experts.parameters())
+        assert layer.router.weight.dtype == torch.float32
 
 
 def test_missing_and_misshapen_tensors_are_one_line_errors(tmp_path) -> None:

@@ -189,6 +189,11 @@ class MoEAdapter:
     # False when decoder layers pass state to the next layer besides the hidden states, so the
     # layer-at-a-time pass (cached hidden states + captured kwargs) cannot replay them.
     layerwise_supported: ClassVar[bool] = True
+
+    @property
+    def own_expert_arithmetic(self) -> bool:
+        """Whether this adapter computes its experts with its own `run_experts` (not the generic one)."""
+        return type(self).run_experts is not MoEAdapter.run_experts
     # False when the adapter's instrumentation holds views of expert weights that disk
     # offloading (streaming) replaces between calls; such models are calibrated in memory.
     streaming_supported: ClassVar[bool] = True
@@ -424,18 +429,19 @@ class MoEAdapter:
             token_idx = rows // top_k
             slot = rows % top_k
             x = hidden[token_idx]  # (N_e, H)
-            w_in = ex.gate_up_proj[expert] if has_gate else ex.up_proj[expert]
+            # weights kept in a narrower dtype than the activations are widened one expert at a time
+            w_in = (ex.gate_up_proj[expert] if has_gate else ex.up_proj[expert]).to(x.dtype)
             b_in = None
             if has_bias:
-                b_in = ex.gate_up_proj_bias[expert] if has_gate else ex.up_proj_bias[expert]
+                b_in = (ex.gate_up_proj_bias[expert] if has_gate else ex.up_proj_bias[expert]).to(x.dtype)
             proj = x @ w_in if transposed else nn.functional.linear(x, w_in)
             if b_in is not None:
                 proj = proj + b_in
             act = ex._apply_gate(proj) if has_gate else ex.act_fn(proj)  # (N_e, I)
-            w_out = ex.down_proj[expert]
+            w_out = ex.down_proj[expert].to(x.dtype)
             y = act @ w_out if transposed else nn.functional.linear(act, w_out)
             if has_bias:
-                y = y + ex.down_proj_bias[expert]
+                y = y + ex.down_proj_bias[expert].to(x.dtype)
             if getattr(ex, "has_post_expert_norm", False):
                 y = ex.post_expert_norm(y)
             gate = flat_weights[rows]

@@ -36,6 +36,11 @@ def _instrumented_forward(
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _instrumented_forward)
 
 
+def is_instrumented(experts: torch.nn.Module) -> bool:
+    """Whether an experts module currently computes through `run_experts` (inside `instrumented_experts`)."""
+    return _RUNNER_ATTR in experts.__dict__
+
+
 @contextlib.contextmanager
 def instrumented_experts(
     adapter: MoEAdapter, layers: Sequence[MoELayerRef], visitors: dict[int, ExpertVisitor]
