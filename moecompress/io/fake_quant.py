@@ -17,7 +17,7 @@ from torch import nn
 
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.quant.apply import LayerResult
-from moecompress.quant.shards import ShardWriter
+from moecompress.io.safetensors_stream import ShardWriter
 
 
 def tied_keys(model: nn.Module) -> set[str]:
@@ -51,7 +51,7 @@ class FakeQuantWriter:
         from transformers.core_model_loading import revert_weight_conversion
 
         cast = {name: t.to(self.dtype) if t.is_floating_point() else t for name, t in state.items()}
-        self.shards.add(revert_weight_conversion(self.model, cast))
+        self.shards.add_all(revert_weight_conversion(self.model, cast))
 
     def on_layer(self, index: int | None, result: LayerResult) -> None:
         """Callback for `quantize_model`: write decoder layer `index` (None: everything else)."""
@@ -63,7 +63,7 @@ class FakeQuantWriter:
 
     def finish(self) -> list[Path]:
         """Close the shards and write config.json (dtype = the output dtype); returns the weight files."""
-        files = self.shards.close()
+        files = self.shards.finish()
         config = self.model.config
         saved_dtype = getattr(config, "dtype", None)
         config.dtype = self.dtype

@@ -37,7 +37,7 @@ from moecompress.quant.apply import LayerResult
 from moecompress.quant.layout import interleaved_gate_up, tensor_halves, to_checkpoint_halves
 from moecompress.quant.pack import to_gptq_tensors
 from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
-from moecompress.quant.shards import ShardWriter
+from moecompress.io.safetensors_stream import ShardWriter
 from moecompress.quant.solve import Solved
 from moecompress.quant.spec import GPTQ_FORMAT_BITS
 
@@ -143,7 +143,7 @@ class GPTQWriter:
                 state.pop(f"{moe.experts_path}.{param}", None)
             out.update(self._experts(moe, result))
         out.update(self._plain(state))
-        self.shards.add(out)
+        self.shards.add_all(out)
 
     # ---------------------------------------------------------------- config
     def quantization_config(self) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class GPTQWriter:
 
     def finish(self) -> list[Path]:
         """Close the shards; write config.json (with quantization_config), quantize_config.json, the plan."""
-        files = self.shards.close()
+        files = self.shards.finish()
         config = self.model.config
         qconfig = self.quantization_config()
         saved = (getattr(config, "dtype", None), getattr(config, "quantization_config", None))

@@ -8,9 +8,10 @@ under memory pressure, so reading a 60 GB checkpoint tensor by tensor holds no a
 memory until a tensor is copied, converted or written to. Writing to such a tensor never
 reaches the file, and the next read of the same tensor maps the file afresh.
 
-Writing: `ShardWriter` writes tensors into shards of at most `max_shard_bytes` as they come,
-each shard's header first and then its tensors' bytes one after another, so a shard never
-exists whole in memory (safetensors' own `save_file` serialises the whole dict at once).
+Writing: `ShardWriter` writes tensors into shards of at most `max_shard_bytes` as they come:
+each tensor's bytes go to disk when it is added (a spool file per shard, prefixed by the
+shard's header when the shard is closed), so the writer holds no tensor (safetensors' own
+`save_file` serialises the whole dict in memory at once).
 `finish()` writes `model.safetensors.index.json` (or a single `model.safetensors`). Output
 files get the permissions the umask gives (safetensors' writer makes them 0600).
 """
@@ -20,10 +21,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,14 +141,6 @@ class TensorFiles:
         self._maps.clear()
 
 
-@dataclass
-class _Pending:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-
-
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -157,7 +152,7 @@ def _parse_size(size: int | str) -> int:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a CPU tensor in row-major order (a copy only when it is not contiguous)."""
+    """The bytes of a CPU tensor in row-major order (a copy only when it is not contiguous or not on the CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -165,73 +160,78 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class ShardWriter:
     """Write tensors into numbered safetensors shards as they come; the index is written last.
 
-    Tensors are grouped into a shard until the next one would pass `max_shard_bytes`; each
-    shard is written when it is closed, from the tensors queued for it. A queued tensor may be
-    a zero-copy view of an input file, so queueing holds no memory of its own.
+    Each tensor's bytes go to the current shard's spool file the moment it is added, so the
+    writer holds no tensor after `add` returns. A shard is closed when the next tensor would
+    pass `max_shard_bytes`: its header is written, then the spooled bytes are appended.
     """
 
     def __init__(self, folder: str | Path, max_shard_bytes: int | str = "2GB", metadata: dict[str, str] | None = None,
                  prefix: str = "model") -> None:
         self.folder = Path(folder)
         self.max_shard_bytes = _parse_size(max_shard_bytes)
-        self.metadata = dict(metadata or {"format": "pt"})
+        self.metadata = {"format": "pt", **(metadata or {})}
         self.prefix = prefix
-        self._queue: list[tuple[_Pending, torch.Tensor | list[memoryview]]] = []
-        self._queued_bytes = 0
+        self._header: dict[str, object] = {}
+        self._offset = 0
+        self._spool: Any = None
         self._shards: list[tuple[str, list[str], int]] = []  # (temporary file name, tensor names, bytes)
         self._seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue a tensor for the current shard (written out when the shard is full)."""
-        self._add(_Pending(name, tensor.dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size()), tensor)
+        """Write a tensor into the current shard."""
+        self._add(name, tensor.dtype, tuple(tensor.shape), [_tensor_bytes(tensor)])
+
+    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write several named tensors, in order."""
+        for name, tensor in tensors.items():
+            self.add(name, tensor)
 
     def add_raw(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
                 data: memoryview | list[memoryview]) -> None:
-        """Queue a tensor given as its stored bytes, whole or in consecutive pieces (rows of an input tensor)."""
-        pieces = data if isinstance(data, list) else [data]
-        self._add(_Pending(name, dtype, tuple(shape), sum(len(piece) for piece in pieces)), pieces)
+        """Write a tensor given as its stored bytes, whole or in consecutive pieces (rows of an input tensor)."""
+        self._add(name, dtype, tuple(shape), data if isinstance(data, list) else [data])
 
-    def _add(self, pending: _Pending, data: torch.Tensor | list[memoryview]) -> None:
-        if pending.name in self._seen:
-            raise ValueError(f"tensor {pending.name!r} written twice")
-        if pending.dtype not in _CODES:
-            raise MoecompressError(f"tensor {pending.name!r} has dtype {pending.dtype}, which safetensors cannot store")
-        self._seen.add(pending.name)
-        if self._queue and self._queued_bytes + pending.nbytes > self.max_shard_bytes:
+    def _add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: list[memoryview]) -> None:
+        if name in self._seen:
+            raise ValueError(f"tensor {name!r} written twice")
+        if dtype not in _CODES:
+            raise MoecompressError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = sum(len(piece) for piece in pieces)
+        expected = dtype.itemsize
+        for dim in shape:
+            expected *= dim
+        if nbytes != expected:
+            raise ValueError(f"tensor {name!r}: {nbytes} bytes for shape {list(shape)} of {dtype}")
+        self._seen.add(name)
+        if self._header and self._offset + nbytes > self.max_shard_bytes:
             self.flush()
-        self._queue.append((pending, data))
-        self._queued_bytes += pending.nbytes
+        if self._spool is None:
+            self._spool = open(self.folder / f".{self.prefix}-spool-{len(self._shards) + 1:05d}", "wb")
+        for piece in pieces:
+            self._spool.write(piece)
+        self._header[name] = {"dtype": _CODES[dtype], "shape": list(shape),
+                              "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
 
     def flush(self) -> None:
-        """Write the queued tensors as one shard now."""
-        if not self._queue:
+        """Close the current shard: header, then its spooled bytes."""
+        if not self._header:
             return
-        header: dict[str, object] = {"__metadata__": self.metadata}
-        offset = 0
-        for pending, _ in self._queue:
-            header[pending.name] = {"dtype": _CODES[pending.dtype], "shape": list(pending.shape),
-                                    "data_offsets": [offset, offset + pending.nbytes]}
-            offset += pending.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
+        spool_path = Path(self._spool.name)
+        self._spool.close()
+        encoded = json.dumps({"__metadata__": self.metadata, **self._header}, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
-        name = f"{self.prefix}-shard-{len(self._shards) + 1:05d}.safetensors"
-        with open(self.folder / name, "wb") as handle:
+        name = f".{self.prefix}-shard-{len(self._shards) + 1:05d}.safetensors"
+        with open(self.folder / name, "wb") as handle, open(spool_path, "rb") as spool:
             handle.write(struct.pack("<Q", len(encoded)))
             handle.write(encoded)
-            for pending, data in self._queue:
-                pieces = data if isinstance(data, list) else [_tensor_bytes(data)]
-                written = 0
-                for piece in pieces:
-                    handle.write(piece)
-                    written += len(piece)
-                if written != pending.nbytes:
-                    raise ValueError(f"tensor {pending.name!r}: {written} bytes for {pending.nbytes} expected")
+            shutil.copyfileobj(spool, handle, 16 * 2**20)
+        spool_path.unlink()
         _readable_by_all(self.folder / name)
-        self._shards.append((name, [pending.name for pending, _ in self._queue], offset))
-        self.total_bytes += offset
-        self._queue.clear()
-        self._queued_bytes = 0
+        self._shards.append((name, list(self._header), self._offset))
+        self.total_bytes += self._offset
+        self._header, self._offset, self._spool = {}, 0, None
 
     def finish(self) -> list[Path]:
         """Write the last shard, name the shards as transformers does, write the index; returns the files."""

@@ -22,7 +22,6 @@ Without any GPTQ entry in the plan no calibration pass runs at all.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,9 @@ from moecompress.quant.layer_pass import (
     LinearHessians,
     expert_chunks,
     hessian_bytes,
+    record_block_inputs,
     run_cached,
+    visit_recorded,
 )
 from moecompress.quant.plan import QuantPlan
 from moecompress.quant.solve import Solved, quantize_experts, quantize_weight, write_expert, write_linear
@@ -152,30 +153,26 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
             continue
         linear_stats = LinearHessians({t.name: t.module for t in linears if _spec(plan, t.name).method == "gptq"})
         gptq_experts = [e for e, spec in experts.items() if spec.method == "gptq"] if runner is not None else []
-        chunks: list[list[int]] = [[]]
-        if gptq_experts:
-            assert moe is not None
-            probe = adapter.expert_weights(moe, 0)
-            hidden, width = probe.up.shape[1], probe.up.shape[0]
-            chunks = expert_chunks(gptq_experts, hessian_bytes(hidden, width), expert_memory)
-        for number, chunk in enumerate(chunks):
-            hook_linears = number == 0 and bool(linear_stats.modules)
-            if runner is None or not (chunk or hook_linears):
-                continue
-            expert_stats = None
-            visitors = {}
-            if chunk:
-                expert_stats = ExpertHessians(moe.num_experts, hidden, width, experts=chunk, weighted=weighted)
-                visitors[index] = expert_stats
-            with (linear_stats.hooked() if hook_linears else contextlib.nullcontext()), \
-                    adapter.instrument(model, visitors):
-                run_cached(runner, index, stop_at=_later_stages(targets, index, moe) if stage == 0 else ())
+        if runner is not None and (linear_stats.modules or gptq_experts):
+            recorded = None
+            with linear_stats.hooked():
+                if gptq_experts:
+                    assert moe is not None
+                    recorded = record_block_inputs(runner, moe, index, advance=False)
+                else:
+                    run_cached(runner, index, stop_at=_later_stages(targets, index, moe) if stage == 0 else ())
             if stage == 0 and any(stats.tokens == 0 for stats in linear_stats.stats.values()):
                 linear_stats = LinearHessians(linear_stats.modules)  # a layer running its MLP first: no early stop
                 with linear_stats.hooked():
                     run_cached(runner, index)
-            if chunk:
-                _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
+            if gptq_experts:
+                assert moe is not None and recorded is not None
+                probe = adapter.expert_weights(moe, 0)
+                hidden, width = probe.up.shape[1], probe.up.shape[0]
+                for chunk in expert_chunks(gptq_experts, hessian_bytes(hidden, width), expert_memory):
+                    expert_stats = ExpertHessians(moe.num_experts, hidden, width, experts=chunk, weighted=weighted)
+                    visit_recorded(adapter, moe, recorded, expert_stats, chunk)
+                    _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
         rest = {e: spec for e, spec in experts.items() if e not in set(gptq_experts)}
         if rest:
             assert moe is not None

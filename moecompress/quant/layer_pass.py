@@ -8,19 +8,24 @@
   by the tokens' gate values (MoEQuant's affinity-guided Hessian);
 * `expert_chunks`: groups of experts whose per-expert state (Hessians, candidate copies) fits
   a memory limit. An expert's inputs do not depend on the other experts' weights (routers are
-  never quantised), so processing a layer's experts in several passes gives the same result
-  as one pass.
+  never quantised), so processing a layer's experts in several groups gives the same result
+  as one;
+* `record_block_inputs` / `visit_recorded`: run a layer once, keeping what its MoE block
+  received, then compute any group of experts on those inputs (routed by the layer's own
+  router) with a visitor, so each group costs its own experts' arithmetic, not a layer pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from moecompress.engine.layers import LayerEngine
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef, RouterOutput
 from moecompress.quant.gptq import GPTQ
 
 DEFAULT_EXPERT_MEMORY = 2**30  # bytes of per-expert state held for one MoE layer at a time
@@ -66,6 +71,39 @@ def run_cached(runner: LayerEngine, index: int, stop_at: Sequence[nn.Module] = (
     finally:
         for handle in handles:
             handle.remove()
+
+
+def record_block_inputs(runner: LayerEngine, ref: MoELayerRef, index: int, advance: bool
+                        ) -> list[tuple[torch.Tensor, RouterOutput]]:
+    """Run decoder layer `index` on every cached batch and keep its MoE block's input (T, H) and routing.
+
+    advance: also make the layer's outputs the next layer's inputs (`run_layer`), else leave
+    the cache as it is (`run_cached`).
+    """
+    recorded: list[tuple[torch.Tensor, RouterOutput]] = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        hidden = args[0].detach()
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+        recorded.append((flat, runner.adapter.route(ref, flat)))
+
+    handle = ref.block.register_forward_pre_hook(record)
+    try:
+        if advance:
+            runner.run_layer(index)
+        else:
+            run_cached(runner, index)
+    finally:
+        handle.remove()
+    return recorded
+
+
+@torch.no_grad()
+def visit_recorded(adapter: MoEAdapter, ref: MoELayerRef, inputs: list[tuple[torch.Tensor, RouterOutput]],
+                   visit: Any, experts: Sequence[int]) -> None:
+    """Compute `experts` on their recorded tokens, calling `visit` as a forward through the block would."""
+    for flat, routed in inputs:
+        adapter.run_experts(ref, flat, routed.index, routed.weights, visit, only=set(experts))
 
 
 class LinearHessians:

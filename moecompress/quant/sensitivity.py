@@ -42,7 +42,8 @@ from moecompress.quant.layer_pass import (
     ExpertHessians,
     expert_chunks,
     hessian_bytes,
-    run_cached,
+    record_block_inputs,
+    visit_recorded,
 )
 from moecompress.quant.solve import dequantized_expert, quantize_experts
 from moecompress.quant.spec import QuantSpec
@@ -177,8 +178,10 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
                  reader: CheckpointReader | None = None) -> Sensitivity:
     """MC-MoE block-output errors of every expert at every width, one decoder layer at a time.
 
-    A layer whose experts' candidate copies (and Hessians) exceed `expert_memory` is measured in
-    several passes over its cached inputs, a group of experts per pass (same result).
+    Each MoE layer runs once on its cached inputs, recording what its MoE block receives; the
+    experts are then measured on those recorded inputs, routed by the layer's own router, a
+    group of experts within `expert_memory` (candidate copies and Hessians) at a time. Only the
+    group's experts are computed for it, so splitting into groups costs no extra layer passes.
     reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time.
     """
     runner = LayerEngine(model, adapter, reader=reader)
@@ -191,23 +194,19 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
                 runner.run_layer(index)
                 continue
             ref = moe[index]
+            inputs = record_block_inputs(runner, ref, index, advance=True)
             errors = LayerErrors.zeros(ref.num_experts, widths)
             probe = adapter.expert_weights(ref, 0)
             chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, widths, quantizer),
                                    expert_memory)
-            for number, chunk in enumerate(chunks):
+            for chunk in chunks:
                 hessians = None
                 if quantizer == "gptq":
                     hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], experts=chunk,
                                               weighted=weighted)
-                    with adapter.instrument(model, {index: hessians}):
-                        run_cached(runner, index)
+                    visit_recorded(adapter, ref, inputs, hessians, chunk)
                 reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
-                with adapter.instrument(model, {index: ErrorVisitor(errors, reference, candidates)}):
-                    if number == len(chunks) - 1:
-                        runner.run_layer(index)  # the last pass also produces the next layer's inputs
-                    else:
-                        run_cached(runner, index)
+                visit_recorded(adapter, ref, inputs, ErrorVisitor(errors, reference, candidates), chunk)
             layers[index] = errors
     return Sensitivity("block-error", list(widths), layers)
 

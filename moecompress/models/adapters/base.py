@@ -403,12 +403,14 @@ class MoEAdapter:
         index: torch.Tensor,
         weights: torch.Tensor,
         visit: ExpertVisitor | None = None,
+        only: set[int] | None = None,
     ) -> torch.Tensor:
         """The routed experts' combined output for hidden (T, H), index/weights (T, k) -> (T, H).
 
         Computes each expert only on the tokens routed to it (grouped by expert), in the
         module's own arithmetic, and calls `visit` per expert with its inputs, down_proj
-        inputs and outputs, so observers and GPTQ need no second pass.
+        inputs and outputs, so observers and GPTQ need no second pass. `only`: compute just
+        these experts (the combined output then lacks the others' contributions).
         """
         ex = layer.experts
         transposed = bool(getattr(ex, "is_transposed", False))
@@ -426,6 +428,8 @@ class MoEAdapter:
                 continue
             rows = order[start : start + count]  # (N_e,) positions in the flattened (T*k) list
             start += count
+            if only is not None and expert not in only:
+                continue
             token_idx = rows // top_k
             slot = rows % top_k
             x = hidden[token_idx]  # (N_e, H)

@@ -112,8 +112,12 @@ class DbrxAdapter(MoEAdapter):
         index: torch.Tensor,
         weights: torch.Tensor,
         visit: ExpertVisitor | None = None,
+        only: set[int] | None = None,
     ) -> torch.Tensor:
-        """The routed experts' combined output for hidden (T, H), index/weights (T, k) -> (T, H)."""
+        """The routed experts' combined output for hidden (T, H), index/weights (T, k) -> (T, H).
+
+        `only`: compute just these experts (as in `MoEAdapter.run_experts`).
+        """
         w1, v1, w2 = (self._per_expert(layer, name) for name in _EXPERT_PARAMS)  # (E, I, H) each
         act_fn = layer.experts.mlp.activation_fn
         num_tokens, top_k = index.shape
@@ -129,6 +133,8 @@ class DbrxAdapter(MoEAdapter):
                 continue
             positions = order[start : start + count]  # (N_e,)
             start += count
+            if only is not None and expert not in only:
+                continue
             slot, token_idx = positions // num_tokens, positions % num_tokens
             rows = token_idx * top_k + slot  # (N_e,) positions in the token-major (T*k) list
             x = hidden[token_idx]  # (N_e, H)
