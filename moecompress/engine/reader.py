@@ -103,8 +103,17 @@ class CheckpointReader:
         return self.dtype != self.expert_dtype
 
     def _declare_dense_dtype(self) -> None:
-        """Give every floating parameter outside the routed experts the activation dtype (still on meta)."""
-        expert_params = {id(p) for ref in self.adapter.moe_layers(self.model) for p in ref.experts.parameters()}
+        """Give every floating parameter outside the routed experts the activation dtype (still on meta).
+
+        The input embeddings keep the stored dtype too (a lookup needs no wide arithmetic, and
+        a vocabulary-sized table is large): their output is widened to the activation dtype.
+        """
+        embeddings = self.model.get_input_embeddings()
+        kept = list(self.adapter.moe_layers(self.model))
+        expert_params = {id(p) for ref in kept for p in ref.experts.parameters()}
+        expert_params |= {id(p) for p in embeddings.parameters()}
+        dtype = self.dtype
+        embeddings.register_forward_hook(lambda module, args, output: output.to(dtype))
         for module in self.model.modules():
             for name, param in list(module._parameters.items()):
                 if param is None or id(param) in expert_params or not param.is_floating_point() \

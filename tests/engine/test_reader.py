@@ -70,6 +70,7 @@ def test_auto_dtype_keeps_experts_stored_and_computes_in_float32_on_cpu(tmp_path
     with reader.loaded(reader.adapter.decoder_layers(reader.model)[layer.index]):
         assert all(p.dtype == torch.bfloat16 for p in layer.experts.parameters())
         assert layer.router.weight.dtype == torch.float32
+    assert reader.model.get_input_embeddings().weight.dtype == torch.bfloat16  # a lookup: kept as stored
 
 
 def test_missing_and_misshapen_tensors_are_one_line_errors(tmp_path) -> None:
