@@ -1,0 +1,92 @@
+"""The GPU check: the same moecompress commands with --device cuda give the CPU results.
+
+Run on a machine with a CUDA device (a session lent one runs it once and records the output):
+
+    python -m benchmarks.gpu_check [--layers 4] [--json-out gpu_check.json]
+
+It builds a small random Qwen3-MoE checkpoint in bfloat16 (no download), then for each device
+(cpu, cuda) runs `calibrate` through the layer engine and times it, and `prune --method
+frequency` from the same statistics. Checks, each printed with its measured value:
+
+* every statistic on cuda equals the cpu one within `--rtol` (float64 accumulators; the layer
+  arithmetic differs between devices, so bit equality is not expected);
+* the prune plans (kept experts per layer) are identical;
+* seconds per decoder layer on each device.
+
+Exit status 1 when a check fails; 2 when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def build_checkpoint(folder: Path, layers: int) -> None:
+    """A random bf16 Qwen3-MoE (hidden 512, 32 experts, top-4) with a tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from tests.tiny_tokenizer import save_tokenizer
+
+    tokenizer = save_tokenizer(folder, vocab_size=300)
+    config = Qwen3MoeConfig(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                            num_experts=32, num_experts_per_tok=4, vocab_size=len(tokenizer),
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+
+
+def run_device(checkpoint: Path, device: str, layers: int) -> dict:
+    """Calibrate and plan a frequency prune on `device`; statistics, plan and seconds per layer."""
+    from moecompress.calibration.calibrate import calibrate
+    from moecompress.prune.run import prune_checkpoint
+
+    start = time.perf_counter()
+    stats = calibrate(checkpoint, num_samples=8, seq_len=128, progress=False, device=device)
+    seconds = time.perf_counter() - start
+    result = prune_checkpoint(checkpoint, None, "frequency", ratio=0.5, stats=stats, dry_run=True, progress=False,
+                              device=device)
+    return {"stats": stats, "keep": result.plan.keep, "seconds": seconds, "seconds_per_layer": seconds / layers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rtol", type=float, default=2e-2)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device on this machine: nothing to check")
+        return 2
+    report: dict = {"device_name": torch.cuda.get_device_name(0), "torch": torch.__version__, "checks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "model"
+        build_checkpoint(checkpoint, args.layers)
+        cpu = run_device(checkpoint, "cpu", args.layers)
+        cuda = run_device(checkpoint, "cuda", args.layers)
+    worst = 0.0
+    for key, value in cpu["stats"].tensors.items():
+        other = cuda["stats"].tensors[key]
+        scale = float(value.abs().max()) or 1.0
+        worst = max(worst, float((other - value).abs().max()) / scale)
+    report["checks"]["statistics max relative difference"] = {"value": worst, "ok": worst <= args.rtol}
+    same_plan = cpu["keep"] == cuda["keep"]
+    report["checks"]["identical prune plan"] = {"value": same_plan, "ok": same_plan}
+    report["seconds_per_layer"] = {"cpu": cpu["seconds_per_layer"], "cuda": cuda["seconds_per_layer"]}
+    print(json.dumps(report, indent=2))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all(check["ok"] for check in report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
