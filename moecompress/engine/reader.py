@@ -105,13 +105,17 @@ class CheckpointReader:
     def _declare_dense_dtype(self) -> None:
         """Give every floating parameter outside the routed experts the activation dtype (still on meta).
 
-        The input embeddings keep the stored dtype too (a lookup needs no wide arithmetic, and
-        a vocabulary-sized table is large): their output is widened to the activation dtype.
+        The input embeddings and the output head keep the stored dtype too (vocabulary-sized
+        tables: a lookup needs no wide arithmetic, and no streamed stage multiplies by the head
+        except to quantise it, which widens it itself): the embeddings' output is widened to
+        the activation dtype.
         """
         embeddings = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
         kept = list(self.adapter.moe_layers(self.model))
         expert_params = {id(p) for ref in kept for p in ref.experts.parameters()}
         expert_params |= {id(p) for p in embeddings.parameters()}
+        expert_params |= {id(p) for p in head.parameters()} if head is not None else set()
         dtype = self.dtype
         embeddings.register_forward_hook(lambda module, args, output: output.to(dtype))
         for module in self.model.modules():
