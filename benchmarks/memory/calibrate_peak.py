@@ -78,10 +78,12 @@ import transformers.models.qwen3_moe.modeling_qwen3_moe
 import moecompress.calibration.calibrate, moecompress.models.load
 """
 
-# The streaming load alone (what `calibrate` does before its layer pass), on top of the baseline's imports.
+# Opening the checkpoint for the layer engine alone (what `calibrate` does before its layer pass: the
+# meta-device skeleton and the disk -> module key map), on top of the baseline's imports.
 LOAD_ONLY = IMPORT_BASELINE + """
 import sys
-moecompress.models.load.load_model(sys.argv[1], dtype="bfloat16", streaming=True)
+from moecompress.engine.reader import CheckpointReader
+CheckpointReader(sys.argv[1])
 """
 
 
