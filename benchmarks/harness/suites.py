@@ -47,6 +47,7 @@ SUITE_MODULES = (
     "benchmarks.harness.quantisation",
     "benchmarks.harness.condensing",
     "benchmarks.harness.costs",
+    "benchmarks.scale.suite",
 )
 
 

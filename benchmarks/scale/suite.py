@@ -1,0 +1,420 @@
+"""The ``scale`` suite: moecompress commands at a public model's real layer shapes, under a hard memory cap.
+
+For the spec (default Qwen3-30B-A3B) it builds, or reuses, random-weight checkpoints with a
+few decoder layers (`checkpoints.py`) and, for every enabled command of `commands.COMMANDS`:
+
+(a) times it in a fresh child at two depths (default 2 and 8 layers), uncapped but inside its
+    own memory cgroup (so its peaks are measured), giving seconds per decoder layer and the
+    time extrapolated to the full depth; commands marked `size_sweep` are also timed at every
+    sweep depth (default 2, 4, 6, 8) for the exponent b of time ~ size^b;
+(b) on the deepest checkpoint, finds the smallest cap among the fractions of the checkpoint's
+    size (default 0.15 .. 0.5) under which it succeeds (`cgroup.smallest_cap`), starting from
+    the uncapped run's anonymous peak.
+
+Every run starts with the checkpoint's pages dropped from the page cache (`pagecache.evict`):
+timings are cold-cache, and capped runs are charged for the pages they read. The trained
+fixtures are not used. Settings come from the options dict (keys `scale_*`) or the
+environment: MOECOMPRESS_SCALE_QUICK=1 (1- and 2-layer checkpoints only, a smoke run),
+MOECOMPRESS_SCALE_COMMANDS=label,label (a subset of the commands), MOECOMPRESS_SCALE_CODE=head
+(measure the package as committed instead of the working tree). Either way the package is
+copied once at the start (`snapshot.freeze`) and every child imports that copy, so edits made
+to the checkout during a run of several hours do not leak into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness.report import renderer
+from benchmarks.harness.suites import suite
+from benchmarks.scale import fit
+from benchmarks.scale.cgroup import CapResult, run_capped, smallest_cap, unavailable_reason
+from benchmarks.scale.checkpoints import cached_checkpoint, checkpoint_bytes, scale_root
+from benchmarks.scale.commands import COMMANDS, Command
+from benchmarks.scale.pagecache import evict
+from benchmarks.scale.progress import bar_phases
+from benchmarks.scale.snapshot import freeze
+from benchmarks.scale.specs import SPECS
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run of the suite measures."""
+
+    spec: str = "qwen3_30b_a3b"
+    timing_depths: tuple[int, ...] = (2, 8)
+    sweep_depths: tuple[int, ...] = (2, 4, 6, 8)
+    cap_depth: int = 8
+    fractions: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+    commands: tuple[str, ...] = ()  # labels; empty: every enabled command
+    timeout: float = 4 * 3600.0  # uncapped runs
+    quick: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # config changes (tests: shrunken shapes)
+    code: str = "worktree"  # which moecompress the children run, frozen at the start: "worktree" or "head"
+
+    @property
+    def depths(self) -> list[int]:
+        """Every checkpoint depth the run needs."""
+        return sorted({*self.timing_depths, *self.sweep_depths, self.cap_depth})
+
+
+# At 1-2 layers the embeddings and head weigh as much as the layers, so the caps go up to the whole checkpoint.
+QUICK = {"timing_depths": (1, 2), "sweep_depths": (1, 2), "cap_depth": 2, "fractions": (0.25, 0.5, 0.75, 1.0),
+         "quick": True}
+
+
+def settings(options: dict[str, Any]) -> Settings:
+    """Settings from `options` (`scale_quick`, `scale_commands`, `scale_<field>`) and the environment."""
+    values: dict[str, Any] = {}
+    quick = options.get("scale_quick", os.environ.get("MOECOMPRESS_SCALE_QUICK", "") not in ("", "0"))
+    if quick:
+        values.update(QUICK)
+    commands = options.get("scale_commands") or [c for c in os.environ.get("MOECOMPRESS_SCALE_COMMANDS", "").split(",")
+                                                 if c.strip()]
+    values["commands"] = tuple(c.strip() for c in commands)
+    values["code"] = options.get("scale_code") or os.environ.get("MOECOMPRESS_SCALE_CODE") or "worktree"
+    for name in ("spec", "timing_depths", "sweep_depths", "cap_depth", "fractions", "timeout", "overrides"):
+        if f"scale_{name}" in options:
+            value = options[f"scale_{name}"]
+            values[name] = tuple(value) if isinstance(value, list | tuple) else value
+    chosen = Settings(**values)
+    known = {c.label for c in COMMANDS}
+    unknown = set(chosen.commands) - known
+    if unknown:
+        raise SystemExit(f"unknown scale command(s) {sorted(unknown)}; known: {sorted(known)}")
+    return chosen
+
+
+def child_env(code: Path) -> dict[str, str]:
+    """The children's environment: offline hub, the frozen package in `code` first on the path."""
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _log(message: str) -> None:
+    print(f"[scale] {message}", flush=True)
+
+
+def _progress(record: dict[str, Any]) -> None:
+    """Append one run to $MOECOMPRESS_SCALE_DIR/progress.jsonl (for watching a long run)."""
+    root = scale_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "progress.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def run_once(command: Command, ckpt: Path, cap_bytes: int | None, timeout: float, code: Path
+             ) -> tuple[CapResult, int]:
+    """Run `command` on `ckpt` once, cold-cache, into a fresh output folder deleted after; (result, output bytes).
+
+    The child runs in `code` (the frozen package's folder), so `-m moecompress` imports that copy.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="moecompress-scale-"))
+    try:
+        evict(ckpt)
+        result = run_capped(command.argv(ckpt, scratch / "out"), cap_bytes, timeout, cwd=code, env=child_env(code),
+                            parse_stderr=bar_phases)
+        return result, _folder_bytes(scratch / "out")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def timing_row(command: Command, depth: int, ckpt: Path, size: int, timeout: float, code: Path) -> dict[str, Any]:
+    """One uncapped (measured-only) run of `command` at `depth` layers."""
+    load_before = os.getloadavg()[0]
+    result, out_bytes = run_once(command, ckpt, None, timeout, code)
+    row = {"command": command.label, "layers": depth, "checkpoint_bytes": size, "output_bytes": out_bytes,
+           "load_before": load_before, "load_after": os.getloadavg()[0], **result.as_dict()}
+    _log(f"{command.label} @ {depth} layers: {result.outcome} in {result.seconds:.0f} s "
+         f"(cpu {result.cpu_seconds:.0f} s, anon peak {result.peak_rss / GIB:.2f} GiB)")
+    _progress({"kind": "timing", **row})
+    return row
+
+
+def fits(command: Command, rows: list[dict[str, Any]], s: Settings, full_layers: int) -> dict[str, Any]:
+    """Seconds per layer, the full-depth extrapolation and (sweep commands) the time-size exponent."""
+    ok = {row["layers"]: row for row in rows if row["command"] == command.label and row["ok"]}
+    out: dict[str, Any] = {"command": command.label}
+    shallow, deep = min(s.timing_depths), max(s.timing_depths)
+    if shallow in ok and deep in ok and shallow != deep:
+        for key, column in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+            per_layer = fit.seconds_per_layer((shallow, ok[shallow][column]), (deep, ok[deep][column]))
+            out[f"{key}_seconds_per_layer"] = per_layer
+            out[f"{key}_full_depth_seconds"] = fit.extrapolate((shallow, ok[shallow][column]), per_layer, full_layers)
+        out["depths"] = [shallow, deep]
+        out["full_layers"] = full_layers
+    sweep = [depth for depth in sorted(s.sweep_depths) if depth in ok]
+    if command.size_sweep and len(sweep) >= 2:
+        exponent, r2 = fit.power_law_exponent([ok[d]["checkpoint_bytes"] for d in sweep],
+                                              [ok[d]["seconds"] for d in sweep])
+        out.update({"size_exponent": exponent, "size_r2": r2, "sweep_depths": sweep})
+    return out
+
+
+def cap_search(command: Command, ckpt: Path, size: int, hint: dict[str, Any] | None, s: Settings, code: Path
+               ) -> dict[str, Any]:
+    """The smallest tried cap under which `command` succeeds on `ckpt`, with every attempt."""
+    timeout = max(900.0, 3 * hint["seconds"]) if hint else s.timeout
+
+    def runner(argv: Sequence[str], cap: int | None, limit: float) -> CapResult:
+        result = run_capped(argv, cap, limit, cwd=code, env=child_env(code), parse_stderr=bar_phases)
+        _log(f"{command.label} @ {s.cap_depth} layers, cap {cap / size:.2f}: {result.outcome} in "
+             f"{result.seconds:.0f} s (max usage {result.max_usage / GIB:.2f} GiB)")
+        _progress({"kind": "cap", "command": command.label, "layers": s.cap_depth, "fraction": cap / size,
+                   **result.as_dict()})
+        return result
+
+    found = smallest_cap(lambda out: command.argv(ckpt, out), size, s.fractions, timeout=timeout,
+                         hint_bytes=hint["peak_rss"] if hint else None, runner=runner,
+                         before_each=lambda: evict(ckpt))
+    return {"command": command.label, "layers": s.cap_depth, "timeout": timeout, **found.as_dict()}
+
+
+def measure_all(chosen: list[Command], checkpoints: dict[int, dict[str, Any]], s: Settings, code: Path
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """Timing runs of every command, then its cap search: (timings, caps, why caps are not measured)."""
+    timings: list[dict[str, Any]] = []
+    caps: list[dict[str, Any]] = []
+    cap_reason = unavailable_reason()
+    for command in chosen:
+        depths = sorted({*s.timing_depths, *(s.sweep_depths if command.size_sweep else ())})
+        for depth in depths:
+            info = checkpoints[depth]
+            timings.append(timing_row(command, depth, Path(info["path"]), info["bytes"], s.timeout, code))
+        if cap_reason is None:
+            hint = next((row for row in timings if row["command"] == command.label and row["layers"] == s.cap_depth
+                         and row["ok"]), None)
+            if hint is None and s.cap_depth not in depths:
+                info = checkpoints[s.cap_depth]
+                timings.append(timing_row(command, s.cap_depth, Path(info["path"]), info["bytes"], s.timeout, code))
+                hint = timings[-1] if timings[-1]["ok"] else None
+            if hint is None:
+                caps.append({"command": command.label, "layers": s.cap_depth, "fraction": None, "attempts": [],
+                             "skipped": "the uncapped run failed, so no cap can succeed"})
+            else:
+                caps.append(cap_search(command, Path(checkpoints[s.cap_depth]["path"]),
+                                       checkpoints[s.cap_depth]["bytes"], hint, s, code))
+    return timings, caps, cap_reason
+
+
+@suite("scale", "Scale: moecompress commands at real MoE layer shapes under a hard memory cap")
+def scale(fixtures: list[Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Time and cap every enabled command on real-shape random checkpoints (the fixtures are ignored)."""
+    del fixtures  # random-weight checkpoints at real shapes; the trained fixtures play no part
+    s = settings(options)
+    spec = SPECS[s.spec]
+    chosen = [c for c in COMMANDS if c.enabled and (not s.commands or c.label in s.commands)]
+    pending = [{"command": c.label, "text": c.text(), "note": c.note} for c in COMMANDS if not c.enabled]
+    checkpoints = {}
+    for depth in s.depths:
+        _log(f"checkpoint {spec.name} @ {depth} layers")
+        folder, record = cached_checkpoint(spec, depth, overrides=s.overrides or None)
+        checkpoints[depth] = {"path": str(folder), "bytes": checkpoint_bytes(folder),
+                              **{k: record[k] for k in ("layers", "parameters", "tensors", "shards", "seconds")}}
+    with tempfile.TemporaryDirectory(prefix="moecompress-scale-code-") as frozen:
+        code = freeze(REPO, Path(frozen), s.code)
+        _log(f"measuring moecompress {code['source']} at {code['commit']} (frozen copy in {frozen})")
+        timings, caps, cap_reason = measure_all(chosen, checkpoints, s, Path(frozen))
+    return {
+        "settings": asdict(s),
+        "spec": {"name": spec.name, "title": spec.title, "full_layers": spec.full_layers,
+                 "config": spec.config_dict(spec.full_layers, s.overrides or None)},
+        "checkpoints": {str(k): v for k, v in checkpoints.items()},
+        "commands": [{"command": c.label, "text": c.text(), "size_sweep": c.size_sweep} for c in chosen],
+        "pending": pending,
+        "timings": timings,
+        "fits": [fits(c, timings, s, spec.full_layers) for c in chosen],
+        "caps": caps,
+        "cap_unavailable": cap_reason,
+        "cpus": os.cpu_count(),
+        "code": code,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def _size(value: float) -> str:
+    """Bytes in MiB below 1 GiB, GiB above."""
+    return f"{value / 1024 ** 2:.1f} MiB" if value < GIB else _gib(value)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _layer_pass(row: dict[str, Any]) -> str:
+    """The command's own layer-pass time (its progress bar), when it printed one."""
+    phases = row.get("parsed", {}).get("phases", {})
+    bar = phases.get("calibrating")
+    return "-" if not bar else f"{bar['seconds']} s ({bar['seconds'] / max(1, bar['done']):.0f} s/layer)"
+
+
+@renderer("scale")
+def render_scale(data: dict[str, Any]) -> list[str]:
+    """Protocol sentence, checkpoints, timings and fits, smallest caps, pending commands and failures."""
+    spec, s = data["spec"], data["settings"]
+    config = spec["config"]
+    code = data.get("code")
+    measured = (f"moecompress {'as committed at' if code['source'] == 'head' else 'working tree at'} "
+                f"{code['commit']}, copied once at the start so that every run measures the same code. "
+                if code else "")
+    lines = [
+        f"Protocol: {measured}Random bf16 weights (N(0, 0.02), norms 1) at the real layer shapes and on-disk "
+        f"tensor names of {spec['title']} (published config: hidden {config.get('hidden_size')}, "
+        f"{config.get('num_experts', config.get('n_routed_experts', config.get('num_local_experts')))} experts of "
+        f"width {config.get('moe_intermediate_size', config.get('intermediate_size'))}, top-"
+        f"{config.get('num_experts_per_tok')}, vocabulary {config.get('vocab_size')}) with only the first few of its "
+        f"{spec['full_layers']} decoder layers. Each command runs as `python -m moecompress` in a fresh child on "
+        f"{data['cpus']} CPUs, with the checkpoint's pages dropped from the page cache first (cold start), inside its "
+        "own cgroup-v1 memory group: uncapped for timing, then under a hard `memory.limit_in_bytes` (swap capped "
+        "too). Under the cap the kernel reclaims page cache (the memory-mapped checkpoint) but never anonymous "
+        "memory, so a command that exits 0 under a cap fits in that much RAM; one that does not is OOM-killed (a "
+        "capped run that takes longer than max(15 min, 3x its uncapped time) is stopped and counts as not fitting). "
+        "Random weights give near-uniform routing; quality numbers are not the point, costs are. Calibration data: "
+        "the shipped sets (code, docs, prose), 8 windows of 256 tokens each.", ""]
+    if s.get("quick"):
+        lines += ["**Quick (smoke) run**: shallow checkpoints only; the extrapolation is rough.", ""]
+    lines += ["| checkpoint | parameters | on disk | build |", "|---|---:|---:|---:|"]
+    for depth, info in data["checkpoints"].items():
+        lines.append(f"| {depth} decoder layers | {info['parameters'] / 1e9:.2f} B | {_gib(info['bytes'])} | "
+                     f"{_clock(info['seconds'])} |")
+    lines += [""] + _render_timings(data) + _render_sweep(data) + _render_caps(data)
+    if data["pending"]:
+        lines += ["Not measured yet:", ""]
+        lines += [f"- `{item['text']}`: {item['note']}" for item in data["pending"]]
+        lines.append("")
+    lines += _render_failures(data)
+    return lines
+
+
+def _render_timings(data: dict[str, Any]) -> list[str]:
+    depths = sorted({row["layers"] for row in data["timings"]})
+    full = data["spec"]["full_layers"]
+    loads = [row["load_before"] for row in data["timings"] if "load_before" in row]
+    load_note = (f" The 1-minute load average at the runs' starts ranged from {min(loads):.1f} to {max(loads):.1f} on "
+                 f"{data['cpus']} CPUs: where it is above the CPU count the child shared the cores with other work, "
+                 "so its wall time is inflated and its CPU time is the steadier figure." if loads else "")
+    lines = ["Uncapped wall time (CPU time of the child in parentheses). Seconds per layer = (t(L) - t(L0)) / (L - L0) "
+             f"over the two timing depths; full depth = t(L0) + ({full} - L0) x that.{load_note}", "",
+             "| command | " + " | ".join(f"L = {d}" for d in depths) + " | s / layer | "
+             f"L = {full} (extrapolated) | layer pass at the deepest (its own progress bar) | anon peak, deepest | "
+             "output, deepest |",
+             "|---|" + "---:|" * len(depths) + "---:|---:|---:|---:|---:|"]
+    by_command: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in data["timings"]:
+        by_command.setdefault(row["command"], {})[row["layers"]] = row
+    fits = {f["command"]: f for f in data["fits"]}
+    for command, rows in by_command.items():
+        cells = []
+        for depth in depths:
+            row = rows.get(depth)
+            if row is None:
+                cells.append("")
+            elif row["ok"]:
+                cells.append(f"{_clock(row['seconds'])} ({_clock(row['cpu_seconds'])})")
+            else:
+                cells.append(f"**{row['outcome']}** after {_clock(row['seconds'])}")
+        f = fits.get(command, {})
+        per_layer = (f"**{f['wall_seconds_per_layer']:.0f} s** ({f['cpu_seconds_per_layer']:.0f} s)"
+                     if "wall_seconds_per_layer" in f else "-")
+        full_time = (f"**{_clock(f['wall_full_depth_seconds'])}** ({_clock(f['cpu_full_depth_seconds'])})"
+                     if "wall_full_depth_seconds" in f else "-")
+        deepest = rows[max(rows)]
+        lines.append(f"| {command} | " + " | ".join(cells) + f" | {per_layer} | {full_time} | "
+                     f"{_layer_pass(deepest)} | {_gib(deepest['peak_rss'])} | {_size(deepest['output_bytes'])} |")
+    return lines + [""]
+
+
+def _render_sweep(data: dict[str, Any]) -> list[str]:
+    sweeps = [f for f in data["fits"] if "size_exponent" in f]
+    if not sweeps:
+        return []
+    lines = ["Time against checkpoint size: least-squares fit of log t = a + b log(size) over the sweep depths "
+             "(b = 1: time proportional to size).", "",
+             "| command | depths | sizes | wall times | exponent b | r² |", "|---|---|---|---|---:|---:|"]
+    rows = {(r["command"], r["layers"]): r for r in data["timings"] if r["ok"]}
+    for f in sweeps:
+        picked = [rows[(f["command"], d)] for d in f["sweep_depths"]]
+        sizes = ", ".join(f"{r['checkpoint_bytes'] / GIB:.1f}" for r in picked)
+        times = ", ".join(_clock(r["seconds"]) for r in picked)
+        lines.append(f"| {f['command']} | {', '.join(map(str, f['sweep_depths']))} | {sizes} GiB | {times} | "
+                     f"**{f['size_exponent']:.2f}** | {f['size_r2']:.3f} |")
+    return lines + [""]
+
+
+def _render_caps(data: dict[str, Any]) -> list[str]:
+    if data.get("cap_unavailable"):
+        return [f"Memory caps not measured: {data['cap_unavailable']}.", ""]
+    if not data["caps"]:
+        return []
+    depth = data["caps"][0]["layers"]
+    size = data["checkpoints"][str(depth)]["bytes"]
+    fractions = ", ".join(f"{f:g}" for f in data["settings"]["fractions"])
+    lines = [f"Smallest hard cap, as a fraction of the {depth}-layer checkpoint ({_gib(size)}), under which each "
+             f"command exits 0, among {fractions}; the search starts at the first cap above the uncapped run's "
+             "anonymous peak and steps down until a run fails. max usage = the group's peak charge "
+             "(memory.max_usage_in_bytes, page cache included, so it sits near the cap when the cap forces reclaim); "
+             "anon peak = sampled anonymous memory (memory.stat rss, every 50 ms).", "",
+             "| command | fits under | max usage | anon peak | time under the cap | next smaller cap | attempts |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for cap in data["caps"]:
+        attempts = cap["attempts"]
+        if cap.get("skipped"):
+            lines.append(f"| {cap['command']} | not searched: {cap['skipped']} | | | | | 0 |")
+            continue
+        best = next((a for a in attempts if a["ok"] and a["fraction"] == cap["fraction"]), None)
+        below = [a for a in attempts if not a["ok"] and cap["fraction"] is not None and a["fraction"] < cap["fraction"]]
+        below_text = (f"{max(below, key=lambda a: a['fraction'])['fraction']:g}: "
+                      f"{max(below, key=lambda a: a['fraction'])['outcome']}" if below
+                      else ("none tried (smallest fraction)" if cap["fraction"] is not None else "-"))
+        if best is None:
+            ordered = sorted(attempts, key=lambda a: a["fraction"])
+            tried = ", ".join(f"{a['fraction']:g}: {a['outcome']}" for a in ordered)
+            lines.append(f"| {cap['command']} | **none** ({tried}) | | | | | {len(attempts)} |")
+            continue
+        lines.append(f"| {cap['command']} | **{cap['fraction']:g}** ({_gib(cap['cap_bytes'])}) | "
+                     f"{_gib(best['max_usage'])} | {_gib(best['peak_rss'])} | {_clock(best['seconds'])} | "
+                     f"{below_text} | {len(attempts)} |")
+    return lines + [""]
+
+
+def _render_failures(data: dict[str, Any]) -> list[str]:
+    failed = [("uncapped", row) for row in data["timings"] if not row["ok"]]
+    failed += [(f"cap {a['fraction']:g}", {**a, "layers": c["layers"], "command": c["command"]})
+               for c in data["caps"] for a in c.get("attempts", []) if a["outcome"] in ("error", "timeout")]
+    if not failed:
+        return []
+    lines = ["Failures (every failed uncapped run, and capped runs that failed other than by an OOM kill), "
+             "with their last stderr lines:", ""]
+    for where, row in failed:
+        tail = "\n".join(f"    {line}" for line in row["stderr_tail"][-6:])
+        lines += [f"- {row['command']} @ {row['layers']} layers, {where}: {row['outcome']} "
+                  f"(exit {row['returncode']})", "", tail, ""]
+    return lines
