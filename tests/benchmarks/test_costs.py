@@ -27,7 +27,7 @@ def test_calibration_memory_reads_a_fresh_process_peak():
     assert data["load_anon_bytes"] > 0
     text = "\n".join(render_memory(data))
     assert "| **" in text and "| anonymous |" in text and "| file-backed |" in text
-    assert "only loads the checkpoint for streaming" in text
+    assert "only opens the checkpoint for the layer engine" in text
 
 
 def test_rss_sampler_sees_an_anonymous_allocation_and_a_mapped_file(tmp_path):
