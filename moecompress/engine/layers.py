@@ -219,8 +219,7 @@ class LayerEngine:
                     before_batch(batch.domain)
                 out = self.layer_call(index, batch, layer)
                 out = out[0] if isinstance(out, tuple) else out
-                batch.hidden = self._to_host(out) if self.reader is not None or out.device != batch.hidden.device \
-                    else out
+                batch.hidden = out if self.device.type == "cpu" else self._to_host(out)
         self.next_layer = index + 1
 
     def restart(self, index: int, hidden: Sequence[torch.Tensor]) -> None:
