@@ -2,7 +2,9 @@
 
 Dispatch on what the folder holds:
 
-1. `config.json` with a `quantization_config` (GPTQ output): `moecompress.quant.load.load_quantized`;
+1. `config.json` with a GPTQ `quantization_config` (quantize output): `moecompress.quant.load.load_quantized`
+   (an FP8 or MXFP4 `quantization_config`, as published or as prune keeps it, is dequantised by
+   `from_pretrained` below);
 2. a `moecompress_layout.json` of format "moecompress-condensed" (CD-MoE layers that the
    architecture cannot express as dense layers): `moecompress.condense.apply.load_condensed`;
 3. any other `moecompress_layout.json` (non-uniform expert counts or per-expert widths, see
@@ -63,7 +65,8 @@ def checkpoint_kind(path: str | Path) -> str:
 
     folder = Path(path)
     raw = _raw_config(folder)
-    if raw.get("quantization_config"):
+    method = str((raw.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if method == "gptq":
         return "gptq"
     if _layout_format(folder) == CONDENSED_FORMAT:
         return "condensed"
@@ -71,6 +74,12 @@ def checkpoint_kind(path: str | Path) -> str:
     if (folder / LAYOUT_FILE).is_file() or manifest.get("format") == _LAYOUT_FORMAT:
         return "layout"
     return "transformers"
+
+
+def _stored_quantized(folder: Path) -> bool:
+    """Whether the folder's weights are stored in FP8 blocks or MXFP4 (its quantization_config says so)."""
+    method = str((_raw_config(folder).get("quantization_config") or {}).get("quant_method", "")).lower()
+    return method in ("fp8", "mxfp4")
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -108,6 +117,10 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Mod
         from moecompress.models.layout import load_layout_checkpoint
 
         model = load_layout_checkpoint(folder, dtype=_dtype(dtype))
+    elif _stored_quantized(folder):  # FP8 / MXFP4 as published or as prune keeps it: dequantised on load
+        from moecompress.models.load import load_model
+
+        model, _ = load_model(folder, dtype=dtype)
     else:
         from moecompress.models.load import parse_dtype
 

@@ -99,9 +99,15 @@ def checkpoint_dtype(info: Any) -> torch.dtype | None:
     """The floating dtype holding most elements in a checkpoint's safetensors headers.
 
     Reads headers only (no tensor data). Falls back to the config's dtype when the headers
-    hold no floating tensors.
+    hold no floating tensors. A checkpoint stored in FP8 blocks or MXFP4 reads as the float
+    dtype it dequantises to (the config's, bfloat16 by default).
     """
     from safetensors import safe_open
+
+    stored = getattr(info, "stored_format", None)
+    if stored is not None and stored.quantized:
+        declared = config_dtype(info.config)
+        return declared if declared in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
 
     elements: Counter[str] = Counter()
     for file in info.weight_files:

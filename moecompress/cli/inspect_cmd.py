@@ -81,8 +81,44 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "dtype": sizes.dtype,
         "sizes": sizes.to_dict(),
         "bytes_on_disk": info.bytes_on_disk,
+        "stored_format": {"method": info.stored_format.method, "description": info.stored_format.describe(),
+                          "quantization_config": info.stored_format.config or None},
+        "stored_bytes": stored_bytes_by_role(info, skeleton),
+        "writes": what_commands_write(info.stored_format),
         "weight_files": [f.name for f in info.weight_files],
         "num_tensors_on_disk": len(info.tensor_names),
+    }
+
+
+def stored_bytes_by_role(info: Any, skeleton: Any) -> dict[str, int]:
+    """Bytes on disk per role, in the format the checkpoint stores (FP8 weights with their scales, ...)."""
+    from moecompress.io.stored_formats import open_tensors, stored_bytes
+    from moecompress.models.weight_conversion import key_map
+    from moecompress.sizes import ROLES, tensor_roles
+
+    files = open_tensors(info.weight_files, info.config)
+    roles = tensor_roles(skeleton, info.adapter)
+    keys = key_map(skeleton)
+    totals = dict.fromkeys(ROLES, 0)
+    for name in files.names():
+        module_key = keys.module_key(name)
+        totals[roles.get(module_key or "", "norms_other")] += stored_bytes(files, name)
+    return totals
+
+
+def what_commands_write(fmt: Any) -> dict[str, str]:
+    """What each command writes from a checkpoint in this stored format (shown by `inspect`)."""
+    if not fmt.quantized:
+        same = "the input's dtype"
+        return {"prune": same, "condense": same, "quantize": "GPTQ (moecompress.load, GPTQModel)",
+                "compress": "GPTQ (moecompress.load, GPTQModel)"}
+    name = fmt.describe()
+    return {
+        "prune": f"{name}: dropped experts' tensors left out, kept ones copied byte for byte with their scales; "
+                 "neuron pruning re-quantises the changed matrices in the same format",
+        "condense": f"{name}: changed matrices re-quantised in the same format",
+        "quantize": "GPTQ from the dequantised weights (moecompress.load, GPTQModel)",
+        "compress": "GPTQ from the dequantised weights (moecompress.load, GPTQModel)",
     }
 
 
@@ -146,6 +182,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"{format_count(shared_params) if isinstance(shared_params, int) else shared_params} params/layer",
         ),
         ("dtype", str(summary["dtype"])),
+        ("stored as", summary["stored_format"]["description"]),
         ("on disk", f"{format_bytes(summary['bytes_on_disk'])} in {len(summary['weight_files'])} file(s)"),
     ]
     for key, value in rows:
@@ -158,18 +195,27 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_column("params", justify="right")
     table.add_column("bytes", justify="right")
     table.add_column("share", justify="right")
+    quantized = summary["stored_format"]["method"] != "float"
+    if quantized:
+        table.add_column("on disk", justify="right")
+    stored = summary["stored_bytes"]
     total = max(sizes["total_params"], 1)
     for role, entry in sizes["roles"].items():
         if entry["params"] == 0:
             continue
-        table.add_row(
-            ROLE_LABELS.get(role, role),
-            format_count(entry["params"]),
-            format_bytes(entry["bytes"]),
-            f"{100 * entry['params'] / total:.1f}%",
-        )
-    table.add_row("total", format_count(sizes["total_params"]), format_bytes(sizes["total_bytes"]), "100%", style="bold")
+        cells = [ROLE_LABELS.get(role, role), format_count(entry["params"]), format_bytes(entry["bytes"]),
+                 f"{100 * entry['params'] / total:.1f}%"]
+        table.add_row(*cells, *([format_bytes(stored[role])] if quantized else []))
+    table.add_row("total", format_count(sizes["total_params"]), format_bytes(sizes["total_bytes"]), "100%",
+                  *([format_bytes(sum(stored.values()))] if quantized else []), style="bold")
     console.print(table)
+    if quantized:
+        writes = Table(title=f"What each command writes from {summary['stored_format']['description']}")
+        writes.add_column("command")
+        writes.add_column("writes")
+        for command, what in summary["writes"].items():
+            writes.add_row(command, what)
+        console.print(writes)
 
 
 def _print_architectures(as_json: bool) -> None:

@@ -166,6 +166,7 @@ def condense_checkpoint(
     from moecompress.io.checkpoint import folder_bytes, write_checkpoint
     from moecompress.io.manifest import build_manifest
     from moecompress.io.output import atomic_output_dir, check_output_dir
+    from moecompress.io.stored_formats import StoredTensors, linear_weight_names, open_tensors, restore_stored_format
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
     from moecompress.sizes import checkpoint_dtype, skeleton_model
 
@@ -248,9 +249,16 @@ def condense_checkpoint(
         layout=chosen_layout, loads_with=LOADS_WITH[chosen_layout], calibration=calib.record(),
         dense=dense_info or None)
     readme = readme_for(plan, source, chosen_layout, note)
+    stored = open_tensors(info.weight_files, info.config)
     with atomic_output_dir(output, force=force) as tmp:
         if chosen_layout == "transformers":
             write_checkpoint(cast_model(final, save_dtype), tokenizer, tmp, manifest, readme)
+            if isinstance(stored, StoredTensors):  # the input's FP8 / MXFP4 format, changed matrices re-quantised
+                restore_stored_format(tmp, stored, linear_weight_names(final))
+                with open(tmp / "README.md", "a") as handle:
+                    handle.write(f"\nThe weights are stored like the input's, in {stored.format.describe()}: "
+                                 "unchanged matrices are copied byte for byte, the condensed layers' matrices "
+                                 "are re-quantised with the input's block size.\n")
         else:
             with condensed():
                 write_moecompress_layout(cast_model(model, save_dtype), adapter, plan.condensed(), tokenizer, tmp,

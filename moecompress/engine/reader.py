@@ -23,6 +23,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.io.safetensors_stream import TensorFiles
+from moecompress.io.stored_formats import StoredTensors, open_tensors
 from moecompress.models.load import CheckpointInfo, inspect_checkpoint, parse_dtype
 from moecompress.models.weight_conversion import KeyMap, key_map, load_into
 from moecompress.sizes import checkpoint_dtype, skeleton_model
@@ -63,7 +64,8 @@ class CheckpointReader:
         self.adapter = self.info.adapter
         self.requested = (dtype, device)
         self.dtype, self.expert_dtype = resolve_dtypes(self.info, dtype, device)
-        self.files = files if files is not None else TensorFiles(self.info.weight_files)
+        # FP8 blocks and MXFP4 experts are dequantised tensor by tensor as layers load (io.stored_formats)
+        self.files = files if files is not None else open_tensors(self.info.weight_files, self.info.config)
         self.model = skeleton_model(config if config is not None else self.info.config, self.expert_dtype)
         if self.dtype != self.expert_dtype:
             self._declare_dense_dtype()
@@ -91,7 +93,7 @@ class CheckpointReader:
         """
         from moecompress.prune.expert_copy import PrunedTensors, check_copy
 
-        if not isinstance(self.files, TensorFiles):
+        if not isinstance(self.files, (TensorFiles, StoredTensors)):
             raise MoecompressError("internal error: experts can be dropped from a checkpoint read as stored only")
         outputs = check_copy(self.files, self.adapter, self.config, config, keep)
         dtype, device = self.requested

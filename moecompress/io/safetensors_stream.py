@@ -109,6 +109,19 @@ class TensorFiles:
         """Every tensor name, in file order."""
         return list(self.entries)
 
+    def parts(self, name: str) -> tuple[str, ...]:
+        """The stored tensors `name` is made of: itself (see `stored_formats.StoredTensors` for quantised ones)."""
+        return (name,)
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether `name` is stored quantised: never, in a plain float checkpoint."""
+        return False
+
+    @property
+    def store(self) -> TensorFiles:
+        """The files that hold the stored parts (these files themselves)."""
+        return self
+
     def _map(self, path: Path) -> mmap.mmap:
         """A shared read-only map of a whole file (for byte copies)."""
         found = self._maps.get(path)

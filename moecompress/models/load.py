@@ -22,6 +22,7 @@ import torch
 
 from moecompress.dtypes import DTYPE_ALIASES
 from moecompress.errors import MoecompressError
+from moecompress.models.weight_format import FLOAT_FORMAT, StoredFormat, stored_format
 from moecompress.models.adapters import MoEAdapter, get_adapter, supported_model_types
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class CheckpointInfo:
     weight_files: list[Path]
     tensor_names: list[str]
     bytes_on_disk: int
+    stored_format: StoredFormat = FLOAT_FORMAT  # plain floats, FP8 blocks or MXFP4 (`io.stored_formats`)
 
 
 def parse_dtype(name: str) -> torch.dtype | str:
@@ -147,9 +149,25 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         except (SafetensorError, OSError) as err:
             raise MoecompressError(f"{file} is not a readable safetensors file ({err}); the checkpoint is corrupt") from None
         total += file.stat().st_size
+    fmt = readable_format(config)
     return CheckpointInfo(
-        path=folder, config=config, adapter=adapter, weight_files=files, tensor_names=names, bytes_on_disk=total
+        path=folder, config=config, adapter=adapter, weight_files=files, tensor_names=names, bytes_on_disk=total,
+        stored_format=fmt,
     )
+
+
+def readable_format(config: Any) -> StoredFormat:
+    """The stored format of a checkpoint moecompress reads; a one-line error for any other.
+
+    A folder moecompress wrote in the GPTQ format is already quantised: it is opened with
+    `moecompress.load`, not compressed again.
+    """
+    raw = getattr(config, "quantization_config", None)
+    method = (raw.get("quant_method") if isinstance(raw, dict) else getattr(raw, "quant_method", None)) or ""
+    if str(method).lower() == "gptq":
+        raise MoecompressError("this checkpoint is already quantised (quant_method 'gptq'); open it with "
+                               "moecompress.load or GPTQModel, and compress the original checkpoint instead")
+    return stored_format(config)
 
 
 def load_model(
@@ -174,13 +192,39 @@ def load_model(
         if offload_dir is None:
             offload_dir = tempfile.mkdtemp(prefix="moecompress-offload-")
         kwargs["offload_folder"] = str(offload_dir)
+    if info.stored_format.quantized:
+        kwargs["quantization_config"] = _dequantizing_config(info.stored_format)
     try:
         model = AutoModelForCausalLM.from_pretrained(info.path, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MoecompressError(f"could not load {info.path}: {first}") from None
+    if info.stored_format.quantized and isinstance(torch_dtype, torch.dtype):
+        _cast_parameters(model, torch_dtype)
     model.eval()
     return model, info.adapter
+
+
+def _dequantizing_config(fmt: StoredFormat) -> Any:
+    """transformers' own config for loading an FP8 / MXFP4 checkpoint dequantised, on any device.
+
+    Without it transformers dequantises only when no GPU is present, and keeps FP8 modules
+    (which no moecompress stage can read) on a GPU machine.
+    """
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    not_converted = list(fmt.not_converted) or None
+    if fmt.method == "fp8":
+        block = fmt.block or (128, 128)
+        return FineGrainedFP8Config(dequantize=True, weight_block_size=block, modules_to_not_convert=not_converted)
+    return Mxfp4Config(dequantize=True, modules_to_not_convert=not_converted)
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters in `dtype` (transformers leaves dequantised FP8 weights in bf16 whatever was asked)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _streaming_device_map(info: CheckpointInfo) -> dict[str, str]:

@@ -104,8 +104,25 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
                 start, end = match.span(2)
                 outputs.append(_Output(disk_key[:start] + str(kept.index(expert)) + disk_key[end:], disk_key))
             continue
-        outputs.append(_Output(disk_key, disk_key, _slice_dim(what, entry.shape, num_experts), kept))
+        dim = _slice_dim(what, entry.shape, num_experts)
+        _check_sliceable(files, disk_key, dim, num_experts)
+        outputs.append(_Output(disk_key, disk_key, dim, kept))
     return outputs
+
+
+def _check_sliceable(files: Any, name: str, dim: int, num_experts: int) -> None:
+    """A quantised tensor is sliced per expert only when every stored part has the expert dimension.
+
+    MXFP4's fused experts do (blocks and scales both lead with E); an FP8 router's block scales
+    do not (their rows are blocks of rows), so such a checkpoint is written through the model.
+    """
+    if not files.is_quantized(name):
+        return
+    for part in files.parts(name):
+        shape = files.store.entries[part].shape
+        if dim >= len(shape) or shape[dim] != num_experts:
+            raise ExpertCopyUnsupported(f"{part!r} (shape {list(shape)}) is stored quantised in blocks that mix "
+                                        "experts")
 
 
 def _output_shape(entry: TensorEntry, out: _Output) -> tuple[int, ...]:
@@ -164,33 +181,40 @@ class PrunedTensors:
         return tensor.index_select(out.dim, torch.as_tensor(out.rows or [], dtype=torch.long))
 
 
-def _rows_bytes(files: TensorFiles, entry: TensorEntry, out: _Output) -> list[memoryview] | torch.Tensor:
-    """Kept rows of a tensor: byte ranges of the input when slicing dim 0, else a small gathered copy."""
+def _rows_bytes(store: TensorFiles, entry: TensorEntry, out: _Output) -> list[memoryview] | torch.Tensor:
+    """Kept rows of a stored tensor: byte ranges of the input when slicing dim 0, else a small gathered copy."""
     rows = out.rows or []
     if out.dim == 0:
-        raw = files.raw(entry.name)
+        raw = store.raw(entry.name)
         stride = entry.nbytes // entry.shape[0]
         return [raw[r * stride:(r + 1) * stride] for r in rows]
-    tensor = files.tensor(entry.name)
+    tensor = store.tensor(entry.name)
     return tensor.index_select(out.dim or 0, torch.as_tensor(rows, dtype=torch.long)).contiguous()
 
 
-def write_expert_copy(files: TensorFiles, outputs: list[_Output], folder: Path, max_shard_bytes: int | str,
+def write_expert_copy(files: Any, outputs: list[_Output], folder: Path, max_shard_bytes: int | str,
                       progress: bool = True) -> int:
-    """Write the planned tensors into safetensors shards in `folder`; returns bytes written."""
+    """Write the planned tensors into safetensors shards in `folder`; returns bytes written.
+
+    files: `TensorFiles`, or a `StoredTensors` view of an FP8 / MXFP4 checkpoint, whose tensors
+    are copied part by part in their stored format (weight and scales, blocks and scales).
+    """
     from tqdm.auto import tqdm
 
+    store = files.store
     writer = ShardWriter(folder, max_shard_bytes)
     for out in tqdm(outputs, desc="copying kept tensors", unit="tensor", disable=not progress, mininterval=1.0):
-        entry = files.entries[out.source]
-        if out.dim is None:
-            writer.add_raw(out.name, entry.dtype, entry.shape, files.raw(out.source))
-            continue
-        data = _rows_bytes(files, entry, out)
-        if isinstance(data, torch.Tensor):
-            writer.add(out.name, data)
-        else:
-            writer.add_raw(out.name, entry.dtype, _output_shape(entry, out), data)
+        for part in files.parts(out.source):
+            name = out.name + part[len(out.source):]  # each part is the logical name plus a suffix
+            entry = store.entries[part]
+            if out.dim is None:
+                writer.add_raw(name, entry.dtype, entry.shape, store.raw(part))
+                continue
+            data = _rows_bytes(store, entry, out)
+            if isinstance(data, torch.Tensor):
+                writer.add(name, data)
+            else:
+                writer.add_raw(name, entry.dtype, _output_shape(entry, out), data)
     writer.finish()
     return writer.total_bytes
 

@@ -174,6 +174,7 @@ def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokeniz
     """Materialise `plan` on `model` and write the folder atomically to `output`."""
     from moecompress.io.checkpoint import DEFAULT_SHARD_SIZE, cast_model
     from moecompress.io.output import atomic_output_dir
+    from moecompress.io.stored_formats import linear_weight_names, restore_stored_format
     from moecompress.models.layout import save_layout_checkpoint
     from moecompress.models.load import inspect_checkpoint
     from moecompress.sizes import checkpoint_dtype
@@ -189,16 +190,43 @@ def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokeniz
     manifest = dict(manifest)
     if layout is not None:
         manifest["layout"] = layout.model_dump()
+    stored = _stored_tensors(source)
     with atomic_output_dir(output, force=force) as tmp:
         if layout is None:
             pruned.config = config
             pruned.save_pretrained(tmp, max_shard_size=DEFAULT_SHARD_SIZE)
+            if stored is not None:  # the input's FP8 / MXFP4 format, changed matrices re-quantised
+                restore_stored_format(tmp, stored, linear_weight_names(pruned))
+                manifest["stored_format"] = stored.format.method
         else:
             save_layout_checkpoint(pruned, adapter, layout, tmp, config, max_shard_size=DEFAULT_SHARD_SIZE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_records(tmp, plan, manifest, source, form)
+        if stored is not None:
+            _note_format(tmp, f"The weights are stored like the input's, in {stored.format.describe()}: matrices "
+                              "this pruning left unchanged are copied byte for byte, changed ones (fewer neurons, "
+                              "renumbered experts) are re-quantised with the input's block size.")
     return _written(output, form)
+
+
+def _note_format(folder: Path, sentence: str) -> None:
+    """Add a paragraph on the stored weight format to the folder's README."""
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text().rstrip("\n") + "\n\n" + sentence + "\n")
+
+
+def _stored_tensors(source: Path) -> Any:
+    """The input's tensors when it is stored in FP8 blocks or MXFP4 (None for float checkpoints or no folder)."""
+    from moecompress.io.stored_formats import StoredTensors, open_tensors
+    from moecompress.models.load import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(source)
+    except MoecompressError:
+        return None
+    files = open_tensors(info.weight_files, info.config)
+    return files if isinstance(files, StoredTensors) else None
 
 
 def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, config: Any, output: str | Path,
@@ -214,7 +242,12 @@ def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, confi
     outputs = check_copy(files, adapter, config, new_config, plan.keep)
     with atomic_output_dir(output, force=force) as tmp:
         prune_by_copy(source, files, outputs, new_config, tmp, progress=progress)
-        write_records(tmp, plan, dict(manifest, written_by="tensor copy"), source, "transformers")
+        stored = files.store is not files
+        write_records(tmp, plan, dict(manifest, written_by="tensor copy", stored_format=getattr(
+            getattr(files, "format", None), "method", "float")), source, "transformers")
+        if stored:
+            _note_format(tmp, f"The weights are stored like the input's, in {files.format.describe()}: the kept "
+                              "experts' tensors and their scales are copied byte for byte.")
     return _written(output, "transformers")
 
 

@@ -192,6 +192,28 @@ def params_after(plan: PrunePlan, params_before: int, adapter: MoEAdapter, model
     return params_before - removed_experts * expert_numel - removed_neurons * neuron_numel
 
 
+def check_width_storable(info: Any, ratio: float | None) -> None:
+    """Uniform neuron pruning of an FP8 / MXFP4 checkpoint keeps a width made of whole blocks of its format."""
+    from moecompress.models.weight_format import width_multiple
+    from moecompress.sizes import skeleton_model
+
+    multiple = width_multiple(info.stored_format)
+    if multiple == 1 or ratio is None:
+        return
+    skeleton = skeleton_model(info.config)
+    refs = info.adapter.moe_layers(skeleton)
+    if not refs:
+        return
+    width = info.adapter.expert_weights(refs[0], 0).intermediate_size
+    kept = max(1, int(round(width * (1.0 - ratio))))
+    if kept % multiple:
+        choices = [f"{1 - m / width:g}" for m in range(multiple, width, multiple)][-3:]
+        raise MoecompressError(
+            f"--ratio {ratio:g} keeps {kept} of {width} neurons per expert, but the checkpoint is stored in "
+            f"{info.stored_format.describe()} and a changed width must be a multiple of {multiple}; "
+            f"use --ratio {' or '.join(choices) if choices else 'with whole blocks'}")
+
+
 def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
               params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
               patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None,
@@ -215,6 +237,7 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
         check_neuron_ratio(ratio, keep)
         if allocation == "uniform":
             adapter.check_width_patchable(config)
+            check_width_storable(info, ratio)
         if new_top_k is not None:
             check_new_top_k(new_top_k, shape, shape.num_experts)
     else:
@@ -362,7 +385,7 @@ def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str |
     express are materialised on the whole model.
     """
     from moecompress.io.manifest import build_manifest
-    from moecompress.io.safetensors_stream import TensorFiles
+    from moecompress.io.stored_formats import open_tensors
     from moecompress.prune.expert_copy import ExpertCopyUnsupported
     from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
 
@@ -371,7 +394,7 @@ def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str |
                               plan=plan.model_dump(exclude={"scores"}))
     if plan.granularity == "expert" and plan.uniform:
         try:
-            return write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, config, output, manifest,
+            return write_pruned_by_copy(open_tensors(info.weight_files, config), adapter, plan, config, output, manifest,
                                         source, force=force, progress=progress)
         except ExpertCopyUnsupported as reason:
             log.info("writing through the whole model: %s", reason)
