@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 
 from moecompress.calibration.gradients import activation_gradients
 from moecompress.engine.layers import LayerEngine
+from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.load import text_config
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,13 @@ def collect_statistics(
     progress: bool = True,
     reader: CheckpointReader | None = None,
     device: torch.device | str | None = None,
+    max_layer_bytes: int | None = None,
 ) -> Observer:
     """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
 
     reader: the checkpoint the (meta-device) model is read from, one layer at a time
-    (layerwise mode only); device: where layers compute (default: where the model is).
+    (layerwise mode only); device: where layers compute (default: where the model is);
+    max_layer_bytes: MoE layers larger than this compute their experts in groups (`LayerEngine`).
     """
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
@@ -75,7 +79,7 @@ def collect_statistics(
         raise MoecompressError(f"{model.config.model_type} cannot run one layer at a time; use mode 'whole-model'")
     if reader is not None and mode != "layerwise":
         raise MoecompressError("a checkpoint read layer by layer can only be calibrated in mode 'layerwise'")
-    engine = LayerEngine(model, adapter, reader=reader, device=device)
+    engine = LayerEngine(model, adapter, reader=reader, device=device, max_layer_bytes=max_layer_bytes)
     observer = Observer(model, adapter, domains, statistics, device=engine.device)
     batches = _batches(input_ids, domain_ids, domains, batch_size)
     if mode == "whole-model":
@@ -145,6 +149,33 @@ def build_stats(
     return RoutingStats(header, observer.tensors())
 
 
+ACTIVATION_COPIES = 3  # cached inputs of every batch, one batch's output, and the layer's working activations
+
+
+def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_memory: str | int | None
+                 ) -> int | None:
+    """Bytes one decoder layer may occupy: the host budget minus the cached activations (None: unknown budget).
+
+    The budget is `max_memory`, or a share of the memory available to this process. A budget
+    that cannot hold the activations, or the embeddings while batches are embedded, is
+    refused in one line with what it needs.
+    """
+    budget = parse_memory(max_memory) if max_memory is not None else default_budget()
+    if budget is None:
+        return None
+    samples, seq_len = int(input_shape[0]), int(input_shape[1])
+    hidden = int(text_config(reader.config).hidden_size)
+    activations = ACTIVATION_COPIES * samples * seq_len * hidden * max(reader.dtype.itemsize, 4)
+    left = budget - activations
+    outside = reader.keys_bytes(reader.outside_layers(include_head=False))
+    if left < outside:
+        given = "--max-memory" if max_memory is not None else "the memory available"
+        raise MoecompressError(
+            f"{given} ({format_gib(budget)}) cannot hold the calibration activations ({format_gib(activations)}) "
+            f"and the embeddings ({format_gib(outside)}); lower --samples or --seq-len, or raise --max-memory")
+    return left
+
+
 def calibrate(
     model_path: str | Path,
     sources: Sequence[Any] | None = None,
@@ -157,6 +188,7 @@ def calibrate(
     mode: str = "layerwise",
     progress: bool = True,
     device: str = "cpu",
+    max_memory: str | int | None = None,
 ) -> RoutingStats:
     """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
 
@@ -165,6 +197,8 @@ def calibrate(
     dtype: compute dtype (`auto`: the checkpoint's); device: cpu, cuda, cuda:N or auto.
     Layer by layer (the default mode) the model is read from the checkpoint one decoder
     layer at a time; whole-model mode (gradient statistics) loads it whole.
+    max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 60% of
+    what is available; see `layer_budget`.
     """
     from moecompress.engine.layers import resolve_device
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
@@ -186,15 +220,17 @@ def calibrate(
                     info.config.model_type)
         mode = "whole-model"
     reader = None
+    max_layer_bytes = None
     if mode == "layerwise" and info.adapter.streaming_supported:
         reader = CheckpointReader(model_path, dtype=dtype, info=info)
         model, adapter = reader.model, reader.adapter
+        max_layer_bytes = layer_budget(reader, calib.input_ids.shape, max_memory)
     else:
         model, adapter = load_model(model_path, dtype=dtype)
         model.to(compute_device)
     observer = collect_statistics(
         model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics, batch_size, mode, progress,
-        reader=reader, device=compute_device,
+        reader=reader, device=compute_device, max_layer_bytes=max_layer_bytes,
     )
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
             "seed": seed, "batch_size": batch_size, "dtype": dtype, "device": str(compute_device)}

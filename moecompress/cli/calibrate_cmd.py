@@ -17,6 +17,7 @@ from moecompress.cli.options import (
     DtypeOption,
     FieldOption,
     ForceOption,
+    MaxMemoryOption,
     ModelArg,
     OutputOption,
     PrintStepOption,
@@ -44,6 +45,7 @@ def calibrate_command(
     batch_size: BatchSizeOption = 8,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "cpu",
+    max_memory: MaxMemoryOption = None,
     statistic: StatisticsOption = None,
     gradients: Annotated[bool, typer.Option("--gradients", help="Also collect HEAPr's gradient statistic "
                                             "(needs a backward pass over the whole model in memory).")] = False,
@@ -81,7 +83,7 @@ def calibrate_command(
         names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
     mode = "whole-model" if (whole_model or gradients) else "layerwise"
     stats = calibrate(model, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                      dtype=dtype, statistics=names, mode=mode, device=device)
+                      dtype=dtype, statistics=names, mode=mode, device=device, max_memory=max_memory)
     with atomic_output_dir(output, force=force) as tmp:
         stats.save(tmp)
     print_stats_summary(stats, Path(output))

@@ -17,6 +17,7 @@ from moecompress.cli.options import (
     DtypeOption,
     FieldOption,
     ForceOption,
+    MaxMemoryOption,
     ModelArg,
     PrintStepOption,
     SamplesOption,
@@ -76,6 +77,7 @@ def prune_command(
     batch_size: BatchSizeOption = 8,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "cpu",
+    max_memory: MaxMemoryOption = None,
     no_protect_super_experts: Annotated[bool, typer.Option("--no-protect-super-experts",
                                                            help="Allow pruning super experts.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without writing anything.")] = False,
@@ -118,7 +120,7 @@ def prune_command(
                               seed=seed, batch_size=batch_size, dtype=dtype,
                               protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
                               allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns,
-                              device=device)
+                              device=device, max_memory=max_memory)
     print_prune_summary(result, dry_run)
 
 

@@ -10,6 +10,8 @@ decoder layer only while it runs, so peak memory is one layer plus the cached ac
 Without one, the engine runs a model already in memory (the whole-model path).
 
 Layers compute on `device`; the cached hidden states stay in host memory between layers.
+A MoE layer whose weights exceed `max_layer_bytes` is loaded without its routed experts, which
+are then computed a group at a time (`moecompress.engine.expert_groups`).
 
 The keyword arguments each decoder layer receives (attention masks per layer type, rotary
 position embeddings, ...) are captured from the model's own forward, run once with every
@@ -27,6 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moecompress.engine.expert_groups import ExpertGroups, group_experts, served_in_groups, serving_groups
+from moecompress.engine.memory import format_gib
+from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.models.adapters.instrument import is_instrumented
 
@@ -97,8 +102,11 @@ class LayerEngine:
     """Holds the cached hidden states of every calibration batch between decoder layers."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, reader: CheckpointReader | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, max_layer_bytes: int | None = None) -> None:
+        """max_layer_bytes: the most one loaded layer may take (None: no limit); larger MoE layers run in expert groups."""
         self.model = model
+        self.max_layer_bytes = max_layer_bytes
+        self._expert_groups: dict[int, ExpertGroups] = {}  # group size -> groups (their readers are reused)
         self.adapter = adapter
         self.reader = reader
         self.device = torch.device(device) if device is not None else _model_device(model)
@@ -109,9 +117,42 @@ class LayerEngine:
         self._moe = {ref.index: ref for ref in adapter.moe_layers(model)}
 
     @classmethod
-    def from_reader(cls, reader: CheckpointReader, device: torch.device | str = "cpu") -> LayerEngine:
+    def from_reader(cls, reader: CheckpointReader, device: torch.device | str = "cpu",
+                    max_layer_bytes: int | None = None) -> LayerEngine:
         """An engine over a checkpoint read layer by layer."""
-        return cls(reader.model, reader.adapter, reader=reader, device=device)
+        return cls(reader.model, reader.adapter, reader=reader, device=device, max_layer_bytes=max_layer_bytes)
+
+    def expert_grouping(self, index: int) -> tuple[list[str], ExpertGroups] | None:
+        """(keys loaded as usual, expert groups) when MoE layer `index` exceeds `max_layer_bytes`, else None.
+
+        Raises a one-line error when even the layer's other weights plus one expert exceed the budget.
+        """
+        ref = self._moe.get(index)
+        if self.reader is None or self.max_layer_bytes is None or ref is None:
+            return None
+        total = self.reader.layer_bytes(index)
+        if total <= self.max_layer_bytes:
+            return None
+        experts_prefix = self.reader.module_path(ref.experts) + "."
+        keys = self.reader.layer_keys(index)
+        dense = [key for key in keys if not key.startswith(experts_prefix)]
+        dense_bytes = self.reader.keys_bytes(dense)
+        # a group's fused tensors, plus the source tensors being converted into them
+        per_expert = int(1.5 * (total - dense_bytes) / ref.num_experts)
+        if type(self.adapter).run_experts is not MoEAdapter.run_experts:
+            raise MoecompressError(f"decoder layer {index} needs {format_gib(total)}, more than the memory budget "
+                                   f"({format_gib(self.max_layer_bytes)}), and {self.model.config.model_type} "
+                                   "experts cannot be computed in groups; raise --max-memory")
+        if dense_bytes + per_expert > self.max_layer_bytes:
+            raise MoecompressError(f"decoder layer {index} needs at least {format_gib(dense_bytes + per_expert)} "
+                                   f"(its weights outside the routed experts plus one expert), more than the memory "
+                                   f"budget ({format_gib(self.max_layer_bytes)}); raise --max-memory")
+        size = int((self.max_layer_bytes - dense_bytes) // per_expert)
+        groups = self._expert_groups.get(size)
+        if groups is None:
+            groups = ExpertGroups(self.reader, group_experts(ref.num_experts, size), self.device)
+            self._expert_groups[size] = groups
+        return dense, groups
 
     @contextlib.contextmanager
     def layer_loaded(self, index: int) -> Iterator[nn.Module]:
@@ -124,10 +165,20 @@ class LayerEngine:
         if self.reader is None or index in self._loaded:
             yield layer
             return
+        grouping = self.expert_grouping(index)
         self._loaded.add(index)
         try:
-            with self.reader.loaded(layer, self.device):
-                yield layer
+            if grouping is None:
+                with self.reader.loaded(layer, self.device):
+                    yield layer
+            else:
+                dense, groups = grouping
+                try:
+                    self.reader.load_keys(dense, self.device, where=f"decoder layer {index}")
+                    with served_in_groups(self._moe[index].experts, groups):
+                        yield layer
+                finally:
+                    self.reader.release_keys(dense)
         finally:
             self._loaded.discard(index)
 
@@ -201,8 +252,10 @@ class LayerEngine:
 
     @contextlib.contextmanager
     def _mixed_precision_experts(self, index: int) -> Iterator[None]:
-        ref = self._moe.get(index) if self.reader is not None and self.reader.mixed_precision else None
-        if ref is None or is_instrumented(ref.experts):
+        """MoE layers whose experts transformers' kernels cannot compute (mixed dtypes, served in groups) use `run_experts`."""
+        ref = self._moe.get(index) if self.reader is not None else None
+        needed = ref is not None and (self.reader.mixed_precision or serving_groups(ref.experts) is not None)
+        if not needed or is_instrumented(ref.experts):
             yield
             return
         with self.adapter.instrument(self.model, {index: None}):

@@ -229,11 +229,18 @@ class CheckpointReader:
         finally:
             self.release(module)
 
+    def layer_keys(self, index: int) -> list[str]:
+        """Module keys (parameters and persistent buffers) of decoder layer `index`."""
+        return self._module_keys(f"{self.adapter.layers_path}.{index}")
+
+    def keys_bytes(self, keys: list[str]) -> int:
+        """Bytes the named parameters and buffers occupy once loaded in their compute dtype."""
+        total = 0
+        for name in keys:
+            shape, dtype = self._meta_shapes[name]
+            total += shape.numel() * dtype.itemsize
+        return total
+
     def layer_bytes(self, index: int) -> int:
         """Bytes one decoder layer occupies once loaded in the compute dtype."""
-        prefix = f"{self.adapter.layers_path}.{index}."
-        total = 0
-        for name, (shape, dtype) in self._meta_shapes.items():
-            if name.startswith(prefix):
-                total += shape.numel() * dtype.itemsize
-        return total
+        return self.keys_bytes(self.layer_keys(index))

@@ -292,6 +292,7 @@ def prune_checkpoint(
     new_top_k: int | None = None,
     patterns: str | Path | None = None,
     device: str = "cpu",
+    max_memory: str | int | None = None,
 ) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
@@ -301,7 +302,8 @@ def prune_checkpoint(
     complete. `patterns` (PreMoe) also writes one expert pattern per calibration domain.
 
     Methods that score from statistics alone calibrate through the layer engine (one decoder
-    layer in memory at a time, on `device`, in `dtype`; `auto` is the checkpoint's), and a
+    layer in memory at a time, on `device`, in `dtype`; `auto` is the checkpoint's; a MoE layer
+    larger than `max_memory` leaves in expert groups), and a
     uniform expert plan is written by copying tensors, so neither step holds the model.
     """
     from moecompress.calibration.calibrate import calibrate
@@ -319,7 +321,7 @@ def prune_checkpoint(
                                                                batch_size, dtype, progress)
     elif stats is None:
         stats = calibrate(source, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                          dtype=dtype, statistics=needs, progress=progress, device=device)
+                          dtype=dtype, statistics=needs, progress=progress, device=device, max_memory=max_memory)
     plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
                         protect_super_experts=protect_super_experts, allocation=allocation, context=context,
                         new_top_k=new_top_k)

@@ -55,7 +55,7 @@ def run_calibrate(step: CalibrateStep, model: Path, output: Path, progress: bool
     mode = "whole-model" if (step.whole_model or step.gradients) else "layerwise"
     stats = calibrate(model, sources, num_samples=step.samples, seq_len=step.seq_len, seed=step.seed,
                       batch_size=step.batch_size, dtype=step.dtype, statistics=names, mode=mode, progress=progress,
-                      device=step.device)
+                      device=step.device, max_memory=step.max_memory)
     with atomic_output_dir(output, force=True) as tmp:
         stats.save(tmp)
     return stats
@@ -71,7 +71,8 @@ def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None
                             seq_len=step.seq_len, seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
                             protect_super_experts=not step.no_protect_super_experts, dry_run=False, force=True,
                             progress=progress, allocation=step.allocation, dynamic_skip=step.dynamic_skip,
-                            new_top_k=step.top_k, patterns=step.patterns, device=step.device)
+                            new_top_k=step.top_k, patterns=step.patterns, device=step.device,
+                            max_memory=step.max_memory)
 
 
 def run_condense(step: CondenseStep, model: Path, output: Path, progress: bool = True) -> Any:

@@ -167,6 +167,7 @@ class CalibrateStep(_CalibrationData):
     op: Literal["calibrate"]
     dtype: Dtype = "auto"
     device: str = "cpu"
+    max_memory: str | None = None
     statistic: Annotated[list[str] | None, BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = None
     gradients: bool = False
     whole_model: bool = False
@@ -206,6 +207,7 @@ class PruneStep(_CalibrationData):
     patterns: str | None = None
     dtype: Dtype = "auto"
     device: str = "cpu"
+    max_memory: str | None = None
     no_protect_super_experts: bool = False
 
     def check(self, where: Location) -> None:

@@ -279,3 +279,26 @@ def test_partial_blocks_dequantise_where_transformers_cannot(fp8_deepseek_ragged
     run("prune", str(fp8_deepseek_ragged), "--method", "frequency", "--ratio", "0.5", "--samples", "4",
         "--seq-len", "64", "-o", str(out))
     assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [16, 16]
+
+
+def test_grouped_fp8_layer_equals_the_whole_layer(fp8_deepseek: Path) -> None:
+    """A MoE layer served in expert groups dequantises each group's FP8 experts as it loads them."""
+    from moecompress.engine.layers import LayerEngine
+
+    ids = TOKENS.repeat(2, 1)
+    hidden = []
+    for size in (None, 2):
+        reader = CheckpointReader(fp8_deepseek, dtype="float32")
+        budget = None
+        if size is not None:
+            ref = reader.adapter.moe_layers(reader.model)[0]
+            prefix = reader.module_path(ref.experts) + "."
+            keys = reader.layer_keys(ref.index)
+            dense = reader.keys_bytes([k for k in keys if not k.startswith(prefix)])
+            budget = dense + size * int(1.5 * (reader.layer_bytes(ref.index) - dense) / ref.num_experts) + 1
+        engine = LayerEngine.from_reader(reader, max_layer_bytes=budget)
+        engine.prepare([("all", ids)])
+        for index in range(len(engine.layers)):
+            engine.run_layer(index)
+        hidden.append(engine.batches[0].hidden)
+    torch.testing.assert_close(hidden[1], hidden[0], rtol=1e-5, atol=1e-5)

@@ -38,6 +38,10 @@ from moecompress.errors import MoecompressError
 ExpertVisitor = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+
+# attribute of an experts module's __dict__ holding the source that serves its experts in groups
+EXPERT_SOURCE_ATTR = "_moecompress_expert_groups"
+
 @dataclass
 class RouterOutput:
     """What the model's own router produced for a batch of tokens."""
@@ -410,8 +414,13 @@ class MoEAdapter:
         Computes each expert only on the tokens routed to it (grouped by expert), in the
         module's own arithmetic, and calls `visit` per expert with its inputs, down_proj
         inputs and outputs, so observers and GPTQ need no second pass. `only`: compute just
-        these experts (the combined output then lacks the others' contributions).
+        these experts (the combined output then lacks the others' contributions). An experts
+        module served in groups (`moecompress.engine.expert_groups`, a layer larger than the
+        memory budget) is computed by its source, one group of experts at a time.
         """
+        source = layer.experts.__dict__.get(EXPERT_SOURCE_ATTR)
+        if source is not None:
+            return source.run(self, layer, hidden, index, weights, visit, only)
         ex = layer.experts
         transposed = bool(getattr(ex, "is_transposed", False))
         has_gate = bool(getattr(ex, "has_gate", True))

@@ -1,0 +1,96 @@
+"""A MoE layer larger than the memory budget: its routed experts computed a group at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecompress.calibration.calibrate import collect_statistics, layer_budget
+from moecompress.calibration.observer import DEFAULT_STATISTICS
+from moecompress.engine.layers import LayerEngine
+from moecompress.engine.reader import CheckpointReader
+from moecompress.errors import MoecompressError
+from tests.adapters.tiny_configs import TINY_CONFIGS
+from tests.cli_helpers import error_lines, make_checkpoint, run_cli
+from tests.helpers import tiny_model, token_batch
+
+ARCHS = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
+
+
+def _budget_for(reader: CheckpointReader, experts_per_group: int) -> int:
+    """A layer budget that holds a MoE layer's other weights plus `experts_per_group` experts."""
+    engine = LayerEngine.from_reader(reader)
+    ref = next(iter(engine._moe.values()))
+    keys = reader.layer_keys(ref.index)
+    prefix = reader.module_path(ref.experts) + "."
+    dense = reader.keys_bytes([k for k in keys if not k.startswith(prefix)])
+    per_expert = int(1.5 * (reader.layer_bytes(ref.index) - dense) / ref.num_experts)
+    return dense + experts_per_group * per_expert + 1
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_grouped_layers_give_the_ungrouped_hidden_states_and_statistics(model_type: str, tmp_path) -> None:
+    model = tiny_model(TINY_CONFIGS[model_type]())
+    model.save_pretrained(tmp_path)
+    ids = token_batch(model.config.vocab_size, batch=4, length=12)
+    domain_ids = torch.tensor([0, 0, 1, 1])
+
+    def observe(max_layer_bytes: int | None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], LayerEngine]:
+        reader = CheckpointReader(tmp_path, dtype="float32")
+        engine = LayerEngine.from_reader(reader, max_layer_bytes=max_layer_bytes)
+        observer = collect_statistics(reader.model, reader.adapter, ids, domain_ids, ["a", "b"],
+                                      DEFAULT_STATISTICS, batch_size=2, reader=reader,
+                                      max_layer_bytes=max_layer_bytes)
+        engine.prepare([("all", ids)])
+        for index in range(len(engine.layers)):
+            engine.run_layer(index)
+        return observer.tensors(), [engine.batches[0].hidden], engine
+
+    expected, hidden, _ = observe(None)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    budget = _budget_for(reader, 3)
+    got, grouped_hidden, engine = observe(budget)
+    grouped = [engine.expert_grouping(ref.index) for ref in engine._moe.values()]
+    assert all(g is not None and len(g[1].groups) > 1 for g in grouped)
+    assert max(len(group) for group in grouped[0][1].groups) == 3
+    assert grouped[0][1].loads > 0
+    torch.testing.assert_close(grouped_hidden[0], hidden[0], rtol=1e-5, atol=1e-5)
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert all(p.device.type == "meta" for p in engine.model.parameters())
+
+
+def test_a_budget_below_one_expert_is_refused(tmp_path) -> None:
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"]())
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    engine = LayerEngine.from_reader(reader, max_layer_bytes=_budget_for(reader, 0) - 1024)
+    with pytest.raises(MoecompressError, match="needs at least .* one expert"):
+        engine.expert_grouping(next(iter(engine._moe)))
+
+
+def test_layer_budget_leaves_room_for_activations(tmp_path) -> None:
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"]())
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    hidden = model.config.hidden_size
+    left = layer_budget(reader, (4, 16), 10_000_000)
+    assert left == 10_000_000 - 3 * 4 * 16 * hidden * 4
+    with pytest.raises(MoecompressError, match="cannot hold the calibration activations"):
+        layer_budget(reader, (4, 16), 1000)
+
+
+def test_calibrate_cli_max_memory(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    code, _, err = run_cli(["calibrate", str(checkpoint), "--samples", "2", "--seq-len", "16", "--max-memory",
+                            "10KB", "-o", str(tmp_path / "s")], monkeypatch, capsys)
+    (line,) = error_lines(err)
+    assert code != 0 and "--max-memory" in line and not (tmp_path / "s").exists()
+    code, _, err = run_cli(["calibrate", str(checkpoint), "--max-memory", "lots", "-o", str(tmp_path / "s")],
+                           monkeypatch, capsys)
+    (line,) = error_lines(err)
+    assert code != 0 and "4GiB" in line
+    code, out, err = run_cli(["calibrate", str(checkpoint), "--samples", "2", "--seq-len", "16", "--max-memory",
+                              "2GiB", "-o", str(tmp_path / "s")], monkeypatch, capsys)
+    assert code == 0, err
