@@ -8,5 +8,5 @@ hard cgroup-v1 memory cap (`cgroup.py`); the ``scale`` suite (`suite.py`) times 
 fits in.
 
     python -m benchmarks.run --suite scale --fixtures example   # the harness needs one fixture name
-    python -m benchmarks.scale [--quick]                         # the same suite, no fixtures at all
+    python -m benchmarks.scale [--quick] [--spec NAME]           # the same suite, no fixtures at all
 """

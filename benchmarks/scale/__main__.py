@@ -3,6 +3,10 @@
     python -m benchmarks.scale                    # the full suite (hours on a laptop CPU)
     python -m benchmarks.scale --quick            # 1- and 2-layer checkpoints: a smoke run
     python -m benchmarks.scale --commands calibrate "prune frequency"
+    python -m benchmarks.scale --spec deepseek_v3_fp8   # DeepSeek-V3 as published (FP8 blocks), 2 and 3 layers
+
+The default spec (Qwen3-30B-A3B) is stored as benchmarks/results/scale.json; any other spec as
+scale-<spec>.json (scale-deepseek-v3-fp8.json), its own section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -14,28 +18,36 @@ from pathlib import Path
 
 from benchmarks.harness.context import Protocol
 from benchmarks.harness.report import RESULTS_DIR, RESULTS_MD, environment, save_suite, write_results
-from benchmarks.harness.suites import load_suite_modules
+from benchmarks.scale.specs import SPECS
+from benchmarks.scale.suite import DEFAULT_SPEC, SPEC_ENV, measure, result_key, settings, suite_title
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", choices=sorted(SPECS), default=None,
+                        help=f"model whose layer shapes to build (default ${SPEC_ENV}, else {DEFAULT_SPEC}); "
+                             "deepseek_v3_fp8 is DeepSeek-V3 as published, FP8 weights in 128x128 blocks")
     parser.add_argument("--quick", action="store_true", help="1- and 2-layer checkpoints only (smoke run)")
-    parser.add_argument("--commands", nargs="+", default=None, help="command labels (default: every enabled one)")
+    parser.add_argument("--commands", nargs="+", default=None,
+                        help="command labels (default: the spec's, else every enabled one)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where raw JSON goes")
     parser.add_argument("--output", type=Path, default=RESULTS_MD, help="Markdown results file")
     args = parser.parse_args(argv)
-    entry = load_suite_modules()["scale"]
     options: dict[str, object] = {"scale_commands": args.commands or []}
+    if args.spec:
+        options["scale_spec"] = args.spec  # otherwise MOECOMPRESS_SCALE_SPEC decides
     if args.quick:
         options["scale_quick"] = True  # otherwise MOECOMPRESS_SCALE_QUICK decides
+    chosen = settings(options)
+    key = result_key(chosen.spec)
     started = time.perf_counter()
-    data = entry.fn([], options)
-    payload = {"suite": "scale", "title": entry.title, "environment": environment(),
+    data = measure(chosen)
+    payload = {"suite": key, "title": suite_title(chosen.spec), "environment": environment(),
                "protocol": Protocol().as_dict(), "fixtures": {}, "seconds": time.perf_counter() - started,
                "data": data}
-    path = save_suite("scale", payload, args.results_dir)
-    print(f"[bench] scale: {payload['seconds'] / 60:.1f} min -> {path}", flush=True)
+    path = save_suite(key, payload, args.results_dir)
+    print(f"[bench] {key}: {payload['seconds'] / 60:.1f} min -> {path}", flush=True)
     print(f"[bench] wrote {write_results(args.results_dir, args.output)}", flush=True)
 
 

@@ -2,12 +2,15 @@
 
 The dicts are the configs on the Hugging Face hub (config.json of Qwen/Qwen3-30B-A3B,
 mistralai/Mixtral-8x7B-v0.1, deepseek-ai/DeepSeek-V3) minus bookkeeping keys
-(architectures, torch_dtype, transformers_version) and DeepSeek-V3's fp8
-`quantization_config`: the synthetic checkpoints are bf16.
+(architectures, torch_dtype, transformers_version). DeepSeek-V3 comes twice: `deepseek_v3`
+without its fp8 `quantization_config` (a bf16 checkpoint, as a bf16 conversion of the model
+stores it) and `deepseek_v3_fp8` with it, as published: its decoder layers' linear weights
+are float8 e4m3 with float32 128x128 block scales (`checkpoints.py` writes them so).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,12 @@ DEEPSEEK_V3: dict[str, Any] = {
     "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": 0, "eos_token_id": 1, "use_cache": True,
 }
 
+# DeepSeek-V3's config.json as published: FP8 weights in 128x128 blocks (no modules_to_not_convert).
+DEEPSEEK_V3_FP8_QUANTIZATION: dict[str, Any] = {
+    "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+}
+DEEPSEEK_V3_FP8: dict[str, Any] = {**DEEPSEEK_V3, "quantization_config": DEEPSEEK_V3_FP8_QUANTIZATION}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -68,7 +77,7 @@ class ModelSpec:
         """
         if layers < 1:
             raise ValueError(f"layers must be at least 1, got {layers}")
-        values = {**self.published, "num_hidden_layers": layers}
+        values = {**copy.deepcopy(self.published), "num_hidden_layers": layers}
         if "max_window_layers" in values:
             values["max_window_layers"] = layers
         if "first_k_dense_replace" in values and layers < self.full_layers:
@@ -90,5 +99,6 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec("qwen3_30b_a3b", "Qwen3-30B-A3B", "Qwen3MoeConfig", QWEN3_30B_A3B),
         ModelSpec("mixtral_8x7b", "Mixtral-8x7B", "MixtralConfig", MIXTRAL_8X7B),
         ModelSpec("deepseek_v3", "DeepSeek-V3", "DeepseekV3Config", DEEPSEEK_V3),
+        ModelSpec("deepseek_v3_fp8", "DeepSeek-V3 (FP8 blocks, as published)", "DeepseekV3Config", DEEPSEEK_V3_FP8),
     )
 }

@@ -14,11 +14,19 @@ few decoder layers (`checkpoints.py`) and, for every enabled command of `command
 Every run starts with the checkpoint's pages dropped from the page cache (`pagecache.evict`):
 timings are cold-cache, and capped runs are charged for the pages they read. The trained
 fixtures are not used. Settings come from the options dict (keys `scale_*`) or the
-environment: MOECOMPRESS_SCALE_QUICK=1 (1- and 2-layer checkpoints only, a smoke run),
-MOECOMPRESS_SCALE_COMMANDS=label,label (a subset of the commands), MOECOMPRESS_SCALE_CODE=head
-(measure the package as committed instead of the working tree). Either way the package is
-copied once at the start (`snapshot.freeze`) and every child imports that copy, so edits made
-to the checkout during a run of several hours do not leak into it.
+environment: MOECOMPRESS_SCALE_SPEC=name (a spec of `specs.SPECS`), MOECOMPRESS_SCALE_QUICK=1
+(1- and 2-layer checkpoints only, a smoke run), MOECOMPRESS_SCALE_COMMANDS=label,label (a subset
+of the commands), MOECOMPRESS_SCALE_CODE=head (measure the package as committed instead of the
+working tree). Either way the package is copied once at the start (`snapshot.freeze`) and every
+child imports that copy, so edits made to the checkout during a run of several hours do not
+leak into it.
+
+Each spec has its own defaults (`SPEC_SETTINGS`: DeepSeek-V3 in FP8 is measured at 2 and 3
+layers, capped at 2, since one of its MoE layers is 10.7 GiB) and its own result file:
+`result_key` is ``scale`` for the default spec (Qwen3-30B-A3B) and ``scale-<spec>`` for the
+others (``scale-deepseek-v3-fp8``), each rendered as its own RESULTS.md section.
+`python -m benchmarks.scale --spec NAME` stores a run under that key; the harness's ``scale``
+suite measures the default spec only.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from benchmarks.harness.report import renderer
 from benchmarks.harness.suites import suite
 from benchmarks.scale import fit
 from benchmarks.scale.cgroup import CapResult, run_capped, smallest_cap, unavailable_reason
-from benchmarks.scale.checkpoints import cached_checkpoint, checkpoint_bytes, scale_root
+from benchmarks.scale.checkpoints import (cached_checkpoint, checkpoint_bytes, describe_weights, ensure_room,
+                                          scale_root)
 from benchmarks.scale.commands import COMMANDS, Command
 from benchmarks.scale.pagecache import evict
 from benchmarks.scale.progress import bar_phases
@@ -45,13 +54,16 @@ from benchmarks.scale.specs import SPECS
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 1024 ** 3
+DEFAULT_SPEC = "qwen3_30b_a3b"
+SPEC_ENV = "MOECOMPRESS_SCALE_SPEC"
+TITLE = "Scale: moecompress commands at real MoE layer shapes under a hard memory cap"
 
 
 @dataclass(frozen=True)
 class Settings:
     """What one run of the suite measures."""
 
-    spec: str = "qwen3_30b_a3b"
+    spec: str = DEFAULT_SPEC
     timing_depths: tuple[int, ...] = (2, 8)
     sweep_depths: tuple[int, ...] = (2, 4, 6, 8)
     cap_depth: int = 8
@@ -72,18 +84,51 @@ class Settings:
 QUICK = {"timing_depths": (1, 2), "sweep_depths": (1, 2), "cap_depth": 2, "fractions": (0.25, 0.5, 0.75, 1.0),
          "quick": True}
 
+# Defaults per spec, before QUICK and the options. DeepSeek-V3 in FP8: one MoE layer is 10.7 GiB on disk (256 experts
+# x 3 x 7168 x 2048 codes), so 2 layers (1 dense + 1 MoE: 14.7 GiB) is what this machine's disk holds beside the
+# pruned output and the Qwen3 cache; `prune frequency` (which calibrates first) is the command the formats issue asks
+# about, and its cap is bisected over a few fractions around the 0.25x target (each attempt takes minutes).
+SPEC_SETTINGS: dict[str, dict[str, Any]] = {
+    "deepseek_v3_fp8": {"timing_depths": (2,), "sweep_depths": (2,), "cap_depth": 2,
+                        "fractions": (0.2, 0.25, 0.3, 0.5),
+                        "commands": ("prune frequency",)},
+}
+
+
+def chosen_spec(options: dict[str, Any]) -> str:
+    """The spec to measure: option `scale_spec`, else $MOECOMPRESS_SCALE_SPEC, else the default (Qwen3-30B-A3B)."""
+    name = options.get("scale_spec") or os.environ.get(SPEC_ENV) or DEFAULT_SPEC
+    if name not in SPECS:
+        raise SystemExit(f"unknown scale spec {name!r}; known: {sorted(SPECS)}")
+    return name
+
+
+def result_key(spec: str) -> str:
+    """The suite key (results JSON file name) a spec's runs are stored under: `scale`, or `scale-<spec>`."""
+    return "scale" if spec == DEFAULT_SPEC else "scale-" + spec.replace("_", "-")
+
+
+def suite_title(spec: str) -> str:
+    """The RESULTS.md section title of a spec's runs (the default spec keeps the suite's title)."""
+    return TITLE if spec == DEFAULT_SPEC else f"Scale, {SPECS[spec].title}: {TITLE.split(': ', 1)[1]}"
+
 
 def settings(options: dict[str, Any]) -> Settings:
-    """Settings from `options` (`scale_quick`, `scale_commands`, `scale_<field>`) and the environment."""
-    values: dict[str, Any] = {}
+    """Settings from `options` (`scale_spec`, `scale_quick`, `scale_commands`, `scale_<field>`) and the environment.
+
+    The spec's `SPEC_SETTINGS` come first, then QUICK, then the options.
+    """
+    spec = chosen_spec(options)
+    values: dict[str, Any] = {"spec": spec, **SPEC_SETTINGS.get(spec, {})}
     quick = options.get("scale_quick", os.environ.get("MOECOMPRESS_SCALE_QUICK", "") not in ("", "0"))
     if quick:
         values.update(QUICK)
     commands = options.get("scale_commands") or [c for c in os.environ.get("MOECOMPRESS_SCALE_COMMANDS", "").split(",")
                                                  if c.strip()]
-    values["commands"] = tuple(c.strip() for c in commands)
+    if commands:
+        values["commands"] = tuple(c.strip() for c in commands)
     values["code"] = options.get("scale_code") or os.environ.get("MOECOMPRESS_SCALE_CODE") or "worktree"
-    for name in ("spec", "timing_depths", "sweep_depths", "cap_depth", "fractions", "timeout", "overrides"):
+    for name in ("timing_depths", "sweep_depths", "cap_depth", "fractions", "timeout", "overrides"):
         if f"scale_{name}" in options:
             value = options[f"scale_{name}"]
             values[name] = tuple(value) if isinstance(value, list | tuple) else value
@@ -213,19 +258,32 @@ def measure_all(chosen: list[Command], checkpoints: dict[int, dict[str, Any]], s
     return timings, caps, cap_reason
 
 
-@suite("scale", "Scale: moecompress commands at real MoE layer shapes under a hard memory cap")
+@suite("scale", TITLE)
 def scale(fixtures: list[Any], options: dict[str, Any]) -> dict[str, Any]:
-    """Time and cap every enabled command on real-shape random checkpoints (the fixtures are ignored)."""
+    """Time and cap every enabled command on real-shape random checkpoints of the default spec (fixtures ignored).
+
+    The harness stores this suite as `scale.json`, so another spec is refused here: measure it
+    with `python -m benchmarks.scale --spec NAME`, which stores it under its own key.
+    """
     del fixtures  # random-weight checkpoints at real shapes; the trained fixtures play no part
     s = settings(options)
+    if result_key(s.spec) != "scale":
+        raise SystemExit(f"the scale suite measures {DEFAULT_SPEC} (stored as scale.json); for {s.spec} run "
+                         f"`python -m benchmarks.scale --spec {s.spec}`, stored as {result_key(s.spec)}.json")
+    return measure(s)
+
+
+def measure(s: Settings) -> dict[str, Any]:
+    """Build the checkpoints `s` needs, then time and cap each chosen command on them: the suite's data."""
     spec = SPECS[s.spec]
     chosen = [c for c in COMMANDS if c.enabled and (not s.commands or c.label in s.commands)]
     pending = [{"command": c.label, "text": c.text(), "note": c.note} for c in COMMANDS if not c.enabled]
     checkpoints = {}
+    ensure_room(spec, s.depths, s.overrides or None)  # before the first build, not after hours of them
     for depth in s.depths:
         _log(f"checkpoint {spec.name} @ {depth} layers")
         folder, record = cached_checkpoint(spec, depth, overrides=s.overrides or None)
-        checkpoints[depth] = {"path": str(folder), "bytes": checkpoint_bytes(folder),
+        checkpoints[depth] = {"path": str(folder), "bytes": checkpoint_bytes(folder), "weights": record.get("weights"),
                               **{k: record[k] for k in ("layers", "parameters", "tensors", "shards", "seconds")}}
     with tempfile.TemporaryDirectory(prefix="moecompress-scale-code-") as frozen:
         code = freeze(REPO, Path(frozen), s.code)
@@ -234,7 +292,8 @@ def scale(fixtures: list[Any], options: dict[str, Any]) -> dict[str, Any]:
     return {
         "settings": asdict(s),
         "spec": {"name": spec.name, "title": spec.title, "full_layers": spec.full_layers,
-                 "config": spec.config_dict(spec.full_layers, s.overrides or None)},
+                 "config": spec.config_dict(spec.full_layers, s.overrides or None),
+                 "weights": describe_weights(spec.config_dict(spec.full_layers, s.overrides or None))},
         "checkpoints": {str(k): v for k, v in checkpoints.items()},
         "commands": [{"command": c.label, "text": c.text(), "size_sweep": c.size_sweep} for c in chosen],
         "pending": pending,
@@ -276,6 +335,27 @@ def _layer_pass(row: dict[str, Any]) -> str:
     return "-" if not bar else f"{bar['seconds']} s ({bar['seconds'] / max(1, bar['done']):.0f} s/layer)"
 
 
+def _weights_phrase(spec: dict[str, Any]) -> tuple[str, str]:
+    """(how the protocol sentence opens, a sentence on the storage or ""); results without `weights` are bf16."""
+    weights = spec.get("weights") or "bf16"
+    if weights == "bf16":
+        return "Random bf16 weights (N(0, 0.02), norms 1) at the real layer shapes and on-disk tensor names", ""
+    return ("Random weights at the real layer shapes, on-disk tensor names and storage",
+            f" Storage as published: {weights} for every linear weight of the decoder layers (float8 codes "
+            "N(0, 16), a float32 `<name>_scale_inv` per block of 0.02 / 16 x U(0.5, 1.5), so the dequantised "
+            "weights are about N(0, 0.02)); embeddings, head, norms and router in bf16 (N(0, 0.02), norms 1), the "
+            "router's correction bias in float32.")
+
+
+def _dense_phrase(config: dict[str, Any]) -> str:
+    """DeepSeek-style leading dense layers: what a shallow checkpoint keeps of them."""
+    dense = config.get("first_k_dense_replace")
+    if not dense:
+        return ""
+    return (f"; the model's first {dense} layers are dense, a shallow checkpoint keeps one dense layer and makes "
+            "the rest MoE layers")
+
+
 @renderer("scale")
 def render_scale(data: dict[str, Any]) -> list[str]:
     """Protocol sentence, checkpoints, timings and fits, smallest caps, pending commands and failures."""
@@ -285,14 +365,15 @@ def render_scale(data: dict[str, Any]) -> list[str]:
     measured = (f"moecompress {'as committed at' if code['source'] == 'head' else 'working tree at'} "
                 f"{code['commit']}, copied once at the start so that every run measures the same code. "
                 if code else "")
+    opening, storage = _weights_phrase(spec)
     lines = [
-        f"Protocol: {measured}Random bf16 weights (N(0, 0.02), norms 1) at the real layer shapes and on-disk "
-        f"tensor names of {spec['title']} (published config: hidden {config.get('hidden_size')}, "
+        f"Protocol: {measured}{opening} of {spec['title']} (published config: hidden {config.get('hidden_size')}, "
         f"{config.get('num_experts', config.get('n_routed_experts', config.get('num_local_experts')))} experts of "
         f"width {config.get('moe_intermediate_size', config.get('intermediate_size'))}, top-"
         f"{config.get('num_experts_per_tok')}, vocabulary {config.get('vocab_size')}) with only the first few of its "
-        f"{spec['full_layers']} decoder layers. Each command runs as `python -m moecompress` in a fresh child on "
-        f"{data['cpus']} CPUs, with the checkpoint's pages dropped from the page cache first (cold start), inside its "
+        f"{spec['full_layers']} decoder layers{_dense_phrase(config)}.{storage} Each command runs as "
+        f"`python -m moecompress` in a fresh child on {data['cpus']} CPUs, with the checkpoint's pages dropped from "
+        "the page cache first (cold start), inside its "
         "own cgroup-v1 memory group: uncapped for timing, then under a hard `memory.limit_in_bytes` (swap capped "
         "too). Under the cap the kernel reclaims page cache (the memory-mapped checkpoint) but never anonymous "
         "memory, so a command that exits 0 under a cap fits in that much RAM; one that does not is OOM-killed (a "
@@ -312,6 +393,15 @@ def render_scale(data: dict[str, Any]) -> list[str]:
         lines.append("")
     lines += _render_failures(data)
     return lines
+
+
+def _register_spec_renderers() -> None:
+    """Render every spec's results file (`scale-<spec>.json`) as its own section, like `scale.json`."""
+    for name in SPECS:
+        renderer(result_key(name))(render_scale)
+
+
+_register_spec_renderers()
 
 
 def _render_timings(data: dict[str, Any]) -> list[str]:

@@ -197,8 +197,8 @@ def calibrate(
     dtype: compute dtype (`auto`: the checkpoint's); device: cpu, cuda, cuda:N or auto.
     Layer by layer (the default mode) the model is read from the checkpoint one decoder
     layer at a time; whole-model mode (gradient statistics) loads it whole.
-    max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 60% of
-    what is available; see `layer_budget`.
+    max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 85% of
+    what is still available; see `layer_budget`.
     """
     from moecompress.engine.layers import resolve_device
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources

@@ -50,7 +50,7 @@ DeviceOption = Annotated[
 
 MaxMemoryOption = Annotated[
     str | None,
-    typer.Option("--max-memory", help="Host memory the run may plan with, e.g. 24GiB (default: 60% of what is "
+    typer.Option("--max-memory", help="Host memory the run may plan with, e.g. 24GiB (default: 85% of what is "
                  "available). A MoE layer larger than what is left after the activations is computed a group of "
                  "experts at a time; a budget that cannot hold one layer's other weights and one expert is refused.",
                  show_default=False),

@@ -9,8 +9,8 @@ from moecompress.errors import MoecompressError
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# share of the memory found available that a run plans to use by default (the rest: interpreter, libraries, cache)
-DEFAULT_SHARE = 0.6
+# share of the headroom found (available memory, after what the process already holds) a run plans to use by default
+DEFAULT_SHARE = 0.85
 
 
 def parse_memory(text: str | int | None) -> int | None:
