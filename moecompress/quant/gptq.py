@@ -100,7 +100,7 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
     upper, damps = _inverse_cholesky_upper(h, spec.damp)  # (N, in, in), (N,)
 
     num_groups = -(-in_features // group)
-    codes = torch.zeros(count, out_features, in_features, dtype=torch.uint8)
+    codes = torch.zeros(count, in_features, out_features, dtype=torch.uint8)  # (N, in, out): columns contiguous
     scales = torch.zeros(count, num_groups, out_features, dtype=torch.float16)
     zeros = torch.zeros(count, num_groups, out_features, dtype=torch.int32)
     losses = torch.zeros(count, dtype=torch.float64)
@@ -108,29 +108,34 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
     scale = zero = torch.empty(0)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        block = w[:, :, i1:i2].clone()  # (N, out, B)
-        errors = torch.zeros_like(block)
+        block = w[:, :, i1:i2].transpose(1, 2).contiguous()  # (N, B, out): each column contiguous
+        errors = torch.zeros_like(block)  # (N, B, out)
         u_block = upper[:, i1:i2, i1:i2]  # (N, B, B)
+        u_diag = torch.diagonal(u_block, dim1=1, dim2=2)  # (N, B)
         for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:
                 end = min(col + group, in_features)
-                span = torch.cat([block[:, :, i:], w[:, :, i2:end]], dim=2) if end > i2 else block[:, :, i : i + end - col]
+                span = block[:, i : i + end - col].transpose(1, 2)  # (N, out, <= group)
+                if end > i2:
+                    span = torch.cat([span, w[:, :, i2:end]], dim=2)
                 scale, zero = grid_params(span.reshape(rows, -1), spec.bits, spec.sym)  # (N*out,)
                 scales[:, col // group] = scale.view(count, out_features).half()
                 zeros[:, col // group] = zero.view(count, out_features).to(torch.int32)
-            column = block[:, :, i].reshape(rows)  # (N*out,)
+            column = block[:, i].reshape(rows)  # (N*out,)
             q = quantize_codes(column[:, None], scale, zero, spec.bits)[:, 0]
-            codes[:, :, col] = q.view(count, out_features).to(torch.uint8)
+            codes[:, col] = q.view(count, out_features).to(torch.uint8)
             residual = (column - scale * (q - zero)).view(count, out_features)  # (N, out)
-            d = torch.diagonal(u_block, dim1=1, dim2=2)[:, i]  # (N,)
+            d = u_diag[:, i]  # (N,)
             err = residual / d[:, None]
             losses += (residual.double() ** 2).sum(dim=1) / (2 * d.double() ** 2)
-            block[:, :, i:] -= err[:, :, None] * u_block[:, i, i:][:, None, :]
-            errors[:, :, i] = err
+            # the rounding error propagates to the block's later columns: block[:, j] -= U[i, j] err
+            block[:, i:].addcmul_(u_block[:, i, i:, None], err[:, None, :], value=-1.0)
+            errors[:, i] = err
         if i2 < in_features:
-            w[:, :, i2:] -= torch.bmm(errors, upper[:, i1:i2, i2:])
+            w[:, :, i2:] -= torch.bmm(errors.transpose(1, 2), upper[:, i1:i2, i2:])
 
+    codes = codes.transpose(1, 2)  # (N, out, in)
     sequential = (torch.arange(in_features) // group).to(torch.int32)  # (in,) g_idx without act-order
     results = []
     for n in range(count):
@@ -174,7 +179,12 @@ def group_aware_order(diag: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
 
 
 def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factors of (H + damp * mean(diag H) * I)^-1 for h (N, in, in), raising damp per map until it exists."""
+    """Upper Cholesky factors of (H + damp * mean(diag H) * I)^-1 for h (N, in, in), raising damp per map until it exists.
+
+    With J the reversal permutation and J H J = R R^T (R lower), H^-1 = (J R^-1 J)^T (J R^-1 J)
+    and J R^-1 J is upper triangular with a positive diagonal: the factor, from one Cholesky
+    factorisation and one triangular inverse (no explicit inverse of H).
+    """
     count, size, _ = h.shape
     mean_diag = torch.diagonal(h, dim1=1, dim2=2).mean(dim=1)  # (N,)
     eye = torch.eye(size, dtype=h.dtype)
@@ -183,12 +193,12 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     pending = torch.arange(count)
     for _ in range(MAX_DAMP_TRIES):
         shift = (damps[pending] * mean_diag[pending].double()).to(h.dtype)  # (P,)
-        lower, info = torch.linalg.cholesky_ex(h[pending] + shift[:, None, None] * eye)
+        lower, info = torch.linalg.cholesky_ex((h[pending] + shift[:, None, None] * eye).flip(-1, -2))
         ok = info == 0
         if bool(ok.any()):
-            inverse = torch.cholesky_inverse(lower[ok])
-            factor, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
-            good = (info_upper == 0) & torch.isfinite(factor).flatten(1).all(dim=1)
+            inverse = torch.linalg.solve_triangular(lower[ok], eye.expand(int(ok.sum()), -1, -1), upper=False)
+            factor = inverse.flip(-1, -2)  # (P_ok, in, in) upper triangular
+            good = torch.isfinite(factor).flatten(1).all(dim=1) & (torch.diagonal(factor, dim1=1, dim2=2) > 0).all(dim=1)
             done = pending[ok][good]
             upper[done] = factor[good]
             ok[ok.clone()] = good
