@@ -257,14 +257,78 @@ def _map_children(root: torch.nn.Module, path: str, layers_path: str, num_layers
     out[path] = "cpu"
 
 
+# Files that hold a tokenizer's vocabulary, as transformers' tokenizer classes read them: the
+# `tokenizers` JSON (every fast tokenizer), Mistral's tekken.json, SentencePiece models
+# (tokenizer.model, spiece.model, ...), tiktoken ranks, WordPiece vocab.txt, and byte-level BPE's
+# vocab.json with merges.txt. tokenizer_config.json and special_tokens_map.json hold settings only.
+_VOCABULARY_FILES = ("tokenizer.json", "tekken.json", "vocab.txt")
+_VOCABULARY_SUFFIXES = (".model", ".tiktoken")
+_SAVE_HINT = "save the model's tokenizer beside it with tokenizer.save_pretrained(folder)"
+# A tokenizer this many times smaller than the config's vocab_size belongs to another model
+# (real checkpoints pad their embeddings by a few percent at most).
+_VOCAB_MISMATCH_FACTOR = 4
+
+
+def _tokenizer_files(folder: str | Path) -> list[Path]:
+    """The vocabulary files of the tokenizer saved in `folder` (see `load_tokenizer`), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [f for f in folder.iterdir() if f.is_file() and (
+        f.name in _VOCABULARY_FILES or f.suffix in _VOCABULARY_SUFFIXES)]
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        found += [folder / "vocab.json", folder / "merges.txt"]
+    return sorted(found)
+
+
+def _config_vocab_size(folder: Path) -> int | None:
+    """vocab_size from config.json (or its text_config), read as plain JSON; None when absent."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    size = config.get("vocab_size")
+    if size is None and isinstance(config.get("text_config"), dict):
+        size = config["text_config"].get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer, offline; a clear error when the folder has none."""
+    """The checkpoint's tokenizer, offline; a one-line `MoecompressError` when the folder has none.
+
+    The folder must hold the tokenizer's vocabulary itself: tokenizer.json, tekken.json, a
+    SentencePiece or tiktoken model (`*.model`, `*.tiktoken`), vocab.txt, or vocab.json with
+    merges.txt. A tokenizer_config.json alone does not count: given only a config (or no
+    tokenizer files at all) transformers 5 builds an empty tokenizer of the config's class, and
+    calibrating or evaluating with it would silently tokenise every text to nothing. The loaded
+    tokenizer is refused as well when its vocabulary has at most one token, or is more than
+    four times smaller than the config's vocab_size (another model's tokenizer).
+    """
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if not _tokenizer_files(folder):
+        raise MoecompressError(
+            f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json + merges.txt, ...); "
+            f"{_SAVE_HINT}"
+        )
     try:
-        return AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
         raise MoecompressError(
             f"{path} has no usable tokenizer ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-            "save one beside the model with tokenizer.save_pretrained"
+            f"{_SAVE_HINT}"
         ) from None
+    size = len(tokenizer)
+    if size <= 1:
+        raise MoecompressError(f"{path}'s tokenizer is empty (its vocabulary has {size} token{'s' * (size != 1)}); "
+                               f"{_SAVE_HINT}")
+    expected = _config_vocab_size(folder)
+    if expected is not None and size * _VOCAB_MISMATCH_FACTOR < expected:
+        raise MoecompressError(
+            f"{path}'s tokenizer has {size} tokens but the model's vocabulary is {expected}, so it is another "
+            f"model's tokenizer; {_SAVE_HINT}"
+        )
+    return tokenizer

@@ -149,6 +149,60 @@ class _LogitMaskMode(TorchFunctionMode):
         return out
 
 
+_NO_LOGITS_FOUND = "moecompress could not find the router's logit computation to mask"
+
+
+class _MaskedForward:
+    """The forward of a router with logit masks: its previous forward inside one mode per mask.
+
+    Installed on the router instance (on accelerate's `_old_forward` when the router carries an
+    accelerate hook, so device placement still happens first) for the duration of a mask
+    context. The modes are entered in a `with` block around the forward only, so they are on
+    torch's (process-wide) function-mode stack exactly while the router runs and are popped
+    however its forward ends (an exception, KeyboardInterrupt). With no masks left it passes
+    calls straight through, in case other code wrapped the router's forward after it.
+    """
+
+    def __init__(self, previous: Callable[..., Any], replaced: Any | None) -> None:
+        self.previous = previous
+        self.replaced = replaced  # the router's own __dict__ entry this replaces (None: the class's forward)
+        self.__wrapped__ = previous  # inspect.signature sees the router's own signature
+        self.masks: dict[int, tuple[torch.Size, torch.Tensor]] = {}
+        self._next_key = 0
+
+    def add(self, weight_shape: torch.Size, mask: torch.Tensor) -> int:
+        key = self._next_key
+        self._next_key += 1
+        self.masks[key] = (weight_shape, mask)
+        return key
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        modes = [_LogitMaskMode(shape, mask) for shape, mask in self.masks.values()]
+        with contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            out = self.previous(*args, **kwargs)
+        if not all(mode.done for mode in modes):
+            raise RuntimeError(_NO_LOGITS_FOUND)
+        return out
+
+
+class _LogitMaskHandle:
+    """Removes one logit mask from a router (`remove()`, idempotent); the last restores its forward."""
+
+    def __init__(self, router: nn.Module, attr: str, wrapper: _MaskedForward, key: int) -> None:
+        self.router, self.attr, self.wrapper, self.key = router, attr, wrapper, key
+
+    def remove(self) -> None:
+        self.wrapper.masks.pop(self.key, None)
+        if self.wrapper.masks or self.router.__dict__.get(self.attr) is not self.wrapper:
+            return
+        if self.wrapper.replaced is None:
+            del self.router.__dict__[self.attr]
+        else:
+            object.__setattr__(self.router, self.attr, self.wrapper.replaced)
+
+
 class MoEAdapter:
     """Adapter for the common transformers 5 MoE layout; subclass per `model_type`.
 
@@ -333,20 +387,20 @@ class MoEAdapter:
 
     @staticmethod
     def _install_logit_mask(router: nn.Module, weight_shape: torch.Size, mask: torch.Tensor) -> list[Any]:
-        state: dict[str, _LogitMaskMode] = {}
+        """Mask `router`'s logits while it runs; returns handles whose `remove()` undoes it.
 
-        def pre_hook(module: nn.Module, args: Any) -> None:
-            mode = _LogitMaskMode(weight_shape, mask)
-            mode.__enter__()
-            state["mode"] = mode
-
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            mode = state.pop("mode")
-            mode.__exit__(None, None, None)
-            if not mode.done:
-                raise RuntimeError("moecompress could not find the router's logit computation to mask")
-
-        return [router.register_forward_pre_hook(pre_hook), router.register_forward_hook(post_hook)]
+        The router's forward is wrapped (`_MaskedForward`) so that the function mode editing
+        its logits lives in a `with` block around the forward: it cannot stay on torch's global
+        mode stack when the router raises. A router whose forward computes no (E, H) logit map
+        raises RuntimeError rather than running unmasked.
+        """
+        attr = "_old_forward" if hasattr(router, "_hf_hook") and hasattr(router, "_old_forward") else "forward"
+        wrapper = router.__dict__.get(attr)
+        if not isinstance(wrapper, _MaskedForward):  # else a nested mask on the same router: add to it
+            wrapper = _MaskedForward(getattr(router, attr), replaced=wrapper)
+            object.__setattr__(router, attr, wrapper)
+        key = wrapper.add(weight_shape, mask)
+        return [_LogitMaskHandle(router, attr, wrapper, key)]
 
     # ------------------------------------------------------------------ experts
     def expert_weights(self, layer: MoELayerRef, expert: int) -> CanonicalExpert:
