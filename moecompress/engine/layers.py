@@ -98,6 +98,11 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+# bytes held while a layer's routed experts load, per byte of loaded experts
+LOAD_FACTOR_MAPPED = 1.5  # sources are file-backed views
+LOAD_FACTOR_COPIED = 2.25  # sources are dequantised copies, held beside the fused tensors they fill
+
+
 class LayerEngine:
     """Holds the cached hidden states of every calibration batch between decoder layers."""
 
@@ -131,15 +136,22 @@ class LayerEngine:
         if self.reader is None or self.max_layer_bytes is None or ref is None:
             return None
         total = self.reader.layer_bytes(index)
-        if total <= self.max_layer_bytes:
+        # a group's fused tensors, plus the source tensors being converted into them: views of the files for
+        # float checkpoints, but new memory, all held at once, when they are dequantised (FP8, MXFP4)
+        factor = LOAD_FACTOR_COPIED if getattr(self.reader.files, "copies_on_read", False) else LOAD_FACTOR_MAPPED
+        if factor * total <= self.max_layer_bytes:
             return None
-        experts_prefix = self.reader.module_path(ref.experts) + "."
+        try:
+            experts_prefix = self.reader.module_path(ref.experts) + "."
+        except KeyError:
+            experts_prefix = None
         keys = self.reader.layer_keys(index)
-        dense = [key for key in keys if not key.startswith(experts_prefix)]
+        dense = [key for key in keys if experts_prefix is None or not key.startswith(experts_prefix)]
         dense_bytes = self.reader.keys_bytes(dense)
-        # a group's fused tensors, plus the source tensors being converted into them
-        per_expert = int(1.5 * (total - dense_bytes) / ref.num_experts)
-        if type(self.adapter).run_experts is not MoEAdapter.run_experts:
+        per_expert = int(factor * (total - dense_bytes) / ref.num_experts)
+        if dense_bytes + per_expert * ref.num_experts <= self.max_layer_bytes:
+            return None
+        if experts_prefix is None or type(self.adapter).run_experts is not MoEAdapter.run_experts:
             raise MoecompressError(f"decoder layer {index} needs {format_gib(total)}, more than the memory budget "
                                    f"({format_gib(self.max_layer_bytes)}), and {self.model.config.model_type} "
                                    "experts cannot be computed in groups; raise --max-memory")

@@ -153,13 +153,19 @@ class CheckpointReader:
         if missing:
             raise MoecompressError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing under "
                                    f"{where}); the checkpoint is incomplete or for another config")
-        disk_keys = [key for name in wanted if name in self.sources for key in self.sources[name]]
-        tensors = {key: self.files.tensor(key) for key in dict.fromkeys(disk_keys)}
-        report = load_into(self.model, tensors, self.keys, device, set(wanted) - set(tied))
-        if report.mismatched:
-            name, got, want = report.mismatched[0]
-            raise MoecompressError(f"tensor for {name} has shape {list(got)} in the checkpoint but the config expects "
-                                   f"{list(want)}; the checkpoint does not match its config.json")
+        fed = [name for name in wanted if name in self.sources]
+        # dequantised sources are new memory: load them one parameter at a time, so that only one
+        # parameter's sources are held at once (file-backed views cost nothing and load in one call)
+        batches = [[name] for name in fed] if getattr(self.files, "copies_on_read", False) else [fed]
+        for names in batches:
+            disk_keys = [key for name in names for key in self.sources[name]]
+            tensors = {key: self.files.tensor(key) for key in dict.fromkeys(disk_keys)}
+            report = load_into(self.model, tensors, self.keys, device, set(names))
+            del tensors
+            if report.mismatched:
+                name, got, want = report.mismatched[0]
+                raise MoecompressError(f"tensor for {name} has shape {list(got)} in the checkpoint but the config "
+                                       f"expects {list(want)}; the checkpoint does not match its config.json")
         for name, source in tied.items():
             self._set(name, self._materialised(source, device))
 

@@ -122,6 +122,11 @@ class TensorFiles:
         """The files that hold the stored parts (these files themselves)."""
         return self
 
+    @property
+    def copies_on_read(self) -> bool:
+        """Tensors are views of clean file-backed pages (the kernel can drop them), not new memory."""
+        return False
+
     def _map(self, path: Path) -> mmap.mmap:
         """A shared read-only map of a whole file (for byte copies)."""
         found = self._maps.get(path)

@@ -39,6 +39,7 @@ from moecompress.models.weight_format import StoredFormat, stored_format
 
 FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")  # appended to the weight's name
 MXFP4_BLOCK = 32  # values per MXFP4 block (one shared exponent)
+DEQUANT_BAND_ROWS = 2048  # rows of an FP8 matrix dequantised at a time
 # the 16 FP4 e2m1 codes: sign bit 3, two exponent bits, one mantissa bit
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 E8M0_BIAS = 127
@@ -57,15 +58,27 @@ def _block_grid(scale: torch.Tensor, block: tuple[int, int] | None, rows: int, c
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
                           dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W = q * s per block: weight (..., out, in) float8, scale (..., ceil(out/b0), ceil(in/b1)) -> dtype."""
+    """W = q * s per block: weight (..., out, in) float8, scale (..., ceil(out/b0), ceil(in/b1)) -> dtype.
+
+    Works through the rows a band of blocks at a time, so a large matrix (DeepSeek-V3's dense
+    MLP is 18432 x 7168) needs float32 working memory for one band only, not for the matrix.
+    """
     rows, cols = weight.shape[-2:]
     expected = (-(-rows // block[0]), -(-cols // block[1])) if block else None
     if expected is not None and tuple(scale.shape[-2:]) != expected:
         raise MoecompressError(f"FP8 scales of shape {list(scale.shape)} do not match a weight of shape "
                                f"{list(weight.shape)} in {block[0]}x{block[1]} blocks; the checkpoint is corrupt")
-    out = weight.to(torch.float32)  # (..., out, in)
-    out.mul_(_block_grid(scale, block, rows, cols))
-    return out.to(dtype)
+    if block is None:
+        return (weight.to(torch.float32) * _block_grid(scale, None, rows, cols)).to(dtype)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)  # (..., out, in)
+    band = block[0] * max(1, DEQUANT_BAND_ROWS // block[0])  # rows per step, whole blocks
+    for start in range(0, rows, band):
+        stop = min(start + band, rows)
+        part = weight[..., start:stop, :].to(torch.float32)  # (..., band, in)
+        scales = scale[..., start // block[0] : -(-stop // block[0]), :]
+        part.mul_(_block_grid(scales, block, stop - start, cols))
+        out[..., start:stop, :] = part
+    return out
 
 
 def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int] | None, fp8_dtype: torch.dtype
@@ -188,6 +201,11 @@ class StoredTensors:
     def store(self) -> TensorFiles:
         """The files that hold the stored parts."""
         return self.files
+
+    @property
+    def copies_on_read(self) -> bool:
+        """Dequantised tensors are new memory (a layer's sources are held beside what they load into)."""
+        return True
 
     def parts(self, name: str) -> tuple[str, ...]:
         """The stored tensors `name` is made of (itself when stored as a float)."""

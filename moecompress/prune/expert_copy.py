@@ -139,18 +139,21 @@ def check_against_config(outputs: list[_Output], files: TensorFiles, config: Any
     keys = key_map(skeleton)
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     fed: dict[str, list[tuple[int, ...]]] = {}
+    stacked: set[str] = set()  # parameters fed expert by expert (one source each, stacked by the conversion)
     for out in outputs:
         module_key = keys.module_key(out.name)
         if module_key is None:
             raise ExpertCopyUnsupported(f"output tensor {out.name!r} would feed no parameter of the pruned model")
         fed.setdefault(module_key, []).append(_output_shape(files.entries[out.source], out))
+        if _PER_EXPERT.search(out.name):
+            stacked.add(module_key)
     tied = getattr(skeleton, "_tied_weights_keys", None) or {}
     tied_targets = set(tied) if isinstance(tied, dict) else set()
     missing = [name for name in expected if name not in fed and name not in tied_targets]
     if missing:
         raise ExpertCopyUnsupported(f"the pruned model's {missing[0]} would have no tensor")
     for name, shapes in fed.items():
-        if len(shapes) == 1 and shapes[0] != expected[name]:
+        if len(shapes) == 1 and name not in stacked and shapes[0] != expected[name]:
             raise ExpertCopyUnsupported(f"{name}: shape {list(shapes[0])} but the pruned config expects "
                                         f"{list(expected[name])}")
 
@@ -171,6 +174,11 @@ class PrunedTensors:
     def names(self) -> list[str]:
         """Every tensor name of the pruned checkpoint."""
         return list(self.outputs)
+
+    @property
+    def copies_on_read(self) -> bool:
+        """Whether the tensors served are new memory (as the input's are)."""
+        return bool(getattr(self.files, "copies_on_read", False))
 
     def tensor(self, name: str) -> torch.Tensor:
         """A kept tensor: the input's (zero-copy) or its kept rows (a copy of those rows)."""
