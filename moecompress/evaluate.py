@@ -9,19 +9,29 @@ Each window is scored independently (no context carried over), so results depend
 window length, the text and the model. Windows are the first `max_windows` of the domain's
 token stream, in order, so two runs (and two models sharing a tokenizer) see the same tokens.
 Sums are accumulated in float64.
+
+With a `CheckpointReader` (`eval --streaming`) the windows go through the layer engine: every
+batch is embedded, then each decoder layer is read once and run on every batch, and the
+model's own forward finishes each batch from its last hidden state (final norm, head, any
+logit scaling), so the checkpoint is read once whatever the number of windows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from moecompress.errors import MoecompressError
+
+if TYPE_CHECKING:
+    from moecompress.engine.reader import CheckpointReader
 
 
 def model_input_device(model: nn.Module) -> torch.device:
@@ -82,15 +92,91 @@ def window_nll(
         for start in range(0, count, batch_size):
             batch = windows[start : start + batch_size].to(device)  # (B, S)
             logits = model(input_ids=batch, use_cache=False).logits  # (B, S, V)
-            targets = batch[:, 1:]  # (B, S-1)
-            for row in range(batch.shape[0]):  # one row at a time keeps the log-softmax small
-                losses = nn.functional.cross_entropy(
-                    logits[row, :-1].float(), targets[row].to(logits.device), reduction="none"
-                )  # (S-1,)
-                total += float(losses.double().sum())
-                tokens += int(losses.numel())
+            batch_total, batch_tokens = _add_window_losses(logits, batch)
+            total += batch_total
+            tokens += batch_tokens
             bar.update(batch.shape[0])
     return total, tokens
+
+
+def _add_window_losses(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of logits (B, S, V) for token ids (B, S), one row at a time (small log-softmax)."""
+    total, tokens = 0.0, 0
+    targets = batch[:, 1:]  # (B, S-1)
+    for row in range(batch.shape[0]):
+        losses = nn.functional.cross_entropy(logits[row, :-1].float(), targets[row].to(logits.device),
+                                             reduction="none")  # (S-1,)
+        total += float(losses.double().sum())
+        tokens += int(losses.numel())
+    return total, tokens
+
+
+@torch.no_grad()
+def streamed_window_nll(reader: CheckpointReader, windows: torch.Tensor, batch_size: int = 8,
+                        progress: bool = True, desc: str = "windows") -> tuple[float, int]:
+    """`window_nll` for a checkpoint read one decoder layer at a time (each layer read once for all windows)."""
+    from tqdm.auto import tqdm
+
+    from moecompress.engine.layers import LayerEngine
+
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise MoecompressError("evaluation windows must be a (N, S) tensor with S >= 2 tokens")
+    if batch_size < 1:
+        raise MoecompressError(f"--batch-size must be at least 1 (got {batch_size})")
+    engine = LayerEngine.from_reader(reader)
+    batches = [("eval", windows[start : start + batch_size]) for start in range(0, windows.shape[0], batch_size)]
+    engine.prepare(batches)
+    for index in tqdm(range(len(engine.layers)), desc=desc, unit="layer", disable=not progress, leave=False):
+        engine.run_layer(index)
+    total, tokens = 0.0, 0
+    with engine.outside_layers_loaded(include_head=True), _head_in_its_dtype(reader.model):
+        for (_, ids), batch in zip(batches, engine.batches):
+            logits = _logits_from_last_hidden(reader.model, engine.layers, ids.to(engine.device),
+                                              batch.hidden.to(engine.device))
+            batch_total, batch_tokens = _add_window_losses(logits, ids)
+            total += batch_total
+            tokens += batch_tokens
+    return total, tokens
+
+
+def _logits_from_last_hidden(model: nn.Module, layers: list[nn.Module], ids: torch.Tensor,
+                             hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own forward on `ids` with its decoder replaced by `hidden`, the last layer's output (B, S, H).
+
+    The first decoder layer returns `hidden`, the others pass it on; everything after the
+    decoder (final norm, head, soft-capping) is the model's code.
+    """
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    calls = {"count": 0}
+
+    def replay(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["count"] += 1
+        return hidden if calls["count"] == 1 else (args[0] if args else kwargs["hidden_states"])
+
+    for layer in layers:
+        layer.forward = replay
+    try:
+        return model(input_ids=ids, use_cache=False).logits  # (B, S, V)
+    finally:
+        for layer, original in zip(layers, saved):
+            if original is None:
+                del layer.forward
+            else:
+                layer.forward = original
+
+
+@contextlib.contextmanager
+def _head_in_its_dtype(model: nn.Module) -> Iterator[None]:
+    """Feed the output head its own dtype (the reader may keep it narrower than the activations)."""
+    head = model.get_output_embeddings()
+    handle = None
+    if head is not None:
+        handle = head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @dataclass
@@ -155,12 +241,14 @@ def evaluate_perplexity(
     batch_size: int = 8,
     progress: bool = True,
     model_path: str | None = None,
+    reader: CheckpointReader | None = None,
 ) -> EvalReport:
     """Perplexity of `model` on each domain source: its first `max_windows` windows of `seq_len`.
 
     sources: `DomainSource`s (see `moecompress.calibration.data`). A domain with fewer than
     `max_windows` windows is scored on all it has (the report records the count); one with
-    less than one full window of text is an error.
+    less than one full window of text is an error. reader: the checkpoint `model` (a meta
+    skeleton) is read from, one decoder layer at a time (`streamed_window_nll`).
     """
     from moecompress.calibration.data import read_texts, token_stream, windows
 
@@ -191,7 +279,11 @@ def evaluate_perplexity(
             )
         domain_windows = windows(stream, seq_len, count=min(max_windows, available), seed=None)  # (N, S)
         _check_vocabulary(model, domain_windows, source.name)
-        nll, tokens = window_nll(model, domain_windows, batch_size=batch_size, progress=progress, desc=source.name)
+        if reader is None:
+            nll, tokens = window_nll(model, domain_windows, batch_size=batch_size, progress=progress, desc=source.name)
+        else:
+            nll, tokens = streamed_window_nll(reader, domain_windows, batch_size=batch_size, progress=progress,
+                                              desc=source.name)
         results.append(
             DomainResult(
                 domain=source.name,

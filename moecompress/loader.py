@@ -138,16 +138,28 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Mod
     return model.eval()
 
 
-def open_for_evaluation(model: str | Path, dtype: str, streaming: bool) -> torch.nn.Module:
-    """The model as `moecompress eval` opens it; GPTQ and moecompress-layout folders through `moecompress.load`."""
+def open_for_evaluation(model: str | Path, dtype: str, streaming: bool) -> tuple[torch.nn.Module, Any]:
+    """(model, reader) as `moecompress eval` opens them; GPTQ and moecompress-layout folders through `moecompress.load`.
+
+    streaming: read a stock checkpoint one decoder layer at a time (the model is then a meta
+    skeleton and the reader, a `CheckpointReader`, serves its layers); otherwise reader is None.
+    """
     from moecompress.models.load import inspect_checkpoint, load_model
 
     kind = checkpoint_kind(model)
     if kind == "transformers":
-        inspect_checkpoint(model)
-        loaded, _ = load_model(model, dtype=dtype, streaming=streaming)
-        return loaded
+        info = inspect_checkpoint(model)
+        if streaming:
+            if not info.adapter.streaming_supported or not info.adapter.layerwise_supported:
+                raise MoecompressError(f"{info.config.model_type} cannot be evaluated one layer at a time; "
+                                       "evaluate it without --streaming")
+            from moecompress.engine.reader import CheckpointReader
+
+            reader = CheckpointReader(model, dtype=dtype, info=info)
+            return reader.model, reader
+        loaded, _ = load_model(model, dtype=dtype)
+        return loaded, None
     if streaming:
         raise MoecompressError(f"streaming evaluation reads stock checkpoints only; {model} is a {kind} checkpoint, "
                                "evaluate it without streaming")
-    return load(model, dtype=dtype)
+    return load(model, dtype=dtype), None

@@ -44,3 +44,14 @@ def make_checkpoint(folder: Path, model_type: str = "qwen3_moe", seed: int = 0) 
         config.unpadded_vocab_size = len(tokenizer)
     tiny_model(config, seed=seed).save_pretrained(folder)
     return folder
+
+
+def write_two_domains(folder: Path) -> tuple[Path, Path]:
+    """Two calibration text files (the shipped sample text, halved) in `folder`: (first.txt, second.txt)."""
+    from tests.tiny_tokenizer import sample_text
+
+    text = sample_text()
+    half = len(text) // 2
+    (folder / "first.txt").write_text(text[:half])
+    (folder / "second.txt").write_text(text[half:])
+    return folder / "first.txt", folder / "second.txt"

@@ -10,20 +10,30 @@ Two equivalent modes:
   for the gradient statistic (HEAPr's neuron_grad_proj needs a backward pass from the loss).
 
 Both give the same statistics (tested).
+
+Data parallel: under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) `calibrate` splits
+the calibration batches round-robin across the ranks (`moecompress.engine.distributed`), each
+rank observing only its share (its layer engine caches only those batches' hidden states),
+then all-reduces every statistic, so each rank ends with the statistics of a single process
+(up to float64 summation order). The calibration set, its digest, the seed and the header are
+the single process's; the header's ``data`` records ``world_size``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from moecompress.calibration.gradients import activation_gradients
+from moecompress.engine import distributed
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
@@ -62,13 +72,33 @@ def collect_statistics(
     reader: CheckpointReader | None = None,
     device: torch.device | str | None = None,
     max_layer_bytes: int | None = None,
+    data_parallel: bool = False,
 ) -> Observer:
     """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
 
     reader: the checkpoint the (meta-device) model is read from, one layer at a time
     (layerwise mode only); device: where layers compute (default: where the model is);
     max_layer_bytes: MoE layers larger than this compute their experts in groups (`LayerEngine`).
+    data_parallel: inside a process group (`distributed.initialise`), observe only this rank's
+    round-robin share of the batches, then all-reduce (`Observer.all_reduce`) so every rank
+    returns the statistics of all batches. Collective then: every rank calls it with the same
+    arguments, and a failure on one rank ends every rank (`distributed.phase`). Without a
+    process group (or with False) the call observes every batch and communicates nothing.
     """
+    parallel = data_parallel and distributed.active()
+    with distributed.phase("calibrating") if parallel else contextlib.nullcontext():
+        observer = _observe(model, adapter, input_ids, domain_ids, domains, statistics, batch_size, mode, progress,
+                            reader, device, max_layer_bytes, parallel)
+    if parallel:
+        observer.all_reduce()
+    return observer
+
+
+def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, domain_ids: torch.Tensor,
+             domains: Sequence[str], statistics: Sequence[str], batch_size: int, mode: str, progress: bool,
+             reader: CheckpointReader | None, device: torch.device | str | None, max_layer_bytes: int | None,
+             parallel: bool) -> Observer:
+    """`collect_statistics` on this process: every batch, or this rank's share when `parallel`."""
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
     statistics = validate_statistics(statistics)
@@ -82,6 +112,15 @@ def collect_statistics(
     engine = LayerEngine(model, adapter, reader=reader, device=device, max_layer_bytes=max_layer_bytes)
     observer = Observer(model, adapter, domains, statistics, device=engine.device)
     batches = _batches(input_ids, domain_ids, domains, batch_size)
+    if parallel:
+        world = distributed.world_size()
+        if len(batches) < world and distributed.is_writer():
+            log.warning("%d calibration batches for %d processes: %d of them have nothing to observe; lower "
+                        "--batch-size to give every process a batch", len(batches), world, world - len(batches))
+        batches = distributed.shard(batches)
+        progress = progress and distributed.is_writer()
+        if not batches:
+            return observer  # a rank without a batch contributes zeros (and loads no layer)
     if mode == "whole-model":
         _whole_model_pass(model, observer, batches, needs_grad, progress)
     else:
@@ -152,17 +191,20 @@ def build_stats(
 ACTIVATION_COPIES = 3  # cached inputs of every batch, one batch's output, and the layer's working activations
 
 
-def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_memory: str | int | None
-                 ) -> int | None:
+def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_memory: str | int | None,
+                 processes: int = 1) -> int | None:
     """Bytes one decoder layer may occupy: the host budget minus the cached activations (None: unknown budget).
 
-    The budget is `max_memory`, or a share of the memory available to this process. A budget
+    The budget is `max_memory`, or a share of the memory available to this process (divided
+    among `processes` processes calibrating side by side on this machine). A budget
     that cannot hold the activations, or the embeddings while batches are embedded, is
     refused in one line with what it needs.
     """
     budget = parse_memory(max_memory) if max_memory is not None else default_budget()
     if budget is None:
         return None
+    if max_memory is None:
+        budget //= max(1, processes)
     samples, seq_len = int(input_shape[0]), int(input_shape[1])
     hidden = int(text_config(reader.config).hidden_size)
     activations = ACTIVATION_COPIES * samples * seq_len * hidden * max(reader.dtype.itemsize, 4)
@@ -189,6 +231,7 @@ def calibrate(
     progress: bool = True,
     device: str = "cpu",
     max_memory: str | int | None = None,
+    data_parallel: bool = True,
 ) -> RoutingStats:
     """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
 
@@ -199,6 +242,48 @@ def calibrate(
     layer at a time; whole-model mode (gradient statistics) loads it whole.
     max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 85% of
     what is still available; see `layer_budget`.
+    data_parallel: when launched by torchrun (``WORLD_SIZE`` > 1) join the process group
+    (`distributed.initialise`) and split the batches across the ranks (`collect_statistics`);
+    every rank must then call this with the same arguments, and every rank returns the same
+    statistics. False, or a single process: everything runs here, nothing is communicated.
+    """
+    if data_parallel:
+        distributed.initialise(device)
+    parallel = data_parallel and distributed.active()
+    with distributed.phase("loading the checkpoint and calibration data") if parallel else contextlib.nullcontext():
+        setup = _prepare(model_path, sources, num_samples, seq_len, seed, dtype, statistics, mode, device, max_memory,
+                         batch_size, parallel)
+    calib = setup.calib
+    observer = collect_statistics(
+        setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains, setup.statistics, batch_size,
+        setup.mode, progress, reader=setup.reader, device=setup.device, max_layer_bytes=setup.max_layer_bytes,
+        data_parallel=parallel,
+    )
+    data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
+            "seed": seed, "batch_size": batch_size, "dtype": dtype, "device": str(setup.device),
+            "world_size": distributed.world_size() if parallel else 1}
+    return build_stats(setup.model, setup.adapter, observer, model_path, calib.digest, data, setup.mode, seed)
+
+
+class _Setup(NamedTuple):
+    model: nn.Module
+    adapter: MoEAdapter
+    calib: Any  # CalibrationSet
+    statistics: list[str]
+    mode: str
+    device: torch.device
+    reader: CheckpointReader | None
+    max_layer_bytes: int | None
+
+
+def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples: int, seq_len: int, seed: int,
+             dtype: str, statistics: Sequence[str], mode: str, device: str, max_memory: str | int | None,
+             batch_size: int, parallel: bool) -> _Setup:
+    """`calibrate`'s set-up on this process: the calibration set and the model (or its layer reader).
+
+    Data parallel, a rank plans its layer budget with the activations of its own share of the
+    batches, and without --max-memory with its share of the node's memory (the default budget
+    divided by ``LOCAL_WORLD_SIZE``, the ranks on this node); --max-memory is per process.
     """
     from moecompress.engine.layers import resolve_device
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
@@ -224,14 +309,13 @@ def calibrate(
     if mode == "layerwise" and info.adapter.streaming_supported:
         reader = CheckpointReader(model_path, dtype=dtype, info=info)
         model, adapter = reader.model, reader.adapter
-        max_layer_bytes = layer_budget(reader, calib.input_ids.shape, max_memory)
+        shape = tuple(calib.input_ids.shape)
+        if parallel:
+            mine = distributed.shard(_batches(calib.input_ids, calib.domain_ids, calib.domains, batch_size))
+            shape = (sum(ids.shape[0] for _, ids in mine), shape[1])
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
+        max_layer_bytes = layer_budget(reader, shape, max_memory, processes=local_ranks)
     else:
         model, adapter = load_model(model_path, dtype=dtype)
         model.to(compute_device)
-    observer = collect_statistics(
-        model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics, batch_size, mode, progress,
-        reader=reader, device=compute_device, max_layer_bytes=max_layer_bytes,
-    )
-    data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
-            "seed": seed, "batch_size": batch_size, "dtype": dtype, "device": str(compute_device)}
-    return build_stats(model, adapter, observer, model_path, calib.digest, data, mode, seed)
+    return _Setup(model, adapter, calib, statistics, mode, compute_device, reader, max_layer_bytes)

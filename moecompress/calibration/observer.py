@@ -207,3 +207,36 @@ class Observer:
     def token_counts(self) -> dict[str, dict[str, int]]:
         """layer -> domain -> tokens seen by the router."""
         return {str(index): dict(obs.tokens) for index, obs in self.observers.items()}
+
+    def all_reduce(self) -> None:
+        """Combine what every rank observed (data-parallel calibration), in place; a no-op in one process.
+
+        Each rank has observed its own share of the batches; afterwards every rank holds what
+        one process observing all of them holds: the sums (float64) and the token counts
+        (int64) are added, the statistics combined by max (`MAX_STATISTICS`: max_act) take the
+        maximum. Up to the order of float64 additions, the result equals a single process's.
+        Collective: every rank calls it, with the same layers, domains and statistics; one
+        layer is reduced at a time (two reductions per layer plus one for the token counts).
+        """
+        from moecompress.calibration.stats import MAX_STATISTICS
+        from moecompress.engine import distributed
+
+        if not distributed.active():
+            return
+        for index in sorted(self.observers):
+            obs = self.observers[index]
+            if obs._pending_easy:
+                raise RuntimeError(f"layer {index} has EASY-EP terms not finished; reduce after the pass")
+            for op, names in (("sum", [n for n in self.statistics if n not in MAX_STATISTICS]),
+                              ("max", [n for n in self.statistics if n in MAX_STATISTICS])):
+                parts = [obs.sums[domain][name] for domain in self.domains for name in names]
+                if not parts:
+                    continue
+                flat = distributed.all_reduce_(torch.cat([part.reshape(-1) for part in parts]), op)
+                for part, value in zip(parts, flat.split([part.numel() for part in parts])):
+                    part.copy_(value.view_as(part))
+        order = [(index, domain) for index in sorted(self.observers) for domain in self.domains]
+        tokens = torch.tensor([self.observers[index].tokens[domain] for index, domain in order], dtype=torch.int64)
+        distributed.all_reduce_(tokens, "sum")
+        for (index, domain), value in zip(order, tokens.tolist()):
+            self.observers[index].tokens[domain] = int(value)

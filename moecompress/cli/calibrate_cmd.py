@@ -65,6 +65,7 @@ def calibrate_command(
 
         moecompress calibrate ./Qwen3-30B-A3B --data code=code.jsonl --data prose=prose.txt --samples 64 -o ./stats
     """
+    # under torchrun (WORLD_SIZE > 1) the pass is data parallel and rank 0 writes: docs/distributed.md
     if print_step:
         from moecompress.recipe.cli_bridge import echo_step
 
@@ -72,21 +73,29 @@ def calibrate_command(
     from moecompress.calibration.calibrate import calibrate
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, validate_statistics
+    from moecompress.engine import distributed
     from moecompress.io.output import atomic_output_dir, check_output_dir
     from moecompress.models.load import inspect_checkpoint
 
-    check_output_dir(output, force, inputs=(model,))
-    inspect_checkpoint(model)
-    sources = parse_data_specs(data, field=field) if data else None
-    names = validate_statistics(statistic or DEFAULT_STATISTICS)
-    if gradients:
-        names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
+    # under torchrun: join the other ranks; rank 0 checks the output folder, every rank learns the verdict
+    distributed.initialise(device)
+    distributed.writer_only(lambda: check_output_dir(output, force, inputs=(model,)), "checking the output folder")
+    with distributed.phase("reading the arguments"):
+        inspect_checkpoint(model)
+        sources = parse_data_specs(data, field=field) if data else None
+        names = validate_statistics(statistic or DEFAULT_STATISTICS)
+        if gradients:
+            names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
     mode = "whole-model" if (whole_model or gradients) else "layerwise"
     stats = calibrate(model, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                       dtype=dtype, statistics=names, mode=mode, device=device, max_memory=max_memory)
-    with atomic_output_dir(output, force=force) as tmp:
-        stats.save(tmp)
-    print_stats_summary(stats, Path(output))
+
+    def write() -> None:
+        with atomic_output_dir(output, force=force) as tmp:
+            stats.save(tmp)
+        print_stats_summary(stats, Path(output))
+
+    distributed.writer_only(write, "writing the statistics")  # rank 0 writes; the others wait, then exit 0
 
 
 def print_stats_summary(stats, output: Path, console: Console | None = None) -> None:

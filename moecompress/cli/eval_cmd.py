@@ -87,7 +87,7 @@ def eval_command(
         if json_out.exists() and not force:
             raise MoecompressError(f"{json_out} exists; pass --force to overwrite it")
     sources = parse_data_specs(data, field=field) if data else default_calibration_sources()
-    loaded = open_for_evaluation(model, dtype, streaming)  # stock, pruned-layout, condensed or GPTQ folders
+    loaded, reader = open_for_evaluation(model, dtype, streaming)  # stock, pruned-layout, condensed or GPTQ folders
     tokenizer = load_tokenizer(model)
     report = evaluate_perplexity(
         loaded,
@@ -98,6 +98,7 @@ def eval_command(
         batch_size=batch_size,
         progress=True,
         model_path=str(model),
+        reader=reader,
     )
     report.extra["dtype"] = dtype
     report.extra["streaming"] = streaming

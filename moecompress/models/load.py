@@ -2,10 +2,9 @@
 
 * `inspect_checkpoint(path)`: validate the folder (config, safetensors files, MoE architecture)
   without loading weights; every problem is a one-line `MoecompressError`.
-* `load_model(path, dtype=..., streaming=False)`: the model and its adapter. With
-  `streaming=True` the decoder layers stay on disk (accelerate's disk offload, which also
-  applies transformers' fused-expert conversion) and each layer's weights are read only while
-  that layer runs, so peak memory is about one layer plus activations.
+* `load_model(path, dtype=...)`: the whole model and its adapter, in memory (the paths that
+  need it; everything that can read one decoder layer at a time uses
+  `moecompress.engine.reader.CheckpointReader` instead).
 * `load_tokenizer(path)`.
 """
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,25 +171,17 @@ def readable_format(config: Any) -> StoredFormat:
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
-    streaming: bool = False,
-    offload_dir: str | Path | None = None,
 ) -> tuple[torch.nn.Module, MoEAdapter]:
-    """Load a local checkpoint for inference (eval mode) and return (model, adapter).
+    """Load a local checkpoint for inference (eval mode), whole, and return (model, adapter).
 
-    streaming: keep decoder layers on disk and read each layer's weights only while it runs
-    (peak memory about one layer); `offload_dir` holds converted fused-expert tensors
-    (a temporary folder by default, removed with the process).
+    FP8 and MXFP4 checkpoints are dequantised on load (transformers' own dequantising
+    configs) and cast to `dtype`.
     """
     from transformers import AutoModelForCausalLM
 
     info = inspect_checkpoint(path)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     kwargs: dict[str, Any] = dict(dtype=torch_dtype, local_files_only=True)
-    if streaming:
-        kwargs["device_map"] = _streaming_device_map(info)
-        if offload_dir is None:
-            offload_dir = tempfile.mkdtemp(prefix="moecompress-offload-")
-        kwargs["offload_folder"] = str(offload_dir)
     if info.stored_format.quantized:
         kwargs["quantization_config"] = _dequantizing_config(info.stored_format)
     try:
@@ -227,36 +217,6 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def _streaming_device_map(info: CheckpointInfo) -> dict[str, str]:
-    """Decoder layers on disk, everything else (embeddings, final norm, head) in memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(info.config)
-    layers_path = info.adapter.layers_path
-    layers = info.adapter.decoder_layers(skeleton)
-    device_map: dict[str, str] = {}
-    for name, child in skeleton.named_children():
-        _map_children(skeleton, name, layers_path, len(layers), device_map)
-    return device_map
-
-
-def _map_children(root: torch.nn.Module, path: str, layers_path: str, num_layers: int, out: dict[str, str]) -> None:
-    if path == layers_path:
-        for i in range(num_layers):
-            out[f"{path}.{i}"] = "disk"
-        return
-    if layers_path.startswith(path + "."):
-        module = root.get_submodule(path)
-        for name, _ in module.named_children():
-            _map_children(root, f"{path}.{name}", layers_path, num_layers, out)
-        for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            out[f"{path}.{name}"] = "cpu"
-        return
-    out[path] = "cpu"
-
-
 # Files that hold a tokenizer's vocabulary, as transformers' tokenizer classes read them: the
 # `tokenizers` JSON (every fast tokenizer), Mistral's tekken.json, SentencePiece models
 # (tokenizer.model, spiece.model, ...), tiktoken ranks, WordPiece vocab.txt, and byte-level BPE's
@@ -264,9 +224,6 @@ def _map_children(root: torch.nn.Module, path: str, layers_path: str, num_layers
 _VOCABULARY_FILES = ("tokenizer.json", "tekken.json", "vocab.txt")
 _VOCABULARY_SUFFIXES = (".model", ".tiktoken")
 _SAVE_HINT = "save the model's tokenizer beside it with tokenizer.save_pretrained(folder)"
-# A tokenizer this many times smaller than the config's vocab_size belongs to another model
-# (real checkpoints pad their embeddings by a few percent at most).
-_VOCAB_MISMATCH_FACTOR = 4
 
 
 def _tokenizer_files(folder: str | Path) -> list[Path]:
@@ -281,20 +238,6 @@ def _tokenizer_files(folder: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def _config_vocab_size(folder: Path) -> int | None:
-    """vocab_size from config.json (or its text_config), read as plain JSON; None when absent."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    size = config.get("vocab_size")
-    if size is None and isinstance(config.get("text_config"), dict):
-        size = config["text_config"].get("vocab_size")
-    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-
-
 def load_tokenizer(path: str | Path) -> Any:
     """The checkpoint's tokenizer, offline; a one-line `MoecompressError` when the folder has none.
 
@@ -303,8 +246,9 @@ def load_tokenizer(path: str | Path) -> Any:
     merges.txt. A tokenizer_config.json alone does not count: given only a config (or no
     tokenizer files at all) transformers 5 builds an empty tokenizer of the config's class, and
     calibrating or evaluating with it would silently tokenise every text to nothing. The loaded
-    tokenizer is refused as well when its vocabulary has at most one token, or is more than
-    four times smaller than the config's vocab_size (another model's tokenizer).
+    tokenizer is refused as well when its vocabulary has at most one token. A vocabulary smaller
+    than the config's vocab_size is allowed (padded embeddings; the cost benchmarks' random
+    checkpoints carry a small tokenizer).
     """
     from transformers import AutoTokenizer
 
@@ -325,10 +269,4 @@ def load_tokenizer(path: str | Path) -> Any:
     if size <= 1:
         raise MoecompressError(f"{path}'s tokenizer is empty (its vocabulary has {size} token{'s' * (size != 1)}); "
                                f"{_SAVE_HINT}")
-    expected = _config_vocab_size(folder)
-    if expected is not None and size * _VOCAB_MISMATCH_FACTOR < expected:
-        raise MoecompressError(
-            f"{path}'s tokenizer has {size} tokens but the model's vocabulary is {expected}, so it is another "
-            f"model's tokenizer; {_SAVE_HINT}"
-        )
     return tokenizer

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moecompress.calibration.stats import RoutingStats
+from moecompress.engine import distributed
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global, select_neurons_uniform
@@ -334,19 +335,28 @@ def prune_checkpoint(
     before = sum(p.numel() for p in skeleton.parameters())
     after = params_after(plan, before, adapter, skeleton)
     patterns_path = None
+    if not dry_run:
+        # under torchrun every rank has the same (reduced) statistics and plan: what is written below is
+        # written by rank 0 alone, after every rank has passed its checks, and every rank returns its result
+        distributed.initialise(device)  # a no-op in one process, or when calibrate joined the ranks already
     if patterns is not None:
         from moecompress.prune.patterns import build_patterns, save_patterns
 
         built = build_patterns(stats, adapter, config, source, ratio=ratio, keep=keep, params=params,
                                protect_super_experts=protect_super_experts, context=context)
-        patterns_path = None if dry_run else save_patterns(built, patterns)
+        patterns_path = None if dry_run else distributed.writer_only(lambda: save_patterns(built, patterns),
+                                                                     "writing the expert patterns")
     if dry_run or output is None:
         estimate = int(info.bytes_on_disk * after / max(before, 1))
         return PruneResult(plan, None, before, after, info.bytes_on_disk, estimate, patterns=patterns_path)
-    written = _write(model, tokenizer, info, plan, output, source, stats, seed, force, dtype, progress)
     from moecompress.io.checkpoint import folder_bytes
 
-    return PruneResult(plan, written.path, before, after, info.bytes_on_disk, folder_bytes(written.path),
+    def write() -> tuple[Any, int]:
+        written = _write(model, tokenizer, info, plan, output, source, stats, seed, force, dtype, progress)
+        return written, folder_bytes(written.path)
+
+    written, written_bytes = distributed.writer_only(write, "writing the pruned checkpoint")
+    return PruneResult(plan, written.path, before, after, info.bytes_on_disk, written_bytes,
                        format=written.format, notice=written.notice, patterns=patterns_path)
 
 

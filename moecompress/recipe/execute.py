@@ -56,13 +56,19 @@ def run_calibrate(step: CalibrateStep, model: Path, output: Path, progress: bool
     stats = calibrate(model, sources, num_samples=step.samples, seq_len=step.seq_len, seed=step.seed,
                       batch_size=step.batch_size, dtype=step.dtype, statistics=names, mode=mode, progress=progress,
                       device=step.device, max_memory=step.max_memory)
-    with atomic_output_dir(output, force=True) as tmp:
-        stats.save(tmp)
+
+    def write() -> None:
+        with atomic_output_dir(output, force=True) as tmp:
+            stats.save(tmp)
+
+    from moecompress.engine import distributed
+
+    distributed.writer_only(write, "writing the statistics")  # under torchrun: rank 0 writes, the others wait
     return stats
 
 
 def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True) -> Any:
-    """`moecompress prune`: returns the `PruneResult`."""
+    """`moecompress prune`: returns the `PruneResult` (under torchrun `prune_checkpoint` writes on rank 0 only)."""
     from moecompress.prune.run import prune_checkpoint
 
     loaded_stats = _stats(stats_dir, model)
@@ -125,9 +131,9 @@ def run_eval(step: EvalStep, model: Path, output: Path, progress: bool = True) -
     tokenizer = load_tokenizer(model)
     from moecompress.loader import open_for_evaluation
 
-    loaded = open_for_evaluation(model, step.dtype, step.streaming)
+    loaded, reader = open_for_evaluation(model, step.dtype, step.streaming)
     report = evaluate_perplexity(loaded, tokenizer, sources, seq_len=step.seq_len, max_windows=step.windows,  # type: ignore[arg-type]
-                                 batch_size=step.batch_size, progress=progress, model_path=str(model))
+                                 batch_size=step.batch_size, progress=progress, model_path=str(model), reader=reader)
     report.extra["dtype"] = step.dtype
     report.extra["streaming"] = step.streaming
     report.extra["data"] = [{"name": s.name, "path": str(s.path), "field": s.field} for s in sources]

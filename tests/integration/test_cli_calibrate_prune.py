@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from moecompress.calibration.stats import RoutingStats
 from moecompress.io.manifest import read_manifest
 from moecompress.models.adapters import get_adapter
-from tests.cli_helpers import error_lines, make_checkpoint, run_cli
+from tests.cli_helpers import error_lines, make_checkpoint, run_cli, write_two_domains
 from tests.helpers import token_batch
 
 
@@ -27,14 +27,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> list[str]:
-    from tests.tiny_tokenizer import sample_text
-
-    folder = tmp_path_factory.mktemp("data")
-    text = sample_text()
-    half = len(text) // 2
-    (folder / "first.txt").write_text(text[:half])
-    (folder / "second.txt").write_text(text[half:])
-    return [f"a={folder / 'first.txt'}", f"b={folder / 'second.txt'}"]
+    first, second = write_two_domains(tmp_path_factory.mktemp("data"))
+    return [f"a={first}", f"b={second}"]
 
 
 def _data_args(data: list[str]) -> list[str]:

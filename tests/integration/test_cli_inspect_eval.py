@@ -168,6 +168,19 @@ def test_eval_json_stdout(checkpoint, data_files, monkeypatch, capsys) -> None:
     assert torch.isfinite(torch.tensor(result["mean_perplexity"]))
 
 
+def test_eval_streaming_reads_each_layer_once_and_agrees(checkpoint, data_files, monkeypatch, capsys) -> None:
+    args = ["eval", str(checkpoint), "--data", str(data_files["txt"]), "--seq-len", "16", "--windows", "3",
+            "--batch-size", "2", "--json"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    code, streamed, err = run_cli([*args, "--streaming"], monkeypatch, capsys)
+    assert code == 0, err
+    whole, layered = json.loads(out), json.loads(streamed)
+    assert layered["streaming"] is True
+    assert layered["domains"][0]["tokens"] == whole["domains"][0]["tokens"]
+    assert layered["mean_perplexity"] == pytest.approx(whole["mean_perplexity"], rel=1e-5)
+
+
 def test_eval_user_errors(checkpoint, data_files, tmp_path, monkeypatch, capsys) -> None:
     code, _, err = run_cli(["eval", str(checkpoint), "--data", f"x={tmp_path / 'none.txt'}"], monkeypatch, capsys)
     assert code == 2 and "does not exist" in error_lines(err)[0]

@@ -70,15 +70,12 @@ def test_empty_tokenizer_is_refused(tmp_path) -> None:
         load_tokenizer(tmp_path)
 
 
-def test_another_models_tokenizer_is_refused(checkpoint, tmp_path) -> None:
+def test_a_smaller_tokenizer_than_the_embeddings_loads(checkpoint, tmp_path) -> None:
+    """Padded (or, in the cost benchmarks, far larger) embedding tables are allowed."""
     import shutil
 
     folder = Path(shutil.copytree(checkpoint, tmp_path / "model"))
     config = json.loads((folder / "config.json").read_text())
     config["vocab_size"] = 32 * config["vocab_size"]
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MoecompressError, match=r"has 300 tokens but the model's vocabulary is 9600"):
-        load_tokenizer(folder)
-    config["vocab_size"] = 320  # padded embeddings are normal
     (folder / "config.json").write_text(json.dumps(config))
     assert len(load_tokenizer(folder)) == 300

@@ -63,14 +63,20 @@ def test_window_nll_rejects_bad_input(model) -> None:
 
 
 def test_window_nll_on_streaming_model(model, tmp_path) -> None:
-    from moecompress.models.load import load_model
+    from moecompress.engine.reader import CheckpointReader
+    from moecompress.evaluate import streamed_window_nll
 
     model.save_pretrained(tmp_path / "ckpt")
-    streamed, _ = load_model(tmp_path / "ckpt", dtype="float32", streaming=True, offload_dir=tmp_path / "offload")
-    rows = token_batch(model.config.vocab_size, batch=3, length=12, seed=5)
-    expected, _ = window_nll(model, rows, progress=False)
-    got, _ = window_nll(streamed, rows, progress=False)
+    rows = token_batch(model.config.vocab_size, batch=5, length=12, seed=5)
+    expected, expected_tokens = window_nll(model, rows, batch_size=2, progress=False)
+    reader = CheckpointReader(tmp_path / "ckpt", dtype="float32")
+    got, tokens = streamed_window_nll(reader, rows, batch_size=2, progress=False)
+    assert tokens == expected_tokens
     assert got == pytest.approx(expected, rel=1e-5)
+    assert all(p.device.type == "meta" for p in reader.model.parameters())  # nothing left loaded
+    # auto keeps experts, embeddings and head in the stored dtype: the head is fed its own dtype
+    auto, _ = streamed_window_nll(CheckpointReader(tmp_path / "ckpt", dtype="auto"), rows, progress=False)
+    assert auto == pytest.approx(expected, rel=1e-2)
 
 
 def _write_domains(tmp_path) -> list[DomainSource]:
