@@ -185,7 +185,12 @@ def build_stats(
         seed=seed,
         versions=library_versions(),
     )
-    return RoutingStats(header, observer.tensors())
+    tensors = observer.tensors()
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MoecompressError(f"calibration statistic {key} holds NaN or Inf values; the model's activations "
+                                   "overflow in this dtype (try --dtype float32) or its weights are corrupt")
+    return RoutingStats(header, tensors)
 
 
 ACTIVATION_COPIES = 3  # cached inputs of every batch, one batch's output, and the layer's working activations

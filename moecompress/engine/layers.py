@@ -103,6 +103,13 @@ LOAD_FACTOR_MAPPED = 1.5  # sources are file-backed views
 LOAD_FACTOR_COPIED = 2.25  # sources are dequantised copies, held beside the fused tensors they fill
 
 
+def check_finite_activations(hidden: torch.Tensor, index: int, domain: str) -> None:
+    """A decoder layer's output holds no NaN or Inf, else a one-line error naming the layer (nothing is written)."""
+    if not bool(torch.isfinite(hidden).all()):
+        raise MoecompressError(f"decoder layer {index} produced NaN or Inf activations on the {domain!r} calibration "
+                               "batch; the weights overflow in this dtype (try --dtype float32) or are corrupt")
+
+
 class LayerEngine:
     """Holds the cached hidden states of every calibration batch between decoder layers."""
 
@@ -284,6 +291,7 @@ class LayerEngine:
                     before_batch(batch.domain)
                 out = self.layer_call(index, batch, layer)
                 out = out[0] if isinstance(out, tuple) else out
+                check_finite_activations(out, index, batch.domain)
                 batch.hidden = out if self.device.type == "cpu" else self._to_host(out)
         self.next_layer = index + 1
 

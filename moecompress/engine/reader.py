@@ -72,6 +72,7 @@ class CheckpointReader:
         self.model.eval()
         self.keys: KeyMap = key_map(self.model)
         self._meta_shapes = {name: (t.shape, t.dtype) for name, t in self.model.state_dict().items()}
+        self._parameter_names = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
         # module key -> disk keys that feed it (several for fused experts)
         self.sources: dict[str, list[str]] = {}
         self.unmatched: list[str] = []
@@ -166,8 +167,20 @@ class CheckpointReader:
                 name, got, want = report.mismatched[0]
                 raise MoecompressError(f"tensor for {name} has shape {list(got)} in the checkpoint but the config "
                                        f"expects {list(want)}; the checkpoint does not match its config.json")
+            self._check_finite(names)
         for name, source in tied.items():
             self._set(name, self._materialised(source, device))
+
+    def _check_finite(self, names: list[str]) -> None:
+        """Loaded weights hold no NaN or Inf (a corrupt or badly converted checkpoint), else a one-line error."""
+        for name in names:
+            tensor = self.model.get_parameter(name) if name in self._parameter_names else None
+            if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise MoecompressError(f"the checkpoint's {name} holds {bad} NaN or Inf value(s); the checkpoint is "
+                                       "corrupt or was converted wrongly: re-download or re-convert it")
 
     def outside_layers(self, include_head: bool = True) -> list[str]:
         """Module keys outside the decoder layers (embeddings, final norm; the output head if asked)."""
