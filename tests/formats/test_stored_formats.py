@@ -302,3 +302,15 @@ def test_grouped_fp8_layer_equals_the_whole_layer(fp8_deepseek: Path) -> None:
             engine.run_layer(index)
         hidden.append(engine.batches[0].hidden)
     torch.testing.assert_close(hidden[1], hidden[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_calibrate_reads_each_format(name: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                     run) -> None:  # noqa: ANN001
+    from moecompress.calibration.stats import RoutingStats
+
+    folder = request.getfixturevalue(name)
+    out = tmp_path / "stats"
+    run("calibrate", str(folder), "--samples", "2", "--seq-len", "32", "-o", str(out))
+    stats = RoutingStats.load(out)
+    assert stats.header.tokens and all(torch.isfinite(t).all() for t in stats.tensors.values())
