@@ -144,7 +144,8 @@ class RoutingStats:
         out.mkdir(parents=True, exist_ok=True)
         if not self.header.created:
             self.header.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(out / TENSORS_FILE),
+        # in name order, so that the same statistics always give the same bytes
+        save_file({k: self.tensors[k].contiguous() for k in sorted(self.tensors)}, str(out / TENSORS_FILE),
                   metadata={"format": "moecompress-stats", "format_version": str(FORMAT_VERSION)})
         (out / HEADER_FILE).write_text(self.header.model_dump_json(indent=2) + "\n")
         return out
