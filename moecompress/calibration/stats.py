@@ -144,9 +144,10 @@ class RoutingStats:
         out.mkdir(parents=True, exist_ok=True)
         if not self.header.created:
             self.header.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        # in name order, so that the same statistics always give the same bytes
+        # one metadata key: safetensors writes its metadata map in no fixed order, so two keys could
+        # give two byte layouts of the same statistics (the format version is in stats.json)
         save_file({k: self.tensors[k].contiguous() for k in sorted(self.tensors)}, str(out / TENSORS_FILE),
-                  metadata={"format": "moecompress-stats", "format_version": str(FORMAT_VERSION)})
+                  metadata={"format": "moecompress-stats"})
         (out / HEADER_FILE).write_text(self.header.model_dump_json(indent=2) + "\n")
         return out
 

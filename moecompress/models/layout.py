@@ -391,8 +391,8 @@ def save_layout_checkpoint(model: nn.Module, adapter: MoEAdapter, layout: Expert
             state[key] = pack_neurons(state[key], layout.widths[layer], axis, packing)
     split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        save_file({name: state[name].contiguous() for name in names}, str(out / filename),
-                  metadata={"format": "pt", "moecompress": LAYOUT_FORMAT})
+        # one metadata key (safetensors orders a metadata map arbitrarily; the format is in the index)
+        save_file({name: state[name].contiguous() for name in names}, str(out / filename), metadata={"format": "pt"})
     index = {"metadata": {"format": LAYOUT_FORMAT, "total_size": split.metadata.get("total_size")},
              "weight_map": dict(sorted(split.tensor_to_filename.items()))}
     (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
