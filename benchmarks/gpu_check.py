@@ -11,6 +11,10 @@ frequency` from the same statistics. Checks, each printed with its measured valu
 * every statistic on cuda equals the cpu one within `--rtol` (float64 accumulators; the layer
   arithmetic differs between devices, so bit equality is not expected);
 * the prune plans (kept experts per layer) are identical;
+* the batched GPTQ solve (`moecompress.quant.gptq.gptq_batched`) of the same weights and
+  Hessians on cuda matches the cpu one: the share of differing codes is at most `--code-diff`
+  (float rounding moves a few values across a rounding boundary) and the GPTQ losses agree
+  within `--rtol`, with the seconds each device took;
 * seconds per decoder layer on each device.
 
 Exit status 1 when a check fails; 2 when no CUDA device is present.
@@ -55,11 +59,36 @@ def run_device(checkpoint: Path, device: str, layers: int) -> dict:
     return {"stats": stats, "keep": result.plan.keep, "seconds": seconds, "seconds_per_layer": seconds / layers}
 
 
+def gptq_on_devices(experts: int = 16, rows: int = 768, columns: int = 2048) -> dict:
+    """The same batched GPTQ solve on cpu and cuda (Qwen3-30B-A3B's gate shape): codes, losses, seconds."""
+    import torch
+
+    from moecompress.quant.gptq import gptq_batched
+    from moecompress.quant.spec import QuantSpec
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(experts, rows, columns, generator=generator) * 0.02
+    inputs = torch.randn(experts, 512, columns, generator=generator)
+    hessians = torch.einsum("nti,ntj->nij", inputs, inputs) / 512
+    spec = QuantSpec(bits=3, group_size=128)
+    out = {}
+    for device in ("cpu", "cuda"):
+        start = time.perf_counter()
+        results = gptq_batched(weights.to(device), hessians.to(device), spec)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[device] = {"seconds": time.perf_counter() - start,
+                       "codes": torch.stack([r.weight.codes.cpu() for r in results]),
+                       "loss": sum(r.loss for r in results)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rtol", type=float, default=2e-2)
+    parser.add_argument("--code-diff", type=float, default=1e-2, help="largest share of GPTQ codes that may differ")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -82,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     same_plan = cpu["keep"] == cuda["keep"]
     report["checks"]["identical prune plan"] = {"value": same_plan, "ok": same_plan}
     report["seconds_per_layer"] = {"cpu": cpu["seconds_per_layer"], "cuda": cuda["seconds_per_layer"]}
+    solves = gptq_on_devices()
+    differing = float((solves["cpu"]["codes"] != solves["cuda"]["codes"]).float().mean())
+    loss_gap = abs(solves["cuda"]["loss"] - solves["cpu"]["loss"]) / max(abs(solves["cpu"]["loss"]), 1e-30)
+    report["checks"]["GPTQ codes differing on cuda"] = {"value": differing, "ok": differing <= args.code_diff}
+    report["checks"]["GPTQ loss relative difference"] = {"value": loss_gap, "ok": loss_gap <= args.rtol}
+    report["gptq_seconds"] = {device: solves[device]["seconds"] for device in ("cpu", "cuda")}
     print(json.dumps(report, indent=2))
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")

@@ -53,7 +53,10 @@ class GPTQ:
         count = x.shape[0]
         if count == 0:
             return
-        c = torch.ones(count) if token_weight is None else token_weight.detach().reshape(-1).float().clamp(min=0)
+        if self.tokens == 0 and self.hessian.device != x.device:  # statistics live where the inputs are
+            self.hessian = self.hessian.to(x.device)
+        c = (torch.ones(count, device=x.device) if token_weight is None
+             else token_weight.detach().reshape(-1).float().clamp(min=0).to(x.device))
         batch_weight = float(c.sum())
         self.tokens += count
         if batch_weight <= 0:
@@ -100,12 +103,13 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
     upper, damps = _inverse_cholesky_upper(h, spec.damp)  # (N, in, in), (N,)
 
     num_groups = -(-in_features // group)
-    codes = torch.zeros(count, in_features, out_features, dtype=torch.uint8)  # (N, in, out): columns contiguous
-    scales = torch.zeros(count, num_groups, out_features, dtype=torch.float16)
-    zeros = torch.zeros(count, num_groups, out_features, dtype=torch.int32)
-    losses = torch.zeros(count, dtype=torch.float64)
+    device = w.device  # the solve runs where its inputs are
+    codes = torch.zeros(count, in_features, out_features, dtype=torch.uint8, device=device)  # (N, in, out)
+    scales = torch.zeros(count, num_groups, out_features, dtype=torch.float16, device=device)
+    zeros = torch.zeros(count, num_groups, out_features, dtype=torch.int32, device=device)
+    losses = torch.zeros(count, dtype=torch.float64, device=device)
     rows = count * out_features
-    scale = zero = torch.empty(0)
+    scale = zero = torch.empty(0, device=device)
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         block = w[:, :, i1:i2].transpose(1, 2).contiguous()  # (N, B, out): each column contiguous
@@ -136,7 +140,7 @@ def gptq_batched(weights: torch.Tensor, hessians: torch.Tensor, spec: QuantSpec,
             w[:, :, i2:] -= torch.bmm(errors.transpose(1, 2), upper[:, i1:i2, i2:])
 
     codes = codes.transpose(1, 2)  # (N, out, in)
-    sequential = (torch.arange(in_features) // group).to(torch.int32)  # (in,) g_idx without act-order
+    sequential = (torch.arange(in_features, device=device) // group).to(torch.int32)  # (in,) g_idx without act-order
     results = []
     for n in range(count):
         g_idx = sequential
@@ -167,14 +171,15 @@ def group_aware_order(diag: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     count, in_features = diag.shape
     full = in_features // group
     head = diag[:, : full * group].reshape(count, full, group)  # (N, F, group)
-    within = torch.argsort(head, dim=2, descending=True, stable=True) + (torch.arange(full) * group)[None, :, None]
+    offsets = torch.arange(full, device=diag.device) * group  # (F,) first column of each group
+    within = torch.argsort(head, dim=2, descending=True, stable=True) + offsets[None, :, None]
     by_max = torch.argsort(head.amax(dim=2), dim=1, descending=True, stable=True)  # (N, F)
     order = within.gather(1, by_max[:, :, None].expand(-1, -1, group)).reshape(count, full * group)
     groups = by_max
     if full * group < in_features:  # the shorter last group
         tail = torch.argsort(diag[:, full * group :], dim=1, descending=True, stable=True) + full * group
         order = torch.cat([order, tail], dim=1)
-        groups = torch.cat([groups, torch.full((count, 1), full, dtype=groups.dtype)], dim=1)
+        groups = torch.cat([groups, torch.full((count, 1), full, dtype=groups.dtype, device=diag.device)], dim=1)
     return order, groups
 
 
@@ -187,10 +192,10 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     """
     count, size, _ = h.shape
     mean_diag = torch.diagonal(h, dim1=1, dim2=2).mean(dim=1)  # (N,)
-    eye = torch.eye(size, dtype=h.dtype)
-    damps = torch.full((count,), float(damp), dtype=torch.float64)
+    eye = torch.eye(size, dtype=h.dtype, device=h.device)
+    damps = torch.full((count,), float(damp), dtype=torch.float64, device=h.device)
     upper = torch.empty_like(h)
-    pending = torch.arange(count)
+    pending = torch.arange(count, device=h.device)
     for _ in range(MAX_DAMP_TRIES):
         shift = (damps[pending] * mean_diag[pending].double()).to(h.dtype)  # (P,)
         lower, info = torch.linalg.cholesky_ex((h[pending] + shift[:, None, None] * eye).flip(-1, -2))
