@@ -51,6 +51,15 @@ def resolve_dtypes(info: CheckpointInfo, dtype: str | torch.dtype, device: torch
     return stored, stored
 
 
+FINITE_CHUNK = 1 << 24  # elements checked at a time (isfinite's temporaries stay small for a 10 GB tensor)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf, checked a chunk at a time (bounded working memory)."""
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(FINITE_CHUNK))
+
+
 class CheckpointReader:
     """A checkpoint's module tree on the meta device, filled one module at a time from its shards."""
 
@@ -177,8 +186,8 @@ class CheckpointReader:
             tensor = self.model.get_parameter(name) if name in self._parameter_names else None
             if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
                 continue
-            if not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
+            if not all_finite(tensor):
+                bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in tensor.detach().reshape(-1).split(FINITE_CHUNK))
                 raise MoecompressError(f"the checkpoint's {name} holds {bad} NaN or Inf value(s); the checkpoint is "
                                        "corrupt or was converted wrongly: re-download or re-convert it")
 
