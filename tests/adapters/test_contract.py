@@ -7,7 +7,8 @@
    experts masked in the router (fp32, tight tolerance), group-limited routers included;
 4. the pruned checkpoint reloads with `AutoModelForCausalLM.from_pretrained` and gives the
    same logits;
-5. uniform-width neuron dropping equals zeroing those neurons, where the config can express it.
+5. uniform-width neuron dropping equals zeroing those neurons, where the config can express it
+   (the architectures whose config cannot are listed, with why, in tests/expected_skips.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moecompress.errors import MoecompressError
 from moecompress.models.adapters import get_adapter, supported_model_types
+from tests import expected_skips
 from tests.adapters.tiny_configs import TINY_CONFIGS
+from tests.expected_skips import CONTRACT_UNIFORM_NEURONS, expect_refusal
 from tests.helpers import contract_keep, tiny_model, token_batch
 
 ATOL = 2e-5
@@ -27,6 +29,28 @@ ATOL = 2e-5
 def test_every_adapter_has_a_tiny_config() -> None:
     missing = sorted(set(supported_model_types()) - set(TINY_CONFIGS))
     assert not missing, f"adapters without a tiny config in tests/adapters/tiny_configs.py: {missing}"
+
+
+def test_expected_skips_table_is_current() -> None:
+    """tests/expected_skips.py names real tests and registered architectures, and its docstring table matches."""
+    import importlib
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parents[1]
+    for test in expected_skips.KNOWN_TESTS:
+        file, _, function = test.partition("::")
+        assert (tests_dir / file).is_file(), test
+        module = importlib.import_module("tests." + file.removesuffix(".py").replace("/", "."))
+        assert callable(getattr(module, function.split(" ")[0], None)), test
+    doc_rows = {tuple(cell.strip() for cell in line.strip("|").split("|"))
+                for line in expected_skips.__doc__.splitlines() if line.startswith("| test_")}
+    listed = set()
+    for (test, case), refusal in expected_skips.EXPECTED_REFUSALS.items():
+        assert test in expected_skips.KNOWN_TESTS, test
+        assert case in TINY_CONFIGS, f"{test}: {case} is not a registered tiny architecture"
+        if test not in expected_skips.NOT_SKIPS:
+            listed.add((test.partition("::")[2].split(" ")[0], case, refusal.reason))
+    assert listed == doc_rows, "the table at the top of tests/expected_skips.py differs from EXPECTED_REFUSALS"
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))
@@ -115,10 +139,8 @@ def test_uniform_neuron_drop_equals_zeroed_neurons(arch) -> None:
     gen = torch.Generator().manual_seed(5)
     keep = {ref.index: torch.stack([torch.randperm(width, generator=gen)[: width // 2] for _ in range(ref.num_experts)])
             for ref in layers}
-    try:
+    with expect_refusal(CONTRACT_UNIFORM_NEURONS, name):  # listed: the config cannot express a narrower width
         dropped = adapter.drop(model, keep_neurons=keep)
-    except MoecompressError as err:
-        pytest.skip(f"{name}: uniform-width layout not expressible: {err}")
     reference = tiny_model(model.config, seed=0)
     with torch.no_grad():
         for ref in adapter.moe_layers(reference):

@@ -4,6 +4,8 @@
 2. per-expert neuron widths (zero-padded in memory) equal zeroing the dropped neurons;
 3. the layout checkpoint re-opened with `moecompress.load` equals the in-memory model, and a
    stock loader refuses the folder instead of loading it wrongly.
+
+Architectures that cannot hold such a layout are listed, with why, in tests/expected_skips.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from moecompress.models.layout import (
     unpack_neurons,
 )
 from tests.adapters.tiny_configs import TINY_CONFIGS
+from tests.expected_skips import NONUNIFORM_LAYOUT, NONUNIFORM_LAYOUT_LAYERS, expect_condition, expect_refusal
 from tests.helpers import tiny_model, token_batch
 
 ATOL = 2e-5
@@ -56,21 +59,13 @@ def arch(request):
     return request.param, model, get_adapter(model)
 
 
-def _layout_or_skip(name, fn):
-    try:
-        return fn()
-    except MoecompressError as err:
-        pytest.skip(str(err))
-
-
 def test_nonuniform_layout_equals_masked_and_reloads(arch, tmp_path) -> None:
     """Different expert counts per layer AND a different width per expert, against mask + zeroed neurons."""
     import moecompress
 
     name, model, adapter = arch
     layers = adapter.moe_layers(model)
-    if len(layers) < 2:
-        pytest.skip(f"{name}: one MoE layer only")
+    expect_condition(NONUNIFORM_LAYOUT_LAYERS, name, len(layers) < 2, "one MoE layer only")
     keep = nonuniform_keep(adapter, model.config, layers)
     width = adapter.expert_weights(layers[0], 0).intermediate_size
     gen = torch.Generator().manual_seed(5)
@@ -89,7 +84,8 @@ def test_nonuniform_layout_equals_masked_and_reloads(arch, tmp_path) -> None:
 
     pruned = copy.deepcopy(model)
     keep_neurons = {layer: [neurons[layer][e] for e in kept] for layer, kept in keep.items()}
-    layout = _layout_or_skip(name, lambda: drop_to_layout(pruned, adapter, keep_experts=keep, keep_neurons=keep_neurons))
+    with expect_refusal(NONUNIFORM_LAYOUT, name):  # listed: the architecture cannot hold per-layer layouts
+        layout = drop_to_layout(pruned, adapter, keep_experts=keep, keep_neurons=keep_neurons)
     assert layout.experts == {layer: len(v) for layer, v in keep.items()}
     assert len(set(layout.experts.values())) > 1
     assert layout.widths == {layer: [len(n) for n in v] for layer, v in keep_neurons.items()}
