@@ -193,6 +193,29 @@ def build_stats(
     return RoutingStats(header, tensors)
 
 
+DENSE_LOAD_FACTOR = 1.5  # a layer's weights while they load: the parameters plus the source being converted
+
+
+def widest_dense_bytes(reader: CheckpointReader) -> int:
+    """Bytes the largest decoder layer's weights outside the routed experts take while they load.
+
+    These cannot be split into expert groups (attention, norms, routers, shared experts, and
+    whole dense layers such as DeepSeek-V3's first ones).
+    """
+    moe = {ref.index: ref for ref in reader.adapter.moe_layers(reader.model)}
+    widest = 0
+    for index in range(len(reader.adapter.decoder_layers(reader.model))):
+        keys = reader.layer_keys(index)
+        if index in moe:
+            try:
+                prefix = reader.module_path(moe[index].experts) + "."
+            except KeyError:
+                prefix = None
+            keys = [key for key in keys if prefix is None or not key.startswith(prefix)]
+        widest = max(widest, reader.keys_bytes(keys))
+    return int(DENSE_LOAD_FACTOR * widest)
+
+
 ACTIVATION_COPIES = 3  # cached inputs of every batch, one batch's output, and the layer's working activations
 
 
@@ -265,7 +288,9 @@ def calibrate(
         data_parallel=parallel,
     )
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
-            "seed": seed, "batch_size": batch_size, "dtype": dtype, "device": str(setup.device),
+            "seed": seed, "batch_size": batch_size, "dtype": dtype,
+            "compute_dtype": str(setup.reader.dtype if setup.reader is not None else next(setup.model.parameters()).dtype)
+            .replace("torch.", ""), "device": str(setup.device),
             "world_size": distributed.world_size() if parallel else 1}
     return build_stats(setup.model, setup.adapter, observer, model_path, calib.digest, data, setup.mode, seed)
 
@@ -320,6 +345,13 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
             shape = (sum(ids.shape[0] for _, ids in mine), shape[1])
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
         max_layer_bytes = layer_budget(reader, shape, max_memory, processes=local_ranks)
+        if dtype == "auto" and reader.mixed_precision and max_layer_bytes is not None \
+                and widest_dense_bytes(reader) > max_layer_bytes:
+            # float32 copies of the weights outside the routed experts do not fit: compute in the stored dtype
+            log.info("the layers' weights outside the routed experts do not fit the budget in float32; "
+                     "computing in %s", str(reader.expert_dtype).replace("torch.", ""))
+            reader = CheckpointReader(model_path, dtype=reader.expert_dtype, info=info)
+            model, adapter = reader.model, reader.adapter
     else:
         model, adapter = load_model(model_path, dtype=dtype)
         model.to(compute_device)

@@ -94,3 +94,26 @@ def test_calibrate_cli_max_memory(tmp_path, monkeypatch, capsys) -> None:  # noq
     code, out, err = run_cli(["calibrate", str(checkpoint), "--samples", "2", "--seq-len", "16", "--max-memory",
                               "2GiB", "-o", str(tmp_path / "s")], monkeypatch, capsys)
     assert code == 0, err
+
+
+def test_auto_dtype_narrows_when_float32_copies_do_not_fit(tmp_path) -> None:
+    """`auto` on the CPU widens the weights outside the experts to float32 only when that fits the budget."""
+    from moecompress.calibration.calibrate import ACTIVATION_COPIES, calibrate, widest_dense_bytes
+    from tests.cli_helpers import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "ckpt", "deepseek_v3")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    wide = CheckpointReader(folder)  # auto: float32 outside the experts, bf16 experts
+    narrow = CheckpointReader(folder, dtype=torch.bfloat16)
+    assert wide.mixed_precision
+    samples, seq_len = 2, 16
+    activations = ACTIVATION_COPIES * 3 * samples * seq_len * wide.config.hidden_size * 4  # three shipped domains
+    outside = wide.keys_bytes(wide.outside_layers(include_head=False))
+    budget = activations + max(outside, widest_dense_bytes(narrow)) + 1
+    assert widest_dense_bytes(wide) > budget - activations
+    stats = calibrate(folder, num_samples=samples, seq_len=seq_len, progress=False, max_memory=budget)
+    assert stats.header.data["compute_dtype"] == "bfloat16"
+    roomy = calibrate(folder, num_samples=samples, seq_len=seq_len, progress=False, max_memory=10 * 2**30)
+    assert roomy.header.data["compute_dtype"] == "float32"
