@@ -257,6 +257,7 @@ def test_run_capped_under_a_real_cgroup():
     assert not small.ok and small.outcome == "oom" and small.oom_kills >= 1 and small.max_usage <= 100 * mib
     roomy = run_capped([sys.executable, "-c", grab, str(200 * mib)], 600 * mib, 60)
     assert roomy.ok and roomy.stdout_tail == ["done"] and roomy.max_usage >= 200 * mib
-    assert roomy.peak_rss >= 150 * mib and roomy.cpu_seconds > 0
+    # peak_rss is sampled every 50 ms: on a busy machine the last sample may precede the last touched pages
+    assert roomy.peak_rss >= 50 * mib and roomy.cpu_seconds > 0
     slow = run_capped([sys.executable, "-c", "import time; time.sleep(30)"], None, 1)
     assert slow.timed_out and slow.outcome == "timeout" and slow.returncode is None
