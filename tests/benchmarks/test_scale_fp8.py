@@ -16,7 +16,7 @@ from benchmarks.scale.cgroup import CapResult
 from benchmarks.scale.checkpoints import (build_checkpoint, check_free_space, ensure_room, expected_bytes,
                                           is_fp8_weight, on_disk_shapes)
 from benchmarks.scale.specs import DEEPSEEK_V3_FP8_QUANTIZATION, SPECS
-from tests.benchmarks.test_scale import SHRUNK
+from tests.benchmarks.test_scale import SHRUNK, _header
 
 SPEC = "deepseek_v3_fp8"
 REPO = Path(__file__).resolve().parents[2]
@@ -32,17 +32,6 @@ def _overrides(block: list[int] | None) -> dict[str, Any]:
         return dict(SHRUNK["deepseek_v3"])
     quantization = {**DEEPSEEK_V3_FP8_QUANTIZATION, "weight_block_size": block}
     return {**SHRUNK["deepseek_v3"], "quantization_config": quantization}
-
-
-def _header(folder: Path) -> dict[str, dict]:
-    entries: dict[str, dict] = {}
-    for path in folder.glob("*.safetensors"):
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        entries.update(header)
-    return entries
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
