@@ -106,8 +106,9 @@ def checkpoint_dtype(info: Any) -> torch.dtype | None:
 
     stored = getattr(info, "stored_format", None)
     if stored is not None and stored.quantized:
-        declared = config_dtype(info.config)
-        return declared if declared in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        from moecompress.models.weight_format import dequantized_dtype
+
+        return dequantized_dtype(info.config)
 
     elements: Counter[str] = Counter()
     for file in info.weight_files:

@@ -24,7 +24,6 @@ changed matrices back in the input's format.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ import torch
 
 from moecompress.errors import MoecompressError
 from moecompress.io.safetensors_stream import TensorEntry, TensorFiles
-from moecompress.models.weight_format import StoredFormat, stored_format
+from moecompress.models.weight_format import StoredFormat, dequantized_dtype, stored_format
 
 FP8_SCALE_SUFFIXES = ("_scale_inv", "_scale")  # appended to the weight's name
 MXFP4_BLOCK = 32  # values per MXFP4 block (one shared exponent)
@@ -251,16 +250,7 @@ def open_tensors(files: Iterable[Any], config: Any) -> TensorFiles | StoredTenso
     stored = TensorFiles(files)
     if not fmt.quantized:
         return stored
-    dtype = _float_dtype(config)
-    return StoredTensors(stored, fmt, dtype)
-
-
-def _float_dtype(config: Any) -> torch.dtype:
-    """The dtype quantised weights dequantise to: the config's float dtype, bf16 by default."""
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(declared, str):
-        declared = getattr(torch, declared, None)
-    return declared if declared in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    return StoredTensors(stored, fmt, dequantized_dtype(config))
 
 
 def stored_bytes(files: TensorFiles | StoredTensors, name: str) -> int:
@@ -268,11 +258,6 @@ def stored_bytes(files: TensorFiles | StoredTensors, name: str) -> int:
     if isinstance(files, StoredTensors):
         return sum(files.files.entries[part].nbytes for part in files.parts(name))
     return files.entries[name].nbytes
-
-
-def bits_per_weight(files: StoredTensors, name: str) -> float:
-    """Stored bits per element of a logical tensor (e.g. 8.03 for FP8 with 128x128 scales)."""
-    return 8 * stored_bytes(files, name) / max(1, math.prod(files.entries[name].shape))
 
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")

@@ -94,3 +94,14 @@ def width_multiple(fmt: StoredFormat) -> int:
     if fmt.method == "mxfp4":
         return 32
     return 1
+
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def dequantized_dtype(config: Any) -> torch.dtype:
+    """The float dtype FP8 / MXFP4 weights dequantise to: the config's declared float dtype, bf16 by default."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared.replace("torch.", ""), None)
+    return declared if declared in FLOAT_DTYPES else torch.bfloat16
