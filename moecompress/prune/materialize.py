@@ -181,16 +181,17 @@ def write_pruned(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, tokeniz
 
     pruned, layout, config = materialize(model, adapter, plan)
     try:
-        saved_dtype = checkpoint_dtype(inspect_checkpoint(source))
+        info = inspect_checkpoint(source)
     except MoecompressError:  # not a checkpoint folder (an in-memory model): keep the working dtype
-        saved_dtype = None
+        info = None
+    saved_dtype = checkpoint_dtype(info) if info is not None else None
     if saved_dtype is not None:
         cast_model(pruned, saved_dtype)  # write in the input's dtype, not the working dtype
     form = "transformers" if layout is None else "moecompress-layout"
     manifest = dict(manifest)
     if layout is not None:
         manifest["layout"] = layout.model_dump()
-    stored = _stored_tensors(source)
+    stored = _stored_tensors(info)
     with atomic_output_dir(output, force=force) as tmp:
         if layout is None:
             pruned.config = config
@@ -216,14 +217,11 @@ def _note_format(folder: Path, sentence: str) -> None:
     readme.write_text(readme.read_text().rstrip("\n") + "\n\n" + sentence + "\n")
 
 
-def _stored_tensors(source: Path) -> Any:
+def _stored_tensors(info: Any) -> Any:
     """The input's tensors when it is stored in FP8 blocks or MXFP4 (None for float checkpoints or no folder)."""
     from moecompress.io.stored_formats import StoredTensors, open_tensors
-    from moecompress.models.load import inspect_checkpoint
 
-    try:
-        info = inspect_checkpoint(source)
-    except MoecompressError:
+    if info is None:
         return None
     files = open_tensors(info.weight_files, info.config)
     return files if isinstance(files, StoredTensors) else None
