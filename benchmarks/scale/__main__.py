@@ -3,6 +3,7 @@
     python -m benchmarks.scale                    # the full suite (hours on a laptop CPU)
     python -m benchmarks.scale --quick            # 1- and 2-layer checkpoints: a smoke run
     python -m benchmarks.scale --commands calibrate "prune frequency"
+    python -m benchmarks.scale --merge --commands "quantize 2.5 bits"   # keep the stored rows of the others
     python -m benchmarks.scale --spec deepseek_v3_fp8   # DeepSeek-V3 as published (FP8 blocks), 2 and 3 layers
 
 The default spec (Qwen3-30B-A3B) is stored as benchmarks/results/scale.json; any other spec as
@@ -12,6 +13,7 @@ scale-<spec>.json (scale-deepseek-v3-fp8.json), its own section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 from benchmarks.harness.context import Protocol
 from benchmarks.harness.report import RESULTS_DIR, RESULTS_MD, environment, save_suite, write_results
 from benchmarks.scale.specs import SPECS
-from benchmarks.scale.suite import DEFAULT_SPEC, SPEC_ENV, measure, result_key, settings, suite_title
+from benchmarks.scale.suite import DEFAULT_SPEC, SPEC_ENV, measure, merge_runs, result_key, settings, suite_title
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -31,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1- and 2-layer checkpoints only (smoke run)")
     parser.add_argument("--commands", nargs="+", default=None,
                         help="command labels (default: the spec's, else every enabled one)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the stored rows of the commands this run does not measure (each says its run)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where raw JSON goes")
     parser.add_argument("--output", type=Path, default=RESULTS_MD, help="Markdown results file")
     args = parser.parse_args(argv)
@@ -43,9 +47,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     key = result_key(chosen.spec)
     started = time.perf_counter()
     data = measure(chosen)
+    seconds = time.perf_counter() - started
+    stored = args.results_dir / f"{key}.json"
+    if args.merge and stored.exists():
+        data = merge_runs(json.loads(stored.read_text()), data)
     payload = {"suite": key, "title": suite_title(chosen.spec), "environment": environment(),
-               "protocol": Protocol().as_dict(), "fixtures": {}, "seconds": time.perf_counter() - started,
-               "data": data}
+               "protocol": Protocol().as_dict(), "fixtures": {}, "seconds": seconds, "data": data}
     path = save_suite(key, payload, args.results_dir)
     print(f"[bench] {key}: {payload['seconds'] / 60:.1f} min -> {path}", flush=True)
     print(f"[bench] wrote {write_results(args.results_dir, args.output)}", flush=True)

@@ -76,8 +76,26 @@ class Settings:
 
     @property
     def depths(self) -> list[int]:
-        """Every checkpoint depth the run needs."""
+        """Every checkpoint depth the suite's own depths need (commands may add theirs: `needed_depths`)."""
         return sorted({*self.timing_depths, *self.sweep_depths, self.cap_depth})
+
+
+def timing_depths(command: Command, s: Settings) -> tuple[int, ...]:
+    """The depths `command` is timed at uncapped: its own (slow commands), else the suite's; quick runs use the suite's."""
+    return command.timing_depths if command.timing_depths and not s.quick else s.timing_depths
+
+
+def cap_fractions(command: Command, s: Settings) -> tuple[float, ...]:
+    """The caps tried for `command`: its own target caps, else the suite's fractions; quick runs use the suite's."""
+    return command.cap_fractions if command.cap_fractions and not s.quick else s.fractions
+
+
+def needed_depths(commands: Sequence[Command], s: Settings) -> list[int]:
+    """Every checkpoint depth the chosen commands need."""
+    depths = {s.cap_depth}
+    for command in commands:
+        depths |= {*timing_depths(command, s), *(s.sweep_depths if command.size_sweep else ())}
+    return sorted(depths)
 
 
 # At 1-2 layers the embeddings and head weigh as much as the layers, so the caps go up to the whole checkpoint.
@@ -196,7 +214,7 @@ def fits(command: Command, rows: list[dict[str, Any]], s: Settings, full_layers:
     """Seconds per layer, the full-depth extrapolation and (sweep commands) the time-size exponent."""
     ok = {row["layers"]: row for row in rows if row["command"] == command.label and row["ok"]}
     out: dict[str, Any] = {"command": command.label}
-    shallow, deep = min(s.timing_depths), max(s.timing_depths)
+    shallow, deep = min(timing_depths(command, s)), max(timing_depths(command, s))
     if shallow in ok and deep in ok and shallow != deep:
         for key, column in (("wall", "seconds"), ("cpu", "cpu_seconds")):
             per_layer = fit.seconds_per_layer((shallow, ok[shallow][column]), (deep, ok[deep][column]))
@@ -225,10 +243,11 @@ def cap_search(command: Command, ckpt: Path, size: int, hint: dict[str, Any] | N
                    **result.as_dict()})
         return result
 
-    found = smallest_cap(lambda out: command.argv(ckpt, out), size, s.fractions, timeout=timeout,
+    found = smallest_cap(lambda out: command.argv(ckpt, out), size, cap_fractions(command, s), timeout=timeout,
                          hint_bytes=hint["peak_rss"] if hint else None, runner=runner,
                          before_each=lambda: evict(ckpt))
-    return {"command": command.label, "layers": s.cap_depth, "timeout": timeout, **found.as_dict()}
+    return {"command": command.label, "layers": s.cap_depth, "timeout": timeout,
+            "fractions": list(cap_fractions(command, s)), **found.as_dict()}
 
 
 def measure_all(chosen: list[Command], checkpoints: dict[int, dict[str, Any]], s: Settings, code: Path
@@ -238,13 +257,18 @@ def measure_all(chosen: list[Command], checkpoints: dict[int, dict[str, Any]], s
     caps: list[dict[str, Any]] = []
     cap_reason = unavailable_reason()
     for command in chosen:
-        depths = sorted({*s.timing_depths, *(s.sweep_depths if command.size_sweep else ())})
+        depths = sorted({*timing_depths(command, s), *(s.sweep_depths if command.size_sweep else ())})
         for depth in depths:
             info = checkpoints[depth]
             timings.append(timing_row(command, depth, Path(info["path"]), info["bytes"], s.timeout, code))
         if cap_reason is None:
             hint = next((row for row in timings if row["command"] == command.label and row["layers"] == s.cap_depth
                          and row["ok"]), None)
+            if hint is None and command.cap_fractions and not s.quick:
+                # its target caps are tried directly at the cap depth (the capped run is its time there)
+                caps.append({**cap_search(command, Path(checkpoints[s.cap_depth]["path"]),
+                                          checkpoints[s.cap_depth]["bytes"], None, s, code), "direct": True})
+                continue
             if hint is None and s.cap_depth not in depths:
                 info = checkpoints[s.cap_depth]
                 timings.append(timing_row(command, s.cap_depth, Path(info["path"]), info["bytes"], s.timeout, code))
@@ -279,8 +303,9 @@ def measure(s: Settings) -> dict[str, Any]:
     chosen = [c for c in COMMANDS if c.enabled and (not s.commands or c.label in s.commands)]
     pending = [{"command": c.label, "text": c.text(), "note": c.note} for c in COMMANDS if not c.enabled]
     checkpoints = {}
-    ensure_room(spec, s.depths, s.overrides or None)  # before the first build, not after hours of them
-    for depth in s.depths:
+    depths = needed_depths(chosen, s)
+    ensure_room(spec, depths, s.overrides or None)  # before the first build, not after hours of them
+    for depth in depths:
         _log(f"checkpoint {spec.name} @ {depth} layers")
         folder, record = cached_checkpoint(spec, depth, overrides=s.overrides or None)
         checkpoints[depth] = {"path": str(folder), "bytes": checkpoint_bytes(folder), "weights": record.get("weights"),
@@ -386,7 +411,7 @@ def render_scale(data: dict[str, Any]) -> list[str]:
     for depth, info in data["checkpoints"].items():
         lines.append(f"| {depth} decoder layers | {info['parameters'] / 1e9:.2f} B | {_gib(info['bytes'])} | "
                      f"{_clock(info['seconds'])} |")
-    lines += [""] + _render_timings(data) + _render_sweep(data) + _render_caps(data)
+    lines += [""] + _render_merged(data) + _render_timings(data) + _render_sweep(data) + _render_caps(data)
     if data["pending"]:
         lines += ["Not measured yet:", ""]
         lines += [f"- `{item['text']}`: {item['note']}" for item in data["pending"]]
@@ -402,6 +427,56 @@ def _register_spec_renderers() -> None:
 
 
 _register_spec_renderers()
+
+
+def merge_runs(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """`current` (a run of some commands) with the rows of `previous` (a stored payload) for every other command.
+
+    The rows kept carry where they came from (`merged_from`: the commands, date, commit and the
+    code measured of each earlier run), so a table mixing runs says so.
+    """
+    old = previous["data"]
+    measured = {c["command"] for c in current["commands"]}
+    kept = [c for c in old["commands"] if c["command"] not in measured]
+    if not kept:
+        return current
+    keep = {c["command"] for c in kept}
+    earlier = [{**run, "commands": [c for c in run["commands"] if c in keep]} for run in old.get("merged_from", [])]
+    earlier = [run for run in earlier if run["commands"]]
+    own = keep - {c for run in earlier for c in run["commands"]}
+    if own:
+        code = old.get("code") or {}
+        earlier.append({"commands": [c["command"] for c in kept if c["command"] in own],
+                        "date": previous["environment"]["date"], "commit": code.get("commit"),
+                        "source": code.get("source"), "minutes": round(previous.get("seconds", 0) / 60, 1)})
+    order = [c.label for c in COMMANDS]
+
+    def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(rows, key=lambda row: order.index(row["command"]) if row["command"] in order else len(order))
+
+    def rows(key: str) -> list[dict[str, Any]]:
+        return ordered([r for r in old[key] if r["command"] in keep] + current[key])
+
+    for cap in old["caps"]:  # rows stored before caps recorded their own fractions searched the run's
+        cap.setdefault("fractions", list(old["settings"]["fractions"]))
+
+    merged = dict(current)
+    merged.update(commands=ordered(kept + current["commands"]), timings=rows("timings"), fits=rows("fits"),
+                  caps=rows("caps"), checkpoints={**old["checkpoints"], **current["checkpoints"]},
+                  merged_from=earlier)
+    merged["checkpoints"] = dict(sorted(merged["checkpoints"].items(), key=lambda item: int(item[0])))
+    return merged
+
+
+def _render_merged(data: dict[str, Any]) -> list[str]:
+    """Where the rows of earlier runs come from, when this section mixes runs (`merge_runs`)."""
+    runs = data.get("merged_from") or []
+    if not runs:
+        return []
+    parts = [f"{', '.join(run['commands'])}: run {run['date']} ({'as committed at' if run.get('source') == 'head' else 'working tree at'} "
+             f"{run['commit']}, {run['minutes']} min)" for run in runs]
+    return [f"Rows from earlier runs of this suite, kept beside this run's: {'; '.join(parts)}. The rest come from "
+            "the run named above.", ""]
 
 
 def _render_timings(data: dict[str, Any]) -> list[str]:
@@ -467,9 +542,13 @@ def _render_caps(data: dict[str, Any]) -> list[str]:
     depth = data["caps"][0]["layers"]
     size = data["checkpoints"][str(depth)]["bytes"]
     fractions = ", ".join(f"{f:g}" for f in data["settings"]["fractions"])
+    own = [cap for cap in data["caps"] if cap.get("fractions") and cap["fractions"] != data["settings"]["fractions"]]
+    own_text = "".join(f"; {cap['command']} is tried at {', '.join(f'{f:g}' for f in cap['fractions'])} only"
+                       + (" (its target cap, with no uncapped run at this depth: that run is also its time here)"
+                          if cap.get("direct") else "") for cap in own)
     lines = [f"Smallest hard cap, as a fraction of the {depth}-layer checkpoint ({_gib(size)}), under which each "
              f"command exits 0, among {fractions}; the search starts at the first cap above the uncapped run's "
-             "anonymous peak and steps down until a run fails. max usage = the group's peak charge "
+             f"anonymous peak and steps down until a run fails{own_text}. max usage = the group's peak charge "
              "(memory.max_usage_in_bytes, page cache included, so it sits near the cap when the cap forces reclaim); "
              "anon peak = sampled anonymous memory (memory.stat rss, every 50 ms).", "",
              "| command | fits under | max usage | anon peak | time under the cap | next smaller cap | attempts |",

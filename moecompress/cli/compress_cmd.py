@@ -87,7 +87,7 @@ def compress_command(
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run.")] = 120.0,
-    expert_memory: ExpertMemory = "1GiB",
+    expert_memory: ExpertMemory = "512MiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
     print_step: PrintStepOption = False,

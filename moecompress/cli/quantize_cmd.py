@@ -92,7 +92,7 @@ def quantize_command(
     dtype: DtypeOption = "auto",
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run; a "
                                               "time-limited solve reports its gap.")] = 120.0,
-    expert_memory: ExpertMemory = "1GiB",
+    expert_memory: ExpertMemory = "512MiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
     print_step: PrintStepOption = False,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from moecompress.engine.expert_groups import ExpertGroups, group_experts, served_in_groups, serving_groups
-from moecompress.engine.memory import format_gib
+from moecompress.engine.memory import format_gib, return_freed_memory
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.models.adapters.instrument import is_instrumented
@@ -200,6 +200,7 @@ class LayerEngine:
                     self.reader.release_keys(dense)
         finally:
             self._loaded.discard(index)
+            return_freed_memory()
 
     @contextlib.contextmanager
     def outside_layers_loaded(self, include_head: bool = False) -> Iterator[None]:
@@ -213,6 +214,7 @@ class LayerEngine:
             yield
         finally:
             self.reader.release_keys(keys)
+            return_freed_memory()
 
     @torch.no_grad()
     def prepare(self, batches: Sequence[tuple[str, torch.Tensor]]) -> None:

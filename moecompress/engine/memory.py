@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import re
 from pathlib import Path
 
@@ -78,3 +81,29 @@ def default_budget() -> int | None:
 def format_gib(count: int) -> str:
     """Bytes as GiB with two decimals, for messages."""
     return f"{count / 2**30:.2f} GiB"
+
+
+@functools.cache
+def _malloc_trim() -> object | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the system (glibc's `malloc_trim(0)`; a no-op elsewhere).
+
+    A layer's tensors (expert weights of a few MiB each) are allocated below glibc's dynamic
+    mmap threshold, so once freed they stay in the heap as free chunks: measured at Qwen3-30B-A3B
+    shapes, up to 1.7 GiB of a finished layer stayed resident into the next. Called after each
+    layer and each group of experts is released, it keeps the process's resident memory at what
+    it holds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moecompress.engine.layers import LayerEngine
+from moecompress.engine.memory import return_freed_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
@@ -173,6 +174,8 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
                     expert_stats = ExpertHessians(moe.num_experts, hidden, width, experts=chunk, weighted=weighted)
                     visit_recorded(adapter, moe, recorded, expert_stats, chunk)
                     _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
+                    del expert_stats  # the next group's Hessians replace these, never beside them
+                    return_freed_memory()
         rest = {e: spec for e, spec in experts.items() if e not in set(gptq_experts)}
         if rest:
             assert moe is not None

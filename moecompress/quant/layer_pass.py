@@ -28,7 +28,10 @@ from moecompress.engine.layers import LayerEngine
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef, RouterOutput
 from moecompress.quant.gptq import GPTQ
 
-DEFAULT_EXPERT_MEMORY = 2**30  # bytes of per-expert state held for one MoE layer at a time
+# bytes of per-expert state (Hessians, candidate copies) held for one MoE layer at a time: at Qwen3-30B-A3B shapes
+# 512 MiB holds 26 experts' GPTQ Hessians or 7 experts' sensitivity candidates. More groups add no layer pass: each
+# group computes only its own experts on the layer's recorded tokens.
+DEFAULT_EXPERT_MEMORY = 512 * 2**20
 
 
 def expert_chunks(experts: Sequence[int], bytes_per_expert: int, limit: int = DEFAULT_EXPERT_MEMORY

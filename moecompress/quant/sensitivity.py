@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from moecompress.calibration.gradients import activation_gradients
 from moecompress.engine.layers import LayerEngine
+from moecompress.engine.memory import return_freed_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
@@ -141,7 +142,7 @@ class ErrorVisitor:
 def _float_expert(expert: CanonicalExpert) -> CanonicalExpert:
     """A float32 copy of an expert's weights (detached from the model)."""
     def conv(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach().float().clone()
+        return None if t is None else t.detach().to(torch.float32, copy=True)  # one copy, never two
 
     return CanonicalExpert(gate=conv(expert.gate), up=conv(expert.up), down=conv(expert.down),
                            gate_bias=conv(expert.gate_bias), up_bias=conv(expert.up_bias),
@@ -172,6 +173,19 @@ def _bytes_per_expert(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[
     return 4 * params * (len(widths) + 1) + extra
 
 
+def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: LayerErrors, chunk: list[int],
+                   widths: Sequence[int], base: QuantSpec, quantizer: str, weighted: bool, min_tokens: int) -> None:
+    """Add one group of experts' candidate errors to `errors`; its copies and Hessians die on return."""
+    hessians = None
+    if quantizer == "gptq":
+        probe = adapter.expert_weights(ref, 0)
+        hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], experts=chunk,
+                                  weighted=weighted)
+        visit_recorded(adapter, ref, inputs, hessians, chunk)
+    reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
+    visit_recorded(adapter, ref, inputs, ErrorVisitor(errors, reference, candidates), chunk)
+
+
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                  widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
                  min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY,
@@ -196,17 +210,11 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
             ref = moe[index]
             inputs = record_block_inputs(runner, ref, index, advance=True)
             errors = LayerErrors.zeros(ref.num_experts, widths)
-            probe = adapter.expert_weights(ref, 0)
             chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, widths, quantizer),
                                    expert_memory)
             for chunk in chunks:
-                hessians = None
-                if quantizer == "gptq":
-                    hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], experts=chunk,
-                                              weighted=weighted)
-                    visit_recorded(adapter, ref, inputs, hessians, chunk)
-                reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
-                visit_recorded(adapter, ref, inputs, ErrorVisitor(errors, reference, candidates), chunk)
+                _measure_chunk(adapter, ref, inputs, errors, chunk, widths, base, quantizer, weighted, min_tokens)
+                return_freed_memory()  # the group's copies are gone: hand their pages back before the next group
             layers[index] = errors
     return Sensitivity("block-error", list(widths), layers)
 

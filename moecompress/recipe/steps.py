@@ -268,7 +268,7 @@ class _QuantOptions(Step):
     min_tokens: Annotated[int, Field(ge=0)] = 16
     weighted_hessian: bool = False
     time_limit: Annotated[float, Field(gt=0)] = 120.0
-    expert_memory: str = "1GiB"
+    expert_memory: str = "512MiB"
 
     @abstractmethod
     def request_values(self, samples: int, seq_len: int, seed: int) -> dict[str, Any]:

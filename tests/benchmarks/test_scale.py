@@ -14,7 +14,7 @@ from benchmarks.scale import fit
 from benchmarks.scale.cgroup import (CapResult, own_memory_group, parse_flat_keyed, run_capped, smallest_cap,
                                      unavailable_reason)
 from benchmarks.scale.checkpoints import build_checkpoint, cache_key, cached_checkpoint, on_disk_shapes
-from benchmarks.scale.commands import COMMANDS, NOT_RUN_AT_SCALE
+from benchmarks.scale.commands import COMMANDS
 from benchmarks.scale.progress import bar_phases
 from benchmarks.scale.specs import SPECS
 
@@ -184,8 +184,9 @@ def test_progress_bar_phases():
 def test_commands_are_data():
     labels = [c.label for c in COMMANDS]
     assert labels[:4] == ["calibrate", "prune frequency", "prune reap", "prune easy_ep"]
-    assert {c.label: c.note for c in COMMANDS if not c.enabled} == {
-        "quantize 2.5 bits": NOT_RUN_AT_SCALE, "compress 40%": NOT_RUN_AT_SCALE}
+    assert all(c.enabled for c in COMMANDS)
+    slow = {c.label: (c.timing_depths, c.cap_fractions) for c in COMMANDS if c.cap_fractions}
+    assert slow == {"quantize 2.5 bits": ((2, 4), (0.4,)), "compress 40%": ((2, 4), (0.4,))}
     argv = COMMANDS[1].argv(Path("/ck"), Path("/out"))
     assert argv[:3] == [sys.executable, "-m", "moecompress"]
     assert argv[3:] == ["prune", "/ck", "--method", "frequency", "--ratio", "0.5", "--samples", "8", "--seq-len",
@@ -225,11 +226,40 @@ def test_suite_end_to_end_with_a_fake_runner(tmp_path, monkeypatch):
     size = data["checkpoints"]["2"]["bytes"]
     expected = min(f for f in (0.001, 0.005, 0.5, 1.0) if f * size >= 1200)
     assert [cap["fraction"] for cap in data["caps"]] == [expected, expected]
-    assert {p["command"] for p in data["pending"]} == {"quantize 2.5 bits", "compress 40%"}
+    assert data["pending"] == []
     assert data["code"]["source"] == "worktree" and len(data["code"]["sha256"]) == 64
     text = "\n".join(scale_suite.render_scale(data))
-    assert "cgroup-v1" in text and "| calibrate |" in text and "exponent b" in text and NOT_RUN_AT_SCALE in text
+    assert "cgroup-v1" in text and "| calibrate |" in text and "exponent b" in text and "Not measured" not in text
     assert "Quick (smoke) run" in text and "Failures" not in text
+
+    # a slow command: timed at its own depths, then run once at the cap depth under its own target cap
+    slow = scale_suite.scale([], {"scale_overrides": SHRUNK["qwen3_30b_a3b"], "scale_commands": ["quantize 2.5 bits"],
+                                  "scale_timing_depths": (1, 2), "scale_sweep_depths": (1, 2), "scale_cap_depth": 8})
+    assert [(row["command"], row["layers"]) for row in slow["timings"]] == [("quantize 2.5 bits", 2),
+                                                                          ("quantize 2.5 bits", 4)]
+    [cap] = slow["caps"]
+    assert cap["fractions"] == [0.4] and cap["direct"] and len(cap["attempts"]) == 1 and cap["layers"] == 8
+    assert cap["fraction"] == (0.4 if 0.4 * slow["checkpoints"]["8"]["bytes"] >= 1800 else None)
+    assert {f["command"]: f["depths"] for f in slow["fits"]} == {"quantize 2.5 bits": [2, 4]}
+
+    # merged into the stored run: the earlier run's other commands stay, each saying where it came from
+    stored = {"environment": {"date": "2026-12-01T23:23:14+00:00"}, "seconds": 600.0, "data": data}
+    merged = scale_suite.merge_runs(stored, slow)
+    assert [c["command"] for c in merged["commands"]] == ["calibrate", "prune reap", "quantize 2.5 bits"]
+    assert [(r["command"], r["layers"]) for r in merged["timings"]] == [
+        ("calibrate", 1), ("calibrate", 2), ("prune reap", 1), ("prune reap", 2), ("quantize 2.5 bits", 2),
+        ("quantize 2.5 bits", 4)]
+    assert sorted(merged["checkpoints"], key=int) == list(merged["checkpoints"]) == ["1", "2", "4", "8"]
+    assert merged["merged_from"] == [{"commands": ["calibrate", "prune reap"], "date": "2026-12-01T23:23:14+00:00",
+                                      "commit": data["code"]["commit"], "source": "worktree", "minutes": 10.0}]
+    again = scale_suite.merge_runs({"environment": {"date": "later"}, "seconds": 60.0, "data": merged},
+                                   {**slow, "commands": [{"command": "prune reap"}], "timings": [], "fits": [],
+                                    "caps": []})
+    assert [run["commands"] for run in again["merged_from"]] == [["calibrate"], ["quantize 2.5 bits"]]
+    text = "\n".join(scale_suite.render_scale(merged))
+    assert "Rows from earlier runs" in text and "calibrate, prune reap: run 2026-12-01" in text
+    assert "quantize 2.5 bits is tried at 0.4 only (its target cap" in text
+    assert "calibrate is tried at 0.001, 0.005, 0.5, 1 only;" in text  # the earlier run searched its own fractions
 
 
 @pytest.mark.parametrize("source", ["head", "worktree"])
