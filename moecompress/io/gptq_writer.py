@@ -41,9 +41,6 @@ from moecompress.io.safetensors_stream import ShardWriter
 from moecompress.quant.solve import Solved
 from moecompress.quant.spec import GPTQ_FORMAT_BITS
 
-# parameter names of fused experts modules that the canonical views cover (written unfused)
-FUSED_EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "up_proj", "up_proj_bias", "down_proj", "down_proj_bias")
-
 
 def _halves(gate: Any, up: Any) -> tuple[Any, Any]:
     """Canonical gate/up (solved or plain) -> the stored halves of an interleaved fused layout."""
@@ -139,7 +136,7 @@ class GPTQWriter:
             out.update(self._packed(name, solved, module.bias, role))
         moe = self.moe.get(index) if index is not None else None
         if moe is not None:
-            for param in FUSED_EXPERT_PARAMS:
+            for param in self.adapter.expert_weight_names(moe):  # replaced by each expert's packed projections
                 state.pop(f"{moe.experts_path}.{param}", None)
             out.update(self._experts(moe, result))
         out.update(self._plain(state))

@@ -111,10 +111,10 @@ class _LayerFiller:
         self.shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in self.linears}
         self.expert_shapes: dict[str, tuple[int, ...]] = {}
         if self.moe is not None:
-            # the module at experts_path (an adapter may expose a view of it as `experts`)
+            # every parameter holding routed experts' weights (fused, or an adapter's own layout such as DBRX's)
             experts_module = model.get_submodule(self.moe.experts_path)
-            for name, param in experts_module.named_parameters(recurse=False):
-                self.expert_shapes[name] = tuple(param.shape)
+            for name in adapter.expert_weight_names(self.moe):
+                self.expert_shapes[name] = tuple(experts_module.get_parameter(name).shape)
         self.plan = plan
 
     def owned(self) -> list[str]:

@@ -241,3 +241,24 @@ def test_quantised_output_head_round_trips(tmp_path: Path) -> None:
     ids = token_batch(model.config.vocab_size, batch=1, length=12, seed=1)
     loaded, _ = load_quantized(tmp_path / "gptq")
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_dbrx_gptq_folder_holds_no_full_precision_expert_tensor(tmp_path: Path) -> None:
+    """DBRX keeps its experts in flattened `w1`/`v1`/`w2` parameters: the writer replaces them by packed experts."""
+    from safetensors import safe_open
+
+    tokenizer = train_tokenizer(300)
+    model = tiny_model(tiny_config("dbrx", len(tokenizer)), seed=0)
+    adapter = get_adapter(model)
+    quantise(model, tmp_path, QuantSettings(group_size=16))
+    tokenizer.save_pretrained(tmp_path / "gptq")
+    with safe_open(str(tmp_path / "gptq" / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+    for ref in adapter.moe_layers(model):
+        fused = {f"{ref.experts_path}.{name}" for name in adapter.expert_weight_names(ref)}
+        assert fused and not fused & names, sorted(fused & names)
+        packed = {name for name in names if name.startswith(ref.experts_path + ".") and name.endswith(".qweight")}
+        assert len(packed) == 3 * ref.num_experts  # gate, up and down of every expert
+    ids = token_batch(model.config.vocab_size, batch=1, length=12, seed=5)
+    loaded, _ = load_quantized(tmp_path / "gptq")
+    assert torch.allclose(logits(loaded, ids), logits(model, ids), atol=1e-4)

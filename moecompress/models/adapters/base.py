@@ -532,6 +532,16 @@ class MoEAdapter:
             yield
 
     # ------------------------------------------------------------------ surgery
+    def expert_weight_names(self, layer: MoELayerRef) -> list[str]:
+        """Names (relative to the experts module) of every parameter that stores routed experts' weights or biases.
+
+        The writers that store experts one by one (GPTQ) drop these from the layer's state and
+        write each expert's projections from `expert_weights` instead. Fused layouts name them
+        `gate_up_proj`, `down_proj`, ...; adapters with their own layout (DBRX: `w1`, `v1`, `w2`)
+        are covered too, since every parameter of the experts module holds expert weights.
+        """
+        return [name for name, _ in layer.experts.named_parameters()]
+
     def expert_param_names(self, layer: MoELayerRef) -> list[str]:
         """State-dict names (relative to the experts module) of per-expert tensors (expert axis 0)."""
         return [name for name, _ in layer.experts.named_parameters()] + [
