@@ -174,8 +174,21 @@ class CheckpointReader:
             del tensors
             if report.mismatched:
                 name, got, want = report.mismatched[0]
-                raise MoecompressError(f"tensor for {name} has shape {list(got)} in the checkpoint but the config "
-                                       f"expects {list(want)}; the checkpoint does not match its config.json")
+                fed = len(self.sources[name]) if name in self.sources else 1
+                origin = f"stacked from {fed} checkpoint tensors" if fed > 1 else "in the checkpoint"
+                raise MoecompressError(f"tensor for {name} has shape {list(got)} {origin} but the config expects "
+                                       f"{list(want)}; " + ("a tensor is missing or the checkpoint does not match its "
+                                                            "config.json" if fed > 1 else
+                                                            "the checkpoint does not match its config.json"))
+            if report.failed:
+                name, why = next(iter(report.failed.items()))
+                raise MoecompressError(f"the checkpoint's tensors for {name} cannot be put together ({why}); a tensor "
+                                       "has the wrong shape for config.json, or the checkpoint is for another config")
+            unset = [name for name in names if name in self._parameter_names
+                     and self.model.get_parameter(name).device.type == "meta"]
+            if unset:
+                raise MoecompressError(f"the checkpoint's tensors for {unset[0]} did not load; the checkpoint does not "
+                                       "match its config.json")
             self._check_finite(names)
         for name, source in tied.items():
             self._set(name, self._materialised(source, device))

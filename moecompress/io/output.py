@@ -7,6 +7,7 @@ output is only replaced with `force=True`, and never before the new one is compl
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -29,14 +30,42 @@ def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path, ..
     return out
 
 
+# write failures that come from where the output goes, not from the input: reported in one line with what to do
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EFBIG: "a file grew past the file-size limit", errno.EROFS: "the file system is read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def _disk_error(err: OSError, out: Path, doing: str) -> MoecompressError | None:
+    """A one-line error for a failure to write `out` (None: not a disk or permission problem)."""
+    why = _DISK_ERRORS.get(err.errno or -1)
+    if why is None:
+        return None
+    return MoecompressError(f"cannot {doing} {str(out)!r}: {why} ({err.strerror.lower()}); choose an output folder on "
+                            "a writable disk with room for it (nothing was written, the input is unchanged)")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it becomes `path`."""
+    """Yield a temporary folder next to `path`; on success it becomes `path`.
+
+    A write that fails for lack of room or permission (disk full, quota, read-only file system)
+    removes the temporary folder and becomes a one-line `MoecompressError`.
+    """
     out = check_output_dir(path, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise (_disk_error(err, out, "create the output folder") or err) from None
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = _disk_error(err, out, "write the output folder")
+        if found is None:
+            raise
+        raise found from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -72,6 +72,14 @@ def load_config(path: str | Path) -> Any:
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError) as err:
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if raw["model_type"] not in CONFIG_MAPPING_NAMES:  # transformers' own text is a paragraph; say it in one line
+            raise MoecompressError(
+                f"{config_file} has model_type {raw['model_type']!r}, which transformers {transformers.__version__} "
+                f"does not know; moecompress reads these MoE model types: {', '.join(supported_model_types())}"
+            ) from None
         raise MoecompressError(
             f"transformers cannot read {config_file} (model_type {raw['model_type']!r}): {str(err).splitlines()[0]}"
         ) from None

@@ -112,6 +112,7 @@ class LoadReport:
 
     loaded: set[str]
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    failed: dict[str, str]  # module key -> why its conversion failed (e.g. experts of unequal shapes)
 
 
 def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], keys: KeyMap, device: torch.device | str,
@@ -138,4 +139,6 @@ def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor], keys: KeyMa
         model._weight_conversions = [originals.get(id(rule), rule) for rule in used]
     missing = set(info.missing_keys) & expected
     mismatched = [(name, tuple(got), tuple(want)) for name, got, want in info.mismatched_keys]
-    return LoadReport(loaded=expected - missing, mismatched=mismatched)
+    # transformers records a failed conversion as a traceback followed by "Error..." and skips the parameter
+    failed = {name: text.split("\nError")[0].strip().splitlines()[-1] for name, text in info.conversion_errors.items()}
+    return LoadReport(loaded=expected - missing, mismatched=mismatched, failed=failed)

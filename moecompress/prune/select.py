@@ -69,7 +69,8 @@ def check_feasible(shape: RoutingShape, keep: int) -> None:
     problems = _problems(shape, keep)
     if problems:
         hint = ", ".join(map(str, feasible_counts(shape))) or "none"
-        raise MoecompressError(f"cannot keep {keep} experts per layer: {'; '.join(problems)}; feasible counts: {hint}")
+        raise MoecompressError(f"cannot keep {keep} experts per layer: {'; '.join(problems)}; feasible counts: {hint} "
+                               "(choose --ratio or --keep to match one)")
 
 
 def select_uniform(scores: dict[int, torch.Tensor], shape: RoutingShape, keep: int,

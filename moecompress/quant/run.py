@@ -132,6 +132,9 @@ def parse_request(**values: Any) -> QuantizeRequest:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
+        given = first.get("input")
+        if where and isinstance(given, str | int | float) and not isinstance(given, bool):
+            where = f"{where} {given!r}"  # name the value that was refused: "method 'magic': Input should be ..."
         raise MoecompressError(f"{where + ': ' if where else ''}{message}") from None
 
 
