@@ -15,6 +15,9 @@ frequency` from the same statistics. Checks, each printed with its measured valu
   Hessians on cuda matches the cpu one: the share of differing codes is at most `--code-diff`
   (float rounding moves a few values across a rounding boundary) and the GPTQ losses agree
   within `--rtol`, with the seconds each device took;
+* `quantize --bits 3 --device cuda` (MC-MoE sensitivity, GPTQ through the layer engine) chooses the
+  same bits per expert as on cpu, and its output, reopened with `moecompress.load`, gives the cpu
+  output's logits within `--rtol` (of the largest logit), with the seconds each device took;
 * seconds per decoder layer on each device.
 
 Exit status 1 when a check fails; 2 when no CUDA device is present.
@@ -83,6 +86,27 @@ def gptq_on_devices(experts: int = 16, rows: int = 768, columns: int = 2048) -> 
     return out
 
 
+def quantize_on_devices(checkpoint: Path, folder: Path, devices: tuple[str, ...] = ("cpu", "cuda")) -> dict:
+    """`quantize --bits 3` (MC-MoE, GPTQ) of the same checkpoint on cpu and cuda: seconds, plans, logits."""
+    import torch
+
+    from moecompress.quant.load import load_quantized
+    from moecompress.quant.run import parse_request, quantize_checkpoint
+
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for device in devices:
+        start = time.perf_counter()
+        result = quantize_checkpoint(checkpoint, folder / device, parse_request(bits=3, samples=8, seq_len=128,
+                                                                                  device=device), progress=False)
+        seconds = time.perf_counter() - start
+        model, _ = load_quantized(folder / device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        out[device] = {"seconds": seconds, "bits": result.plan.expert_bits(), "logits": logits}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -102,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         build_checkpoint(checkpoint, args.layers)
         cpu = run_device(checkpoint, "cpu", args.layers)
         cuda = run_device(checkpoint, "cuda", args.layers)
+        quantised = quantize_on_devices(checkpoint, Path(tmp))
     worst = 0.0
     for key, value in cpu["stats"].tensors.items():
         other = cuda["stats"].tensors[key]
@@ -117,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     report["checks"]["GPTQ codes differing on cuda"] = {"value": differing, "ok": differing <= args.code_diff}
     report["checks"]["GPTQ loss relative difference"] = {"value": loss_gap, "ok": loss_gap <= args.rtol}
     report["gptq_seconds"] = {device: solves[device]["seconds"] for device in ("cpu", "cuda")}
+    same_bits = quantised["cpu"]["bits"] == quantised["cuda"]["bits"]
+    scale = float(quantised["cpu"]["logits"].abs().max()) or 1.0
+    logit_gap = float((quantised["cuda"]["logits"] - quantised["cpu"]["logits"]).abs().max()) / scale
+    report["checks"]["quantize --device cuda: same bits per expert"] = {"value": same_bits, "ok": same_bits}
+    report["checks"]["quantize --device cuda: logits max relative difference"] = {
+        "value": logit_gap, "ok": logit_gap <= args.rtol}
+    report["quantize_seconds"] = {device: quantised[device]["seconds"] for device in ("cpu", "cuda")}
     print(json.dumps(report, indent=2))
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")

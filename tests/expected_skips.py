@@ -67,7 +67,7 @@ Environment and optional-dependency skips (left as they are; each reason names w
 | benchmarks/test_scale.py::test_run_capped_under_a_real_cgroup | - | "capped runs unavailable here: <why>" (no usable cgroup v2 memory controller) |
 | benchmarks/test_costs.py::test_rss_sampler_sees_an_anonymous_allocation_and_a_mapped_file | - | "needs Linux /proc/self/status" |
 | reliability/test_bad_inputs.py::test_bad_input_gets_one_line | output-read-only, disk-fills-up | "cannot mount a tmpfs here (needs root): <mount's message>" |
-| reliability/test_bad_inputs.py::test_bad_input_gets_one_line | cuda-without-gpu | "this machine has a GPU: --device cuda is valid here" |
+| reliability/test_bad_inputs.py::test_bad_input_gets_one_line | cuda-without-gpu, quantize-cuda-without-gpu | "this machine has a GPU: --device cuda is valid here" |
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from moecompress.cli.app import app
 from moecompress.cli.options import (
     BatchSizeOption,
     DataOption,
+    DeviceOption,
     FieldOption,
     ForceOption,
     JsonOption,
@@ -88,6 +89,7 @@ def compress_command(
     batch_size: BatchSizeOption = 8,
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run.")] = 120.0,
     expert_memory: ExpertMemory = "512MiB",
+    device: DeviceOption = "cpu",
     as_json: JsonOption = False,
     force: ForceOption = False,
     print_step: PrintStepOption = False,
@@ -120,6 +122,7 @@ def compress_command(
                                                    asym, act_order, damp, rtn, group_aware=group_aware),
         weighted_hessian=weighted_hessian, min_tokens=min_tokens, samples=samples, seq_len=seq_len, seed=seed,
         batch_size=batch_size, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
+        device=device,
     )
     loaded_stats = RoutingStats.load(stats, expect_config=load_config(model)) if stats is not None else None
     sources = parse_data_specs(data, field=field) if data else None

@@ -12,6 +12,7 @@ from moecompress.cli.app import app
 from moecompress.cli.options import (
     BatchSizeOption,
     DataOption,
+    DeviceOption,
     DtypeOption,
     FieldOption,
     ForceOption,
@@ -90,6 +91,7 @@ def quantize_command(
                                             "at a time (already the default for mc-moe and uniform; refused with "
                                             "gemq, whose backward pass needs the whole model).")] = False,
     dtype: DtypeOption = "auto",
+    device: DeviceOption = "cpu",
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run; a "
                                               "time-limited solve reports its gap.")] = 120.0,
     expert_memory: ExpertMemory = "512MiB",
@@ -122,7 +124,7 @@ def quantize_command(
                                        act_order, damp, rtn, group_aware=group_aware),
         sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
         samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming, dtype=dtype,
-        time_limit=time_limit, expert_memory=parse_memory(expert_memory),
+        device=device, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
     )
     sources = parse_data_specs(data, field=field) if data else None
     result = quantize_checkpoint(model, output, request, sources=sources, force=force, progress=not as_json)

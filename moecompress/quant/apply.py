@@ -94,15 +94,16 @@ def _needs_statistics(plan: QuantPlan) -> bool:
 def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
                    batches: Sequence[tuple[str, torch.Tensor]] | None, on_layer: LayerCallback | None = None,
                    min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True,
-                   expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None
-                   ) -> QuantReport:
+                   expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None,
+                   device: torch.device | str | None = None) -> QuantReport:
     """Quantise every entry of `plan` in place, layer by layer; `on_layer(i, result)` after each layer.
 
     batches: (domain, (B, S) token ids) calibration batches; may be None when every entry uses
     round-to-nearest. The output head (when in the plan) is quantised last, with RTN.
     expert_memory: bytes of expert Hessians held at once; a MoE layer whose experts need more
     is processed in several passes over its cached inputs (same result).
-    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time.
+    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time;
+    device: where layers, Hessians and GPTQ solves run (default: where the model is).
     """
     targets = find_targets(model, adapter)
     needs_data = _needs_statistics(plan)
@@ -111,7 +112,7 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     if needs_data and not getattr(adapter, "layerwise_supported", True):
         raise MoecompressError(f"{model.config.model_type} layers pass state between layers: GPTQ cannot run one "
                                "layer at a time on it; use round-to-nearest")
-    engine = LayerEngine(model, adapter, reader=reader)
+    engine = LayerEngine(model, adapter, reader=reader, device=device)
     runner = None
     if needs_data:
         runner = engine

@@ -92,15 +92,18 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     tokenizer = load_tokenizer(source)
     torch.manual_seed(request.seed)
     batches, calib = calibration_batches(sources, request, tokenizer)
+    from moecompress.engine.layers import resolve_device
     from moecompress.engine.reader import CheckpointReader
     from moecompress.quant.run import check_model_support
 
+    device = resolve_device(request.device)
     reader = None
     if check_model_support(info.adapter, info.config.model_type, request):
-        reader = CheckpointReader(source, dtype=request.dtype, info=info)
+        reader = CheckpointReader(source, dtype=request.dtype, info=info, device=device)
         model, adapter = reader.model, reader.adapter
     else:
         model, adapter = load_model(source, dtype=request.dtype)
+        model.to(device)
     widths = request.widths()
     choices = [DROP, *widths]
     targets = find_targets(model, adapter)
@@ -111,7 +114,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     if stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       required_statistics(prune_method, protect_super_experts),
-                                      request.batch_size, "layerwise", progress, reader=reader)
+                                      request.batch_size, "layerwise", progress, reader=reader, device=device)
         stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
     scores = scorer.score(stats, params, None)
     protected: dict[int, list[int]] = {}
@@ -135,6 +138,8 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
              len(next(iter(allocation.widths.values()))), allocation.solver, allocation.status)
     if any(dropped.values()):
         model, reader = _drop_experts(model, adapter, reader, keep, source, request.dtype)
+        if reader is None:
+            model.to(device)
     pruned_targets = find_targets(model, adapter)
     allocation_record: dict[str, object] = {
         "solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,

@@ -60,6 +60,7 @@ class QuantizeRequest(BaseModel):
     batch_size: int = 8
     streaming: bool = False
     dtype: str = "auto"
+    device: str = "cpu"  # where layers, Hessians and GPTQ solves run: cpu, cuda, cuda:N or auto
     time_limit: float = 120.0
     max_shard_bytes: int = 2 * 10**9
     expert_memory: int = DEFAULT_EXPERT_MEMORY  # bytes of per-expert state (Hessians, copies) per pass
@@ -133,8 +134,9 @@ def parse_request(**values: Any) -> QuantizeRequest:
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         given = first.get("input")
-        if where and isinstance(given, str | int | float) and not isinstance(given, bool):
-            where = f"{where} {given!r}"  # name the value that was refused: "method 'magic': Input should be ..."
+        named = repr(given) in message
+        if where and isinstance(given, str | int | float) and not isinstance(given, bool) and not named:
+            message += f" (got {given!r})"  # name the value that was refused
         raise MoecompressError(f"{where + ': ' if where else ''}{message}") from None
 
 
@@ -168,6 +170,7 @@ def calibration_batches(sources: list[Any] | None, request: QuantizeRequest, tok
 def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | None, widths: list[int],
                         request: QuantizeRequest, progress: bool, reader: Any = None) -> Any:
     """Per-expert costs of every candidate width: GEMQ's Fisher-weighted errors or MC-MoE's block errors."""
+    from moecompress.engine.layers import resolve_device
     from moecompress.quant.sensitivity import block_errors, fisher_errors
 
     base = request.settings.spec(max(widths))
@@ -177,7 +180,7 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
                              expert_memory=request.expert_memory)
     return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
                         weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
-                        expert_memory=request.expert_memory, reader=reader)
+                        expert_memory=request.expert_memory, reader=reader, device=resolve_device(request.device))
 
 
 def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest,
@@ -256,6 +259,7 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
                         sources: list[Any] | None = None, force: bool = False, progress: bool = True
                         ) -> QuantizeResult:
     """Quantise a local checkpoint into `output` per `request` (see the module docstring)."""
+    from moecompress.engine.layers import resolve_device
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
     from moecompress.quant.settings import make_plan
@@ -264,6 +268,7 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
 
     source = Path(checkpoint)
     check_output_dir(output, force, inputs=(source,))
+    device = resolve_device(request.device)  # a one-line error before any work when there is no such device
     info = inspect_checkpoint(source)
     streaming = check_model_support(info.adapter, info.config.model_type, request)
     out_dtype = checkpoint_dtype(info) or torch.float32
@@ -281,10 +286,11 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     if streaming:
         from moecompress.engine.reader import CheckpointReader
 
-        reader = CheckpointReader(source, dtype=request.dtype, info=info)
+        reader = CheckpointReader(source, dtype=request.dtype, info=info, device=device)
         model, adapter = reader.model, reader.adapter
     else:
         model, adapter = load_model(source, dtype=request.dtype)
+        model.to(device)
     targets = find_targets(model, adapter)
     if not targets.moe:
         raise MoecompressError(f"{source} has no MoE layers to quantise")
@@ -311,6 +317,7 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
 
     reader: the `CheckpointReader` a meta-device `model` is read from, one layer at a time.
     """
+    from moecompress.engine.layers import resolve_device
     from moecompress.io.checkpoint import folder_bytes
     from moecompress.io.fake_quant import FakeQuantWriter
     from moecompress.io.gptq_writer import GPTQWriter
@@ -326,7 +333,8 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
             writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
         report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, min_tokens=request.min_tokens,
                                 weighted_hessian=request.weighted_hessian, progress=progress,
-                                expert_memory=request.expert_memory, reader=reader)
+                                expert_memory=request.expert_memory, reader=reader,
+                                device=resolve_device(request.device))
         writer.finish()
         if request.format == "fake":
             (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
@@ -346,6 +354,7 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
             raised_damping=report.raised_damping,
             bytes_before=info.bytes_on_disk,
             bytes_on_disk=folder_bytes(tmp),
+            device=str(resolve_device(request.device)),
             loads_with=("moecompress.load (moecompress.quant.load.load_quantized) or GPTQModel.load"
                         if request.format == "gptq" else "transformers.AutoModelForCausalLM.from_pretrained"),
             **(extra_manifest or {}),

@@ -189,16 +189,17 @@ def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: 
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                  widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
                  min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY,
-                 reader: CheckpointReader | None = None) -> Sensitivity:
+                 reader: CheckpointReader | None = None, device: torch.device | str | None = None) -> Sensitivity:
     """MC-MoE block-output errors of every expert at every width, one decoder layer at a time.
 
     Each MoE layer runs once on its cached inputs, recording what its MoE block receives; the
     experts are then measured on those recorded inputs, routed by the layer's own router, a
     group of experts within `expert_memory` (candidate copies and Hessians) at a time. Only the
     group's experts are computed for it, so splitting into groups costs no extra layer passes.
-    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time.
+    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time;
+    device: where the layers and the candidates compute (default: where the model is).
     """
-    runner = LayerEngine(model, adapter, reader=reader)
+    runner = LayerEngine(model, adapter, reader=reader, device=device)
     runner.prepare(batches)
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
     layers: dict[int, LayerErrors] = {}
@@ -271,6 +272,7 @@ def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple
     with activation_gradients(model), _gradient_capture(model, adapter, layers, widths, base, expert_memory):
         for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
             with torch.enable_grad():
+                ids = ids.to(next(model.parameters()).device)  # the model's device (--device)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
     return Sensitivity("fisher", list(widths), layers)

@@ -269,6 +269,7 @@ class _QuantOptions(Step):
     weighted_hessian: bool = False
     time_limit: Annotated[float, Field(gt=0)] = 120.0
     expert_memory: str = "512MiB"
+    device: str = "cpu"
 
     @abstractmethod
     def request_values(self, samples: int, seq_len: int, seed: int) -> dict[str, Any]:
@@ -331,7 +332,7 @@ class QuantizeStep(_QuantOptions, _CalibrationData):
                     sensitivity_quantizer=self.sensitivity_quantizer, weighted_hessian=self.weighted_hessian,
                     min_tokens=self.min_tokens, samples=samples, seq_len=seq_len, seed=seed,
                     batch_size=self.batch_size, streaming=self.streaming, dtype=self.dtype,
-                    time_limit=self.time_limit)
+                    time_limit=self.time_limit, device=self.device)
 
 
 class CompressStep(_QuantOptions, _CalibrationData):
@@ -366,7 +367,8 @@ class CompressStep(_QuantOptions, _CalibrationData):
         return dict(bits=self.bits, size=self.size, method=self.method, candidate_bits=self.candidates,
                     require_top=self.require_top, format=self.format, settings=self.quant_settings(),
                     weighted_hessian=self.weighted_hessian, min_tokens=self.min_tokens, samples=samples,
-                    seq_len=seq_len, seed=seed, batch_size=self.batch_size, time_limit=self.time_limit)
+                    seq_len=seq_len, seed=seed, batch_size=self.batch_size, time_limit=self.time_limit,
+                    device=self.device)
 
     def required_statistics(self) -> list[str]:
         """Statistics the joint program reads from reused calibration statistics."""

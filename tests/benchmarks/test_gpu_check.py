@@ -14,3 +14,10 @@ def test_cpu_half_and_no_device_exit(tmp_path) -> None:
     assert all(t.dtype == torch.float64 for t in result["stats"].tensors.values())
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 2
+
+
+def test_quantize_half_on_the_cpu(tmp_path) -> None:
+    gpu_check.build_checkpoint(tmp_path / "model", layers=1)
+    result = gpu_check.quantize_on_devices(tmp_path / "model", tmp_path, devices=("cpu",))
+    assert set(result) == {"cpu"} and result["cpu"]["seconds"] > 0
+    assert result["cpu"]["bits"] and torch.isfinite(result["cpu"]["logits"]).all()

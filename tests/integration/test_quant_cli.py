@@ -53,7 +53,7 @@ def test_quantize_bits_writes_gptq_and_fake_that_agree(checkpoint, data, tmp_pat
             assert expected in stdout
         outputs[fmt] = out
     manifest = manifest_of(outputs["gptq"])
-    assert manifest["operation"] == "quantize" and manifest["format"] == "gptq"
+    assert manifest["operation"] == "quantize" and manifest["format"] == "gptq" and manifest["device"] == "cpu"
     assert manifest["achieved_average_bits"] <= 2.5 + 1e-9
     assert manifest["effective_bits_per_parameter"]["routed_experts"] > manifest["achieved_average_bits"]
     assert manifest["bytes_on_disk"] < manifest["bytes_before"]
