@@ -158,7 +158,10 @@ class RoutingStats:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from moecompress.unfinished import refuse_unfinished
+
         src = Path(folder)
+        refuse_unfinished(src)
         header_file, tensor_file = src / HEADER_FILE, src / TENSORS_FILE
         if not header_file.is_file() or not tensor_file.is_file():
             raise MoecompressError(

@@ -1,7 +1,13 @@
 """Write output folders atomically: build in a temporary sibling, rename into place when complete.
 
 Nothing is lost on failure or interruption: the temporary folder is removed, an existing
-output is only replaced with `force=True`, and never before the new one is complete.
+output is only replaced with `force=True`, and never before the new one is complete. A run
+killed outright (SIGKILL, power loss) cannot clean up: it leaves the hidden temporary sibling
+`.NAME.tmp-*`, which holds the `MOECOMPRESS_INCOMPLETE` marker from its creation until just
+before the rename, so moecompress refuses to read it as a checkpoint (`moecompress.unfinished`).
+
+`MOECOMPRESS_FAULT=<point>` kills the process with SIGKILL at a named point (`fault_point`):
+the kill-and-resume tests use it to stop a run exactly there.
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from moecompress.errors import MoecompressError
+from moecompress.unfinished import INCOMPLETE_MARKER
 
 
 def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
@@ -28,6 +36,15 @@ def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path, ..
     if out.is_dir() and any(out.iterdir()) and not force:
         raise MoecompressError(f"output folder {str(out)!r} is not empty; pass --force to replace it")
     return out
+
+
+FAULT_ENV = "MOECOMPRESS_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Die by SIGKILL here when $MOECOMPRESS_FAULT names this point (fault injection for the kill tests)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # write failures that come from where the output goes, not from the input: reported in one line with what to do
@@ -56,9 +73,12 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        (tmp / INCOMPLETE_MARKER).write_text(f"An unfinished moecompress output for {out.name}: the run writing it "
+                                             "stopped before the end. Delete this folder.\n")
     except OSError as err:
         raise (_disk_error(err, out, "create the output folder") or err) from None
     try:
+        fault_point("output-created")
         yield tmp
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,6 +89,8 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point("before-rename")
+    (tmp / INCOMPLETE_MARKER).unlink()
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; give the output the usual permissions

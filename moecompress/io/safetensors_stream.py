@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from moecompress.errors import MoecompressError
+from moecompress.io.output import fault_point
 
 # safetensors dtype codes <-> torch dtypes
 _DTYPES: dict[str, torch.dtype] = {
@@ -247,6 +248,7 @@ class ShardWriter:
             shutil.copyfileobj(spool, handle, 16 * 2**20)
         spool_path.unlink()
         _readable_by_all(self.folder / name)
+        fault_point("shard-written")
         self._shards.append((name, list(self._header), self._offset))
         self.total_bytes += self._offset
         self._header, self._offset, self._spool = {}, 0, None

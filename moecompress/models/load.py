@@ -20,6 +20,7 @@ import torch
 
 from moecompress.dtypes import DTYPE_ALIASES
 from moecompress.errors import MoecompressError
+from moecompress.unfinished import refuse_unfinished
 from moecompress.models.weight_format import FLOAT_FORMAT, StoredFormat, stored_format
 from moecompress.models.adapters import MoEAdapter, get_adapter, supported_model_types
 
@@ -60,6 +61,7 @@ def load_config(path: str | Path) -> Any:
         raise MoecompressError(f"checkpoint folder {str(folder)!r} does not exist; pass a local folder with config.json")
     if not folder.is_dir():
         raise MoecompressError(f"{str(folder)!r} is a file; pass the checkpoint folder that holds config.json")
+    refuse_unfinished(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise MoecompressError(f"{str(folder)!r} has no config.json; is it a Hugging Face checkpoint folder?")
