@@ -73,6 +73,7 @@ class Settings:
     quick: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # config changes (tests: shrunken shapes)
     code: str = "worktree"  # which moecompress the children run, frozen at the start: "worktree" or "head"
+    overridden: tuple[str, ...] = ()  # settings given explicitly (options), which then apply to every command
 
     @property
     def depths(self) -> list[int]:
@@ -81,8 +82,13 @@ class Settings:
 
 
 def timing_depths(command: Command, s: Settings) -> tuple[int, ...]:
-    """The depths `command` is timed at uncapped: its own (slow commands), else the suite's; quick runs use the suite's."""
-    return command.timing_depths if command.timing_depths and not s.quick else s.timing_depths
+    """The depths `command` is timed at uncapped: its own (slow commands), else the suite's.
+
+    Quick runs, and runs given their own timing depths (`scale_timing_depths`, `--timing-depths`),
+    use the suite's for every command.
+    """
+    own = command.timing_depths and not s.quick and "timing_depths" not in s.overridden
+    return command.timing_depths if own else s.timing_depths
 
 
 def cap_fractions(command: Command, s: Settings) -> tuple[float, ...]:
@@ -146,10 +152,13 @@ def settings(options: dict[str, Any]) -> Settings:
     if commands:
         values["commands"] = tuple(c.strip() for c in commands)
     values["code"] = options.get("scale_code") or os.environ.get("MOECOMPRESS_SCALE_CODE") or "worktree"
+    given = []
     for name in ("timing_depths", "sweep_depths", "cap_depth", "fractions", "timeout", "overrides"):
         if f"scale_{name}" in options:
             value = options[f"scale_{name}"]
             values[name] = tuple(value) if isinstance(value, list | tuple) else value
+            given.append(name)
+    values["overridden"] = tuple(given)
     chosen = Settings(**values)
     known = {c.label for c in COMMANDS}
     unknown = set(chosen.commands) - known
@@ -313,7 +322,15 @@ def measure(s: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="moecompress-scale-code-") as frozen:
         code = freeze(REPO, Path(frozen), s.code)
         _log(f"measuring moecompress {code['source']} at {code['commit']} (frozen copy in {frozen})")
+        _progress({"kind": "start", "code": code, "commands": [c.label for c in chosen]})  # for `recover`
         timings, caps, cap_reason = measure_all(chosen, checkpoints, s, Path(frozen))
+    return _data(s, spec, checkpoints, chosen, pending, timings, caps, cap_reason, code)
+
+
+def _data(s: Settings, spec: Any, checkpoints: dict[int, dict[str, Any]], chosen: list[Command],
+          pending: list[dict[str, Any]], timings: list[dict[str, Any]], caps: list[dict[str, Any]],
+          cap_reason: str | None, code: dict[str, Any]) -> dict[str, Any]:
+    """The suite's data, as stored and rendered."""
     return {
         "settings": asdict(s),
         "spec": {"name": spec.name, "title": spec.title, "full_layers": spec.full_layers,
@@ -407,6 +424,9 @@ def render_scale(data: dict[str, Any]) -> list[str]:
         "the shipped sets (code, docs, prose), 8 windows of 256 tokens each.", ""]
     if s.get("quick"):
         lines += ["**Quick (smoke) run**: shallow checkpoints only; the extrapolation is rough.", ""]
+    if data.get("recovered"):
+        lines += ["This run was stopped before its last command finished; its finished measurements were recovered "
+                  "from the suite's progress records (`python -m benchmarks.scale --recover`).", ""]
     lines += ["| checkpoint | parameters | on disk | build |", "|---|---:|---:|---:|"]
     for depth, info in data["checkpoints"].items():
         lines.append(f"| {depth} decoder layers | {info['parameters'] / 1e9:.2f} B | {_gib(info['bytes'])} | "
@@ -429,6 +449,52 @@ def _register_spec_renderers() -> None:
 _register_spec_renderers()
 
 
+def recover(s: Settings, records: list[dict[str, Any]], code: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The data of a run that was stopped before it finished, from its progress records (`progress.jsonl`).
+
+    Takes the records after the last `start` record (all of them when there is none, as in runs
+    made before start records existed); `code` describes the measured package when no start
+    record does. Only commands with a record appear; a command whose cap run did not finish has
+    no cap row.
+    """
+    starts = [i for i, record in enumerate(records) if record.get("kind") == "start"]
+    if starts:
+        code = code or records[starts[-1]]["code"]
+        records = records[starts[-1] + 1:]
+    if code is None:
+        raise SystemExit("the progress records name no measured code (no start record): pass it explicitly")
+    spec = SPECS[s.spec]
+    measured = {record["command"] for record in records if record.get("kind") in ("timing", "cap")}
+    chosen = [c for c in COMMANDS if c.label in measured]
+    depths = sorted({record["layers"] for record in records if record.get("kind") in ("timing", "cap")})
+    checkpoints = {}
+    for depth in depths:
+        folder, record = cached_checkpoint(spec, depth, overrides=s.overrides or None)
+        checkpoints[depth] = {"path": str(folder), "bytes": checkpoint_bytes(folder), "weights": record.get("weights"),
+                              **{k: record[k] for k in ("layers", "parameters", "tensors", "shards", "seconds")}}
+    timings = [{k: v for k, v in record.items() if k != "kind"} for record in records if record["kind"] == "timing"]
+    caps = []
+    for command in chosen:
+        tried = cap_fractions(command, s)
+        attempts = [{k: v for k, v in record.items() if k not in ("kind", "command", "layers")}
+                    for record in records if record["kind"] == "cap" and record["command"] == command.label]
+        if not attempts:
+            continue
+        for attempt in attempts:  # progress records hold cap / size; the search's rows hold the fraction tried
+            attempt["fraction"] = min(tried, key=lambda f, got=attempt["fraction"]: abs(f - got))
+        size = checkpoints[s.cap_depth]["bytes"]
+        good = [a["fraction"] for a in attempts if a["ok"]]
+        fraction = min(good) if good else None
+        direct = bool(command.cap_fractions) and not s.quick and not any(
+            t["command"] == command.label and t["layers"] == s.cap_depth for t in timings)
+        caps.append({"command": command.label, "layers": s.cap_depth, "fractions": list(tried),
+                     "fraction": fraction, "cap_bytes": None if fraction is None else int(fraction * size),
+                     "checkpoint_bytes": size, "attempts": attempts, **({"direct": True} if direct else {})})
+    data = _data(s, spec, checkpoints, chosen, [], timings, caps, unavailable_reason(), code)
+    data["recovered"] = True
+    return data
+
+
 def merge_runs(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """`current` (a run of some commands) with the rows of `previous` (a stored payload) for every other command.
 
@@ -448,7 +514,8 @@ def merge_runs(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, A
         code = old.get("code") or {}
         earlier.append({"commands": [c["command"] for c in kept if c["command"] in own],
                         "date": previous["environment"]["date"], "commit": code.get("commit"),
-                        "source": code.get("source"), "minutes": round(previous.get("seconds", 0) / 60, 1)})
+                        "source": code.get("source"), "minutes": round(previous.get("seconds", 0) / 60, 1),
+                        **({"recovered": True} if old.get("recovered") else {})})
     order = [c.label for c in COMMANDS]
 
     def ordered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -473,8 +540,10 @@ def _render_merged(data: dict[str, Any]) -> list[str]:
     runs = data.get("merged_from") or []
     if not runs:
         return []
-    parts = [f"{', '.join(run['commands'])}: run {run['date']} ({'as committed at' if run.get('source') == 'head' else 'working tree at'} "
-             f"{run['commit']}, {run['minutes']} min)" for run in runs]
+    parts = [f"{', '.join(run['commands'])}: run {run['date']} ("
+             f"{'as committed at' if run.get('source') == 'head' else 'working tree at'} {run['commit']}, "
+             f"{run['minutes']} min{', stopped early and recovered from its progress records' if run.get('recovered') else ''})"
+             for run in runs]
     return [f"Rows from earlier runs of this suite, kept beside this run's: {'; '.join(parts)}. The rest come from "
             "the run named above.", ""]
 

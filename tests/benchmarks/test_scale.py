@@ -234,13 +234,24 @@ def test_suite_end_to_end_with_a_fake_runner(tmp_path, monkeypatch):
 
     # a slow command: timed at its own depths, then run once at the cap depth under its own target cap
     slow = scale_suite.scale([], {"scale_overrides": SHRUNK["qwen3_30b_a3b"], "scale_commands": ["quantize 2.5 bits"],
-                                  "scale_timing_depths": (1, 2), "scale_sweep_depths": (1, 2), "scale_cap_depth": 8})
+                                  "scale_sweep_depths": (1, 2), "scale_cap_depth": 8})
     assert [(row["command"], row["layers"]) for row in slow["timings"]] == [("quantize 2.5 bits", 2),
                                                                           ("quantize 2.5 bits", 4)]
     [cap] = slow["caps"]
     assert cap["fractions"] == [0.4] and cap["direct"] and len(cap["attempts"]) == 1 and cap["layers"] == 8
     assert cap["fraction"] == (0.4 if 0.4 * slow["checkpoints"]["8"]["bytes"] >= 1800 else None)
     assert {f["command"]: f["depths"] for f in slow["fits"]} == {"quantize 2.5 bits": [2, 4]}
+    given = scale_suite.settings({"scale_timing_depths": (1, 2)})  # explicit depths apply to every command
+    assert scale_suite.timing_depths(next(c for c in COMMANDS if c.cap_fractions), given) == (1, 2)
+
+    # a run stopped early is rebuilt from its progress records (those after its start record)
+    records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("start") == 2
+    settings_slow = scale_suite.settings({"scale_overrides": SHRUNK["qwen3_30b_a3b"], "scale_cap_depth": 8})
+    rebuilt = scale_suite.recover(settings_slow, records)
+    assert rebuilt["recovered"] and rebuilt["code"] == slow["code"] and rebuilt["timings"] == slow["timings"]
+    assert [(c["fraction"], c["direct"], len(c["attempts"])) for c in rebuilt["caps"]] == [(cap["fraction"], True, 1)]
+    assert "stopped before its last command finished" in "\n".join(scale_suite.render_scale(rebuilt))
 
     # merged into the stored run: the earlier run's other commands stay, each saying where it came from
     stored = {"environment": {"date": "2026-12-01T23:23:14+00:00"}, "seconds": 600.0, "data": data}
