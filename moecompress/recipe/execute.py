@@ -157,6 +157,5 @@ def run_write(step: WriteStep, model: Path, replace: bool) -> Path:
     assert step.output is not None
     output = Path(step.output)
     with atomic_output_dir(output, force=replace) as tmp:
-        tmp.rmdir()
-        shutil.copytree(model, tmp, copy_function=_link_or_copy)
+        shutil.copytree(model, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
     return output
