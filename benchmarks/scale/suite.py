@@ -458,8 +458,10 @@ def recover(s: Settings, records: list[dict[str, Any]], code: dict[str, Any] | N
     no cap row.
     """
     starts = [i for i, record in enumerate(records) if record.get("kind") == "start"]
+    planned = list(s.commands)
     if starts:
         code = code or records[starts[-1]]["code"]
+        planned = planned or records[starts[-1]]["commands"]
         records = records[starts[-1] + 1:]
     if code is None:
         raise SystemExit("the progress records name no measured code (no start record): pass it explicitly")
@@ -490,7 +492,9 @@ def recover(s: Settings, records: list[dict[str, Any]], code: dict[str, Any] | N
         caps.append({"command": command.label, "layers": s.cap_depth, "fractions": list(tried),
                      "fraction": fraction, "cap_bytes": None if fraction is None else int(fraction * size),
                      "checkpoint_bytes": size, "attempts": attempts, **({"direct": True} if direct else {})})
-    data = _data(s, spec, checkpoints, chosen, [], timings, caps, unavailable_reason(), code)
+    pending = [{"command": c.label, "text": c.text(), "note": "not measured: the run was stopped before it got there"}
+               for c in COMMANDS if c.label in planned and c.label not in measured]
+    data = _data(s, spec, checkpoints, chosen, pending, timings, caps, unavailable_reason(), code)
     data["recovered"] = True
     return data
 

@@ -252,6 +252,11 @@ def test_suite_end_to_end_with_a_fake_runner(tmp_path, monkeypatch):
     assert rebuilt["recovered"] and rebuilt["code"] == slow["code"] and rebuilt["timings"] == slow["timings"]
     assert [(c["fraction"], c["direct"], len(c["attempts"])) for c in rebuilt["caps"]] == [(cap["fraction"], True, 1)]
     assert "stopped before its last command finished" in "\n".join(scale_suite.render_scale(rebuilt))
+    assert rebuilt["pending"] == []
+    planned = scale_suite.settings({**{"scale_overrides": SHRUNK["qwen3_30b_a3b"], "scale_cap_depth": 8},
+                                    "scale_commands": ["quantize 2.5 bits", "compress 40%"]})
+    [missing] = scale_suite.recover(planned, records)["pending"]  # planned, but the run never reached it
+    assert missing["command"] == "compress 40%" and "stopped before" in missing["note"]
 
     # merged into the stored run: the earlier run's other commands stay, each saying where it came from
     stored = {"environment": {"date": "2026-12-01T23:23:14+00:00"}, "seconds": 600.0, "data": data}
