@@ -536,6 +536,10 @@ def merge_runs(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, A
                   caps=rows("caps"), checkpoints={**old["checkpoints"], **current["checkpoints"]},
                   merged_from=earlier)
     merged["checkpoints"] = dict(sorted(merged["checkpoints"].items(), key=lambda item: int(item[0])))
+    listed = {c["command"] for c in merged["commands"]} | {p["command"] for p in merged["pending"]}
+    merged["pending"] = merged["pending"] + [
+        {"command": c.label, "text": c.text(), "note": "not measured in these runs"}
+        for c in COMMANDS if c.enabled and c.label not in listed]
     return merged
 
 

@@ -128,6 +128,7 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
             report.add(result, damp)
             if on_layer is not None:
                 on_layer(index, result)
+            del result  # its codes (a byte per weight of the layer) must not live on while the next layer is solved
     result = LayerResult(index=None)  # everything outside the decoder layers: embeddings, final norm, head
     with engine.outside_layers_loaded(include_head=True):
         if targets.head is not None:

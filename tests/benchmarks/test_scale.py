@@ -266,6 +266,9 @@ def test_suite_end_to_end_with_a_fake_runner(tmp_path, monkeypatch):
         ("calibrate", 1), ("calibrate", 2), ("prune reap", 1), ("prune reap", 2), ("quantize 2.5 bits", 2),
         ("quantize 2.5 bits", 4)]
     assert sorted(merged["checkpoints"], key=int) == list(merged["checkpoints"]) == ["1", "2", "4", "8"]
+    assert {p["command"]: p["note"] for p in merged["pending"]} == {
+        c.label: "not measured in these runs" for c in COMMANDS
+        if c.label not in ("calibrate", "prune reap", "quantize 2.5 bits")}
     assert merged["merged_from"] == [{"commands": ["calibrate", "prune reap"], "date": "2026-12-01T23:23:14+00:00",
                                       "commit": data["code"]["commit"], "source": "worktree", "minutes": 10.0}]
     again = scale_suite.merge_runs({"environment": {"date": "later"}, "seconds": 60.0, "data": merged},
