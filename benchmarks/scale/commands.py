@@ -49,6 +49,6 @@ COMMANDS: tuple[Command, ...] = (
     Command("prune easy_ep", ("prune", "{ckpt}", "--method", "easy_ep", "--ratio", "0.5", *CALIB, "-o", "{out}")),
     Command("quantize 2.5 bits", ("quantize", "{ckpt}", "--bits", "2.5", "--samples", "8", "-o", "{out}"),
             timing_depths=SLOW_TIMING_DEPTHS, cap_fractions=SLOW_CAPS),
-    Command("compress 40%", ("compress", "{ckpt}", "--size", "40%", "-o", "{out}"),
+    Command("compress 40%", ("compress", "{ckpt}", "--size", "40%", "--samples", "8", "-o", "{out}"),
             timing_depths=SLOW_TIMING_DEPTHS, cap_fractions=SLOW_CAPS),
 )

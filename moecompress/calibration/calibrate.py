@@ -37,6 +37,7 @@ from moecompress.engine import distributed
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
+from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
 from moecompress.errors import MoecompressError
@@ -73,6 +74,7 @@ def collect_statistics(
     device: torch.device | str | None = None,
     max_layer_bytes: int | None = None,
     data_parallel: bool = False,
+    checkpoints: LayerPassCheckpoints | None = None,
 ) -> Observer:
     """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
 
@@ -84,11 +86,14 @@ def collect_statistics(
     returns the statistics of all batches. Collective then: every rank calls it with the same
     arguments, and a failure on one rank ends every rank (`distributed.phase`). Without a
     process group (or with False) the call observes every batch and communicates nothing.
+    checkpoints: where the layer-by-layer pass saves its progress after each layer, and
+    resumes from (`moecompress.engine.resume`; default none); unused in whole-model mode.
     """
     parallel = data_parallel and distributed.active()
+    checkpoints = checkpoints or LayerPassCheckpoints(None, "calibrating")
     with distributed.phase("calibrating") if parallel else contextlib.nullcontext():
         observer = _observe(model, adapter, input_ids, domain_ids, domains, statistics, batch_size, mode, progress,
-                            reader, device, max_layer_bytes, parallel)
+                            reader, device, max_layer_bytes, parallel, checkpoints)
     if parallel:
         observer.all_reduce()
     return observer
@@ -97,7 +102,7 @@ def collect_statistics(
 def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, domain_ids: torch.Tensor,
              domains: Sequence[str], statistics: Sequence[str], batch_size: int, mode: str, progress: bool,
              reader: CheckpointReader | None, device: torch.device | str | None, max_layer_bytes: int | None,
-             parallel: bool) -> Observer:
+             parallel: bool, checkpoints: LayerPassCheckpoints) -> Observer:
     """`collect_statistics` on this process: every batch, or this rank's share when `parallel`."""
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
@@ -124,7 +129,7 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
     if mode == "whole-model":
         _whole_model_pass(model, observer, batches, needs_grad, progress)
     else:
-        _layerwise_pass(engine, observer, batches, progress)
+        _layerwise_pass(engine, observer, batches, progress, checkpoints)
     return observer
 
 
@@ -143,16 +148,22 @@ def _whole_model_pass(model: nn.Module, observer: Observer, batches: list[tuple[
 
 
 def _layerwise_pass(runner: LayerEngine, observer: Observer, batches: list[tuple[str, torch.Tensor]],
-                    progress: bool) -> None:
+                    progress: bool, checkpoints: LayerPassCheckpoints) -> None:
     runner.prepare(batches)
+    total = len(runner.layers)
+    restored = checkpoints.restore(runner, total)
+    observer.restore_layers(restored.layers, restored.state.get("tokens", {}))
     moe_indices = {ref.index for ref in observer.layers}
-    with tqdm(total=len(runner.layers), desc="calibrating", unit="layer", disable=not progress) as bar:
-        for index in range(len(runner.layers)):
+    with tqdm(total=total, initial=restored.next_layer, desc="calibrating", unit="layer",
+              disable=not progress) as bar:
+        for index in range(restored.next_layer, total):
             if index in moe_indices:
                 with observer.active(layers=[index]):
                     runner.run_layer(index, before_batch=observer.set_domain)
             else:
                 runner.run_layer(index)
+            checkpoints.save(runner, index, observer.layer_tensors(index) if index in moe_indices else None,
+                             {"tokens": observer.token_counts()})
             bar.update(1)
 
 
@@ -260,6 +271,7 @@ def calibrate(
     device: str = "cpu",
     max_memory: str | int | None = None,
     data_parallel: bool = True,
+    checkpoints: RunCheckpoints | None = None,
 ) -> RoutingStats:
     """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
 
@@ -274,7 +286,10 @@ def calibrate(
     (`distributed.initialise`) and split the batches across the ranks (`collect_statistics`);
     every rank must then call this with the same arguments, and every rank returns the same
     statistics. False, or a single process: everything runs here, nothing is communicated.
+    checkpoints: the run's checkpoints (`moecompress.engine.resume`): the layer pass saves its
+    progress there after every layer and, when the run resumes, continues from it.
     """
+    checkpoints = checkpoints or RunCheckpoints.disabled()
     if data_parallel:
         distributed.initialise(device)
     parallel = data_parallel and distributed.active()
@@ -282,10 +297,11 @@ def calibrate(
         setup = _prepare(model_path, sources, num_samples, seq_len, seed, dtype, statistics, mode, device, max_memory,
                          batch_size, parallel)
     calib = setup.calib
+    checkpoints.require("calibration data", calib.digest)
     observer = collect_statistics(
         setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains, setup.statistics, batch_size,
         setup.mode, progress, reader=setup.reader, device=setup.device, max_layer_bytes=setup.max_layer_bytes,
-        data_parallel=parallel,
+        data_parallel=parallel, checkpoints=checkpoints.layer_pass("calibrating"),
     )
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
             "seed": seed, "batch_size": batch_size, "dtype": dtype,
@@ -293,6 +309,37 @@ def calibrate(
             .replace("torch.", ""), "device": str(setup.device),
             "world_size": distributed.world_size() if parallel else 1}
     return build_stats(setup.model, setup.adapter, observer, model_path, calib.digest, data, setup.mode, seed)
+
+
+def calibrate_to_folder(model_path: str | Path, output: str | Path, sources: Sequence[Any] | None = None,
+                        num_samples: int = 32, seq_len: int = 256, seed: int = 0, batch_size: int = 8,
+                        dtype: str = "auto", statistics: Sequence[str] = DEFAULT_STATISTICS, mode: str = "layerwise",
+                        device: str = "cpu", max_memory: str | int | None = None, force: bool = False,
+                        resume: bool = False, progress: bool = True) -> RoutingStats:
+    """`calibrate`, then save the statistics into the folder `output` (atomically; rank 0 under torchrun).
+
+    The layer pass keeps checkpoints beside `output` (`moecompress.engine.resume`); `resume`
+    continues a killed run of the same call from its last finished layer.
+    """
+    from moecompress.engine.resume import source_fingerprint
+    from moecompress.io.output import atomic_output_dir
+
+    with RunCheckpoints(output, "calibrate", resume=resume) as checkpoints:
+        checkpoints.require("options", {"sources": [repr(item) for item in sources or []], "samples": num_samples,
+                                        "seq_len": seq_len, "seed": seed, "batch_size": batch_size, "dtype": dtype,
+                                        "device": device, "max_memory": max_memory,
+                                        "statistics": list(statistics), "mode": mode})
+        checkpoints.require("input checkpoint", source_fingerprint(model_path))
+        stats = calibrate(model_path, sources, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                          batch_size=batch_size, dtype=dtype, statistics=statistics, mode=mode, progress=progress,
+                          device=device, max_memory=max_memory, checkpoints=checkpoints)
+
+        def write() -> None:
+            with atomic_output_dir(output, force=force) as tmp:
+                stats.save(tmp)
+
+        distributed.writer_only(write, "writing the statistics")  # under torchrun: rank 0 writes, the others wait
+    return stats
 
 
 class _Setup(NamedTuple):

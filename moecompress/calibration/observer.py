@@ -204,6 +204,22 @@ class Observer:
                     out[RoutingStats.key(name, index, domain)] = tensor.to("cpu", copy=True)
         return out
 
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """MoE layer `index`'s accumulators, keyed "domain/statistic" (a resumable run's checkpoint)."""
+        return {f"{domain}/{name}": tensor for domain, per in self.observers[index].sums.items()
+                for name, tensor in per.items()}
+
+    def restore_layers(self, layers: dict[int, dict[str, torch.Tensor]], tokens: dict[str, dict[str, int]]) -> None:
+        """Put back what `layer_tensors` and `token_counts` returned for finished layers (a resumed run)."""
+        for index, saved in layers.items():
+            obs = self.observers[index]
+            for key, tensor in saved.items():
+                domain, name = key.split("/", 1)
+                obs.sums[domain][name].copy_(tensor)
+        for index, per in tokens.items():
+            if int(index) in self.observers:
+                self.observers[int(index)].tokens.update({domain: int(n) for domain, n in per.items()})
+
     def token_counts(self) -> dict[str, dict[str, int]]:
         """layer -> domain -> tokens seen by the router."""
         return {str(index): dict(obs.tokens) for index, obs in self.observers.items()}

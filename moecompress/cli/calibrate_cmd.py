@@ -21,6 +21,7 @@ from moecompress.cli.options import (
     ModelArg,
     OutputOption,
     PrintStepOption,
+    ResumeOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -52,6 +53,7 @@ def calibrate_command(
     whole_model: Annotated[bool, typer.Option("--whole-model", help="Run the whole model per batch instead of one "
                                               "decoder layer at a time (more memory, same statistics).")] = False,
     force: ForceOption = False,
+    resume: ResumeOption = False,
     print_step: PrintStepOption = False,
 ) -> None:
     """Run one calibration pass and save routing statistics (safetensors + JSON header).
@@ -70,11 +72,11 @@ def calibrate_command(
         from moecompress.recipe.cli_bridge import echo_step
 
         return echo_step("calibrate", locals())
-    from moecompress.calibration.calibrate import calibrate
+    from moecompress.calibration.calibrate import calibrate_to_folder
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, validate_statistics
     from moecompress.engine import distributed
-    from moecompress.io.output import atomic_output_dir, check_output_dir
+    from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint
 
     # under torchrun: join the other ranks; rank 0 checks the output folder, every rank learns the verdict
@@ -87,16 +89,11 @@ def calibrate_command(
         if gradients:
             names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
     mode = "whole-model" if (whole_model or gradients) else "layerwise"
-    stats = calibrate(model, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                      dtype=dtype, statistics=names, mode=mode, device=device, max_memory=max_memory)
-
-    def write() -> None:
-        with atomic_output_dir(output, force=force) as tmp:
-            stats.save(tmp)
+    stats = calibrate_to_folder(model, output, sources, num_samples=samples, seq_len=seq_len, seed=seed,
+                                batch_size=batch_size, dtype=dtype, statistics=names, mode=mode, device=device,
+                                max_memory=max_memory, force=force, resume=resume)
+    if distributed.is_writer():
         print_stats_summary(stats, Path(output))
-
-    distributed.writer_only(write, "writing the statistics")  # rank 0 writes; the others wait, then exit 0
-
 
 def print_stats_summary(stats, output: Path, console: Console | None = None) -> None:
     """A per-layer table: tokens, experts used, min/max routed tokens per expert."""

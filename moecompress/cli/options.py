@@ -86,6 +86,12 @@ ForceOption = Annotated[
     typer.Option("--force", help="Overwrite the output if it exists."),
 ]
 
+ResumeOption = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue a run of this same command that was killed or interrupted, from the "
+                 "last decoder layer it finished (its checkpoints are kept in .OUTPUT.resume beside the output)."),
+]
+
 BatchSizeOption = Annotated[
     int,
     typer.Option("--batch-size", min=1, help="Windows per forward pass (lower it to save memory)."),

@@ -20,6 +20,7 @@ from moecompress.cli.options import (
     MaxMemoryOption,
     ModelArg,
     PrintStepOption,
+    ResumeOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -82,6 +83,7 @@ def prune_command(
                                                            help="Allow pruning super experts.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without writing anything.")] = False,
     force: ForceOption = False,
+    resume: ResumeOption = False,
     print_step: PrintStepOption = False,
 ) -> None:
     """Prune routed experts (or HEAPr neurons): calibrate (or reuse --stats), score, select, write.
@@ -120,7 +122,7 @@ def prune_command(
                               seed=seed, batch_size=batch_size, dtype=dtype,
                               protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
                               allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns,
-                              device=device, max_memory=max_memory)
+                              device=device, max_memory=max_memory, resume=resume)
     print_prune_summary(result, dry_run)
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -20,6 +19,7 @@ from moecompress.cli.options import (
     ModelArg,
     OutputOption,
     PrintStepOption,
+    ResumeOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -97,6 +97,7 @@ def quantize_command(
     expert_memory: ExpertMemory = "512MiB",
     as_json: JsonOption = False,
     force: ForceOption = False,
+    resume: ResumeOption = False,
     print_step: PrintStepOption = False,
 ) -> None:
     """Quantise routed experts to mixed bit-widths chosen by an integer program (average --bits or --size).
@@ -127,7 +128,8 @@ def quantize_command(
         device=device, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
     )
     sources = parse_data_specs(data, field=field) if data else None
-    result = quantize_checkpoint(model, output, request, sources=sources, force=force, progress=not as_json)
+    result = quantize_checkpoint(model, output, request, sources=sources, force=force, progress=not as_json,
+                                 resume=resume)
     if as_json:
         typer.echo(json.dumps(result_summary(result), indent=2))
     else:

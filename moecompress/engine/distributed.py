@@ -77,6 +77,11 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def launched_in_parallel() -> bool:
+    """True when a launcher (torchrun) started this process as one of several, joined yet or not."""
+    return active() or _requested_world() > 1
+
+
 def _requested_world() -> int:
     text = os.environ.get("WORLD_SIZE", "1")
     try:

@@ -174,12 +174,11 @@ class CheckpointReader:
             del tensors
             if report.mismatched:
                 name, got, want = report.mismatched[0]
-                fed = len(self.sources[name]) if name in self.sources else 1
-                origin = f"stacked from {fed} checkpoint tensors" if fed > 1 else "in the checkpoint"
+                fed = len(self.sources.get(name, ()))
+                origin, cause = ((f"stacked from {fed} checkpoint tensors", "a tensor is missing or ") if fed > 1
+                                 else ("in the checkpoint", ""))
                 raise MoecompressError(f"tensor for {name} has shape {list(got)} {origin} but the config expects "
-                                       f"{list(want)}; " + ("a tensor is missing or the checkpoint does not match its "
-                                                            "config.json" if fed > 1 else
-                                                            "the checkpoint does not match its config.json"))
+                                       f"{list(want)}; {cause}the checkpoint does not match its config.json")
             if report.failed:
                 name, why = next(iter(report.failed.items()))
                 raise MoecompressError(f"the checkpoint's tensors for {name} cannot be put together ({why}); a tensor "

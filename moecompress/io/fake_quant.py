@@ -11,6 +11,7 @@ exists to measure the quality of a quantisation plan with any transformers tooli
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,14 @@ class FakeQuantWriter:
             return
         layer = self.adapter.decoder_layers(self.model)[index]
         self._add(layer.state_dict(prefix=f"{self.adapter.layers_path}.{index}."))
+
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs to continue writing in a resumed run (taken between layers)."""
+        return {"shards": self.shards.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue as the writer whose `state()` this is."""
+        self.shards.restore(state["shards"])
 
     def finish(self) -> list[Path]:
         """Close the shards and write config.json (dtype = the output dtype); returns the weight files."""

@@ -142,6 +142,17 @@ class GPTQWriter:
         out.update(self._plain(state))
         self.shards.add_all(out)
 
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs to continue writing in a resumed run (taken between layers)."""
+        return {"shards": self.shards.state(), "params_by_role": dict(self.params_by_role),
+                "bytes_by_role": dict(self.bytes_by_role)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue as the writer whose `state()` this is."""
+        self.shards.restore(state["shards"])
+        self.params_by_role = Counter(state["params_by_role"])
+        self.bytes_by_role = Counter(state["bytes_by_role"])
+
     # ---------------------------------------------------------------- config
     def quantization_config(self) -> dict[str, Any]:
         """The `quantization_config` of config.json (GPTQModel's keys)."""

@@ -41,9 +41,10 @@ def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path, ..
 FAULT_ENV = "MOECOMPRESS_FAULT"
 
 
-def fault_point(name: str) -> None:
-    """Die by SIGKILL here when $MOECOMPRESS_FAULT names this point (fault injection for the kill tests)."""
-    if os.environ.get(FAULT_ENV) == name:
+def fault_point(name: str, detail: str | None = None) -> None:
+    """Die by SIGKILL here when $MOECOMPRESS_FAULT names this point, as `name` or `name:detail` (kill tests)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted is not None and (wanted == name or (detail is not None and wanted == f"{name}:{detail}")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -63,16 +64,22 @@ def _disk_error(err: OSError, out: Path, doing: str) -> MoecompressError | None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | Path, force: bool = False, folder: Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it becomes `path`.
 
     A write that fails for lack of room or permission (disk full, quota, read-only file system)
     removes the temporary folder and becomes a one-line `MoecompressError`.
+    folder: build the output there instead (on the same file system as `path`), continuing
+    what it holds when it is already there (a resumed run, `moecompress.engine.resume`).
     """
     out = check_output_dir(path, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        if folder is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        else:
+            tmp = folder
+            tmp.mkdir(parents=True, exist_ok=True)
         (tmp / INCOMPLETE_MARKER).write_text(f"An unfinished moecompress output for {out.name}: the run writing it "
                                              "stopped before the end. Delete this folder.\n")
     except OSError as err:
@@ -86,6 +93,10 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         if found is None:
             raise
         raise found from None
+    except KeyboardInterrupt:
+        if folder is None:  # a resumable run's folder stays for --resume
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -253,6 +253,55 @@ class ShardWriter:
         self.total_bytes += self._offset
         self._header, self._offset, self._spool = {}, 0, None
 
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs to continue this writer in another process; take it between two tensors."""
+        if self._spool is not None:
+            self._spool.flush()  # the spooled bytes the state counts are in the file, not in Python's buffer
+        return {"header": dict(self._header), "offset": self._offset, "total_bytes": self.total_bytes,
+                "shards": [list(shard) for shard in self._shards]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue writing as the writer whose `state()` this is (a resumed run, same folder and settings).
+
+        What that writer wrote after its state was taken is dropped: later shards and spools, and
+        the current spool's bytes past the state's offset. A shard that was closed after the
+        state was taken gives its spooled bytes back (its spool is gone by then).
+        """
+        self._header = dict(state["header"])
+        self._offset = int(state["offset"])
+        self.total_bytes = int(state["total_bytes"])
+        self._shards = [(str(name), list(names), int(size)) for name, names, size in state["shards"]]
+        self._seen = {name for _, names, _ in self._shards for name in names} | set(self._header)
+        missing = [name for name, _, _ in self._shards if not (self.folder / name).is_file()]
+        if missing:
+            raise MoecompressError(f"cannot resume writing {self.folder}: shard {missing[0]} is gone; drop --resume "
+                                   "to start over")
+        current = len(self._shards) + 1
+        spool = self.folder / f".{self.prefix}-spool-{current:05d}"
+        shard = self.folder / f".{self.prefix}-shard-{current:05d}.safetensors"
+        for kind in ("spool", "shard"):
+            for path in self.folder.glob(f".{self.prefix}-{kind}-*"):
+                if int(path.name.split("-")[-1].split(".")[0]) > current:
+                    path.unlink()
+        self._spool = None
+        if not self._header:
+            spool.unlink(missing_ok=True)
+            shard.unlink(missing_ok=True)
+            return
+        if not spool.exists():
+            if not shard.exists():
+                raise MoecompressError(f"cannot resume writing {self.folder}: the bytes of its unfinished shard are "
+                                       "gone; drop --resume to start over")
+            with open(shard, "rb") as closed, open(spool, "wb") as handle:
+                (length,) = struct.unpack("<Q", closed.read(8))
+                closed.seek(8 + length)
+                handle.write(closed.read(self._offset))
+        shard.unlink(missing_ok=True)
+        handle = open(spool, "r+b")
+        handle.truncate(self._offset)
+        handle.seek(self._offset)
+        self._spool = handle
+
     def finish(self) -> list[Path]:
         """Write the last shard, name the shards as transformers does, write the index; returns the files."""
         self.flush()

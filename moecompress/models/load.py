@@ -20,9 +20,9 @@ import torch
 
 from moecompress.dtypes import DTYPE_ALIASES
 from moecompress.errors import MoecompressError
-from moecompress.unfinished import refuse_unfinished
 from moecompress.models.weight_format import FLOAT_FORMAT, StoredFormat, stored_format
 from moecompress.models.adapters import MoEAdapter, get_adapter, supported_model_types
+from moecompress.unfinished import refuse_unfinished
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import torch
 
 from moecompress.calibration.stats import RoutingStats
 from moecompress.engine import distributed
+from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global, select_neurons_uniform
@@ -294,6 +295,7 @@ def prune_checkpoint(
     patterns: str | Path | None = None,
     device: str = "cpu",
     max_memory: str | int | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
@@ -306,58 +308,97 @@ def prune_checkpoint(
     layer in memory at a time, on `device`, in `dtype`; `auto` is the checkpoint's; a MoE layer
     larger than `max_memory` leaves in expert groups), and a
     uniform expert plan is written by copying tensors, so neither step holds the model.
+    Checkpoints of the run are kept beside `output` (`moecompress.engine.resume`): the
+    calibration pass after every layer, then the statistics; `resume` continues a killed run
+    of the same command from them (scoring and writing start over).
     """
-    from moecompress.calibration.calibrate import calibrate
-
     source = Path(checkpoint)
     info, scorer, allocation = _validate(source, output, method, ratio, keep, params, allocation, dynamic_skip,
                                          new_top_k, patterns, dry_run, force, stats, domain, sources)
-    adapter, config = info.adapter, info.config
-    parsed = scorer.parse_params(params)
-    needs = required_statistics(method, protect_super_experts, params)
-    needs_model = scorer.uses_model(parsed) or dynamic_skip
+    writes = not dry_run and output is not None
+    checkpoints = RunCheckpoints(output, "prune", resume=resume) if writes else RunCheckpoints.disabled()
+    with checkpoints:
+        checkpoints.require("options", {
+            "method": method, "ratio": ratio, "keep": keep, "params": params, "domain": domain,
+            "stats": None if stats is None else stats.header.model_dump(mode="json"),
+            "sources": [repr(item) for item in sources or []], "samples": samples, "seq_len": seq_len, "seed": seed,
+            "batch_size": batch_size, "dtype": dtype, "protect_super_experts": protect_super_experts,
+            "allocation": allocation, "dynamic_skip": dynamic_skip, "new_top_k": new_top_k,
+            "patterns": None if patterns is None else str(patterns), "device": device, "max_memory": max_memory})
+        checkpoints.require("input checkpoint", source_fingerprint(source))
+        adapter, config = info.adapter, info.config
+        parsed = scorer.parse_params(params)
+        needs = required_statistics(method, protect_super_experts, params)
+        needs_model = scorer.uses_model(parsed) or dynamic_skip
+        model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, sources, samples, seq_len,
+                                                       seed, batch_size, dtype, progress, device, max_memory,
+                                                       checkpoints)
+        plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
+                            protect_super_experts=protect_super_experts, allocation=allocation, context=context,
+                            new_top_k=new_top_k)
+        if dynamic_skip:
+            from moecompress.prune.dynamic_skip import measure_betas
+
+            keep_masked = plan.keep if plan.granularity == "expert" else None
+            plan.dynamic_skip, plan.skip_fraction = measure_betas(model, adapter, context.batches, keep_masked,
+                                                                  progress)
+        skeleton = model if model is not None else skeleton_model(config)
+        before = sum(p.numel() for p in skeleton.parameters())
+        after = params_after(plan, before, adapter, skeleton)
+        patterns_path = None
+        if not dry_run:
+            # under torchrun every rank has the same (reduced) statistics and plan: what is written below is
+            # written by rank 0 alone, after every rank has passed its checks, and every rank returns its result
+            distributed.initialise(device)  # a no-op in one process, or when calibrate joined the ranks already
+        if patterns is not None:
+            from moecompress.prune.patterns import build_patterns, save_patterns
+
+            built = build_patterns(stats, adapter, config, source, ratio=ratio, keep=keep, params=params,
+                                   protect_super_experts=protect_super_experts, context=context)
+            patterns_path = None if dry_run else distributed.writer_only(lambda: save_patterns(built, patterns),
+                                                                         "writing the expert patterns")
+        if dry_run or output is None:
+            estimate = int(info.bytes_on_disk * after / max(before, 1))
+            return PruneResult(plan, None, before, after, info.bytes_on_disk, estimate, patterns=patterns_path)
+        from moecompress.io.checkpoint import folder_bytes
+
+        def write() -> tuple[Any, int]:
+            written = _write(model, tokenizer, info, plan, output, source, stats, seed, force, dtype, progress)
+            return written, folder_bytes(written.path)
+
+        written, written_bytes = distributed.writer_only(write, "writing the pruned checkpoint")
+        return PruneResult(plan, written.path, before, after, info.bytes_on_disk, written_bytes,
+                           format=written.format, notice=written.notice, patterns=patterns_path)
+
+
+def _calibrated(source: Path, stats: RoutingStats | None, needs: list[str], needs_model: bool,
+                sources: list[Any] | None, samples: int, seq_len: int, seed: int, batch_size: int, dtype: str,
+                progress: bool, device: str, max_memory: str | int | None, checkpoints: RunCheckpoints
+                ) -> tuple[Any, Any, ScoringContext | None, RoutingStats]:
+    """(model, tokenizer, scoring context, statistics): the model only for scorers that use it.
+
+    Statistics come from `stats`, the run's saved result (a resumed run), or a calibration
+    pass, whose result is saved among the run's checkpoints.
+    """
+    from moecompress.calibration.calibrate import calibrate
+
+    if stats is None:
+        saved = checkpoints.result("statistics")
+        if saved is not None:
+            log.warning("reusing the statistics calibrated before the interruption (in %s)", saved)
+            stats = RoutingStats.load(saved)
     model = tokenizer = context = None
+    given = stats is not None
     if needs_model:
         model, tokenizer, context, stats = _load_and_calibrate(source, stats, needs, sources, samples, seq_len, seed,
                                                                batch_size, dtype, progress)
     elif stats is None:
         stats = calibrate(source, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                          dtype=dtype, statistics=needs, progress=progress, device=device, max_memory=max_memory)
-    plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
-                        protect_super_experts=protect_super_experts, allocation=allocation, context=context,
-                        new_top_k=new_top_k)
-    if dynamic_skip:
-        from moecompress.prune.dynamic_skip import measure_betas
-
-        keep_masked = plan.keep if plan.granularity == "expert" else None
-        plan.dynamic_skip, plan.skip_fraction = measure_betas(model, adapter, context.batches, keep_masked, progress)
-    skeleton = model if model is not None else skeleton_model(config)
-    before = sum(p.numel() for p in skeleton.parameters())
-    after = params_after(plan, before, adapter, skeleton)
-    patterns_path = None
-    if not dry_run:
-        # under torchrun every rank has the same (reduced) statistics and plan: what is written below is
-        # written by rank 0 alone, after every rank has passed its checks, and every rank returns its result
-        distributed.initialise(device)  # a no-op in one process, or when calibrate joined the ranks already
-    if patterns is not None:
-        from moecompress.prune.patterns import build_patterns, save_patterns
-
-        built = build_patterns(stats, adapter, config, source, ratio=ratio, keep=keep, params=params,
-                               protect_super_experts=protect_super_experts, context=context)
-        patterns_path = None if dry_run else distributed.writer_only(lambda: save_patterns(built, patterns),
-                                                                     "writing the expert patterns")
-    if dry_run or output is None:
-        estimate = int(info.bytes_on_disk * after / max(before, 1))
-        return PruneResult(plan, None, before, after, info.bytes_on_disk, estimate, patterns=patterns_path)
-    from moecompress.io.checkpoint import folder_bytes
-
-    def write() -> tuple[Any, int]:
-        written = _write(model, tokenizer, info, plan, output, source, stats, seed, force, dtype, progress)
-        return written, folder_bytes(written.path)
-
-    written, written_bytes = distributed.writer_only(write, "writing the pruned checkpoint")
-    return PruneResult(plan, written.path, before, after, info.bytes_on_disk, written_bytes,
-                       format=written.format, notice=written.notice, patterns=patterns_path)
+                          dtype=dtype, statistics=needs, progress=progress, device=device, max_memory=max_memory,
+                          checkpoints=checkpoints)
+    if not given:
+        checkpoints.save_result("statistics", stats.save)
+    return model, tokenizer, context, stats
 
 
 def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[str], sources: list[Any] | None,

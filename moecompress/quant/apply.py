@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import return_freed_memory
 from moecompress.engine.reader import CheckpointReader
+from moecompress.engine.resume import LayerPassCheckpoints
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
@@ -71,6 +73,16 @@ class QuantReport:
     methods: dict[str, int] = field(default_factory=dict)  # method -> number of matrices
     raised_damping: dict[str, float] = field(default_factory=dict)  # matrix -> damping used when raised
 
+    def state(self) -> dict[str, dict[str, Any]]:
+        """The report so far as JSON-ready data (a resumable run's checkpoint)."""
+        return {"fallbacks": dict(self.fallbacks), "methods": dict(self.methods),
+                "raised_damping": dict(self.raised_damping)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, dict[str, Any]] | None) -> QuantReport:
+        """The report `state()` described (an empty one for None)."""
+        return cls(**state) if state else cls()
+
     def add(self, result: LayerResult, requested_damp: dict[str, float]) -> None:
         """Fold one layer's results in."""
         self.fallbacks.update(result.fallbacks)
@@ -86,6 +98,16 @@ class QuantReport:
 LayerCallback = Callable[[int | None, LayerResult], None]
 
 
+class Resumable(Protocol):
+    """A writer whose progress a resumable run checkpoints after every layer."""
+
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs to continue in another process."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state`."""
+
+
 def _needs_statistics(plan: QuantPlan) -> bool:
     return any(entry.spec is not None and entry.spec.method == "gptq" and entry.role != "lm_head"
                for entry in plan.entries.values())
@@ -95,7 +117,8 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
                    batches: Sequence[tuple[str, torch.Tensor]] | None, on_layer: LayerCallback | None = None,
                    min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True,
                    expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None,
-                   device: torch.device | str | None = None) -> QuantReport:
+                   device: torch.device | str | None = None, checkpoints: LayerPassCheckpoints | None = None,
+                   resumable: Resumable | None = None) -> QuantReport:
     """Quantise every entry of `plan` in place, layer by layer; `on_layer(i, result)` after each layer.
 
     batches: (domain, (B, S) token ids) calibration batches; may be None when every entry uses
@@ -104,8 +127,11 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     is processed in several passes over its cached inputs (same result).
     reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time;
     device: where layers, Hessians and GPTQ solves run (default: where the model is).
+    checkpoints: where the pass saves its progress after each layer (the cached inputs of the
+    next, the report, `resumable`'s state) and resumes from; earlier layers are not re-read.
     """
     targets = find_targets(model, adapter)
+    checkpoints = checkpoints or LayerPassCheckpoints(None, "quantizing")
     needs_data = _needs_statistics(plan)
     if needs_data and not batches:
         raise ValueError("GPTQ needs calibration batches")
@@ -117,9 +143,13 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     if needs_data:
         runner = engine
         runner.prepare(batches)  # type: ignore[arg-type]
-    report = QuantReport()
+    restored = checkpoints.restore(runner, targets.num_layers)
+    report = QuantReport.from_state(restored.state.get("report"))
+    if resumable is not None and "writer" in restored.state:
+        resumable.restore(restored.state["writer"])
     damp = {name: entry.spec.damp for name, entry in plan.entries.items() if entry.spec is not None}
-    for index in tqdm(range(targets.num_layers), desc="quantising", unit="layer", disable=not progress):
+    for index in tqdm(range(restored.next_layer, targets.num_layers), total=targets.num_layers,
+                      initial=restored.next_layer, desc="quantising", unit="layer", disable=not progress):
         with engine.layer_loaded(index):
             result = _quantize_layer(model, adapter, plan, targets, index, runner, min_tokens, weighted_hessian,
                                      expert_memory)
@@ -129,6 +159,10 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
             if on_layer is not None:
                 on_layer(index, result)
             del result  # its codes (a byte per weight of the layer) must not live on while the next layer is solved
+        state: dict[str, Any] = {"report": report.state()}
+        if resumable is not None:
+            state["writer"] = resumable.state()
+        checkpoints.save(runner, index, None, state)
     result = LayerResult(index=None)  # everything outside the decoder layers: embeddings, final norm, head
     with engine.outside_layers_loaded(include_head=True):
         if targets.head is not None:

@@ -61,7 +61,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     from moecompress.calibration.calibrate import build_stats, collect_statistics
     from moecompress.calibration.stats import config_hash
     from moecompress.io.output import check_output_dir
-    from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
+    from moecompress.models.load import inspect_checkpoint, load_tokenizer
     from moecompress.prune.run import required_statistics, routing_shape
     from moecompress.prune.scorers import get_scorer
     from moecompress.prune.select import feasible_counts
@@ -93,17 +93,11 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     torch.manual_seed(request.seed)
     batches, calib = calibration_batches(sources, request, tokenizer)
     from moecompress.engine.layers import resolve_device
-    from moecompress.engine.reader import CheckpointReader
-    from moecompress.quant.run import check_model_support
+    from moecompress.quant.run import check_model_support, open_for_quantization
 
     device = resolve_device(request.device)
-    reader = None
-    if check_model_support(info.adapter, info.config.model_type, request):
-        reader = CheckpointReader(source, dtype=request.dtype, info=info, device=device)
-        model, adapter = reader.model, reader.adapter
-    else:
-        model, adapter = load_model(source, dtype=request.dtype)
-        model.to(device)
+    streaming = check_model_support(info.adapter, info.config.model_type, request)
+    model, adapter, reader = open_for_quantization(source, info, request, streaming, device)
     widths = request.widths()
     choices = [DROP, *widths]
     targets = find_targets(model, adapter)

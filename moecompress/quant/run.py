@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.quant.allocate import Allocation, allocate, check_budget
 from moecompress.quant.budget import expert_sizes, fixed_bytes, parse_size
@@ -125,6 +126,24 @@ def check_model_support(adapter: Any, model_type: str, request: QuantizeRequest)
     return streams
 
 
+def open_for_quantization(source: Path, info: Any, request: QuantizeRequest, streaming: bool, device: torch.device
+                          ) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, adapter, reader) of the checkpoint `quantize` and `compress` work on, computing on `device`.
+
+    Streaming: a meta-device skeleton and the reader that fills it one layer at a time;
+    otherwise the whole model, moved to `device` (the reader is None).
+    """
+    from moecompress.models.load import load_model
+
+    if streaming:
+        from moecompress.engine.reader import CheckpointReader
+
+        reader = CheckpointReader(source, dtype=request.dtype, info=info, device=device)
+        return reader.model, reader.adapter, reader
+    model, adapter = load_model(source, dtype=request.dtype)
+    return model.to(device), adapter, None
+
+
 def parse_request(**values: Any) -> QuantizeRequest:
     """A validated request; a one-line `MoecompressError` naming the first problem otherwise."""
     try:
@@ -168,8 +187,13 @@ def calibration_batches(sources: list[Any] | None, request: QuantizeRequest, tok
 
 
 def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | None, widths: list[int],
-                        request: QuantizeRequest, progress: bool, reader: Any = None) -> Any:
-    """Per-expert costs of every candidate width: GEMQ's Fisher-weighted errors or MC-MoE's block errors."""
+                        request: QuantizeRequest, progress: bool, reader: Any = None,
+                        checkpoints: RunCheckpoints | None = None) -> Any:
+    """Per-expert costs of every candidate width: GEMQ's Fisher-weighted errors or MC-MoE's block errors.
+
+    checkpoints: MC-MoE's layer pass saves its progress there and resumes from it (GEMQ's
+    backward pass through the whole model starts over).
+    """
     from moecompress.engine.layers import resolve_device
     from moecompress.quant.sensitivity import block_errors, fisher_errors
 
@@ -180,11 +204,13 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
                              expert_memory=request.expert_memory)
     return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
                         weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
-                        expert_memory=request.expert_memory, reader=reader, device=resolve_device(request.device))
+                        expert_memory=request.expert_memory, reader=reader, device=resolve_device(request.device),
+                        checkpoints=(checkpoints or RunCheckpoints.disabled()).layer_pass("sensitivity"))
 
 
 def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest,
-                  batches: list | None, input_bytes: int, element_size: int, progress: bool, reader: Any = None
+                  batches: list | None, input_bytes: int, element_size: int, progress: bool, reader: Any = None,
+                  checkpoints: RunCheckpoints | None = None
                   ) -> tuple[dict[int, list[int]], Allocation | None, dict[str, float | str]]:
     """Choose a width per routed expert: uniform, or sensitivity + the integer program."""
     widths = request.widths()
@@ -196,7 +222,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
         return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
     check_budget(sizes, widths, budget, request.uniform_per_layer,  # before the sensitivity pass
                  require_top=0 if request.uniform_per_layer else request.require_top)
-    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader)
+    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader, checkpoints)
     costs = sens.costs(request.alpha, request.beta)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
                       uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
@@ -256,20 +282,37 @@ def readme_for(plan: QuantPlan, source: Path, fmt: str, average: float) -> str:
 
 
 def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: QuantizeRequest,
-                        sources: list[Any] | None = None, force: bool = False, progress: bool = True
-                        ) -> QuantizeResult:
-    """Quantise a local checkpoint into `output` per `request` (see the module docstring)."""
+                        sources: list[Any] | None = None, force: bool = False, progress: bool = True,
+                        resume: bool = False) -> QuantizeResult:
+    """Quantise a local checkpoint into `output` per `request` (see the module docstring).
+
+    Checkpoints of the run are kept beside `output` (`moecompress.engine.resume`): the
+    sensitivity pass and the quantisation pass (with the shards written so far) after every
+    decoder layer; `resume` continues a killed run of the same request from them.
+    """
     from moecompress.engine.layers import resolve_device
     from moecompress.io.output import check_output_dir
-    from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
-    from moecompress.quant.settings import make_plan
-    from moecompress.quant.targets import find_targets
-    from moecompress.sizes import checkpoint_dtype
+    from moecompress.models.load import inspect_checkpoint
 
     source = Path(checkpoint)
     check_output_dir(output, force, inputs=(source,))
     device = resolve_device(request.device)  # a one-line error before any work when there is no such device
     info = inspect_checkpoint(source)
+    with RunCheckpoints(output, "quantize", resume=resume) as checkpoints:
+        checkpoints.require("options", {"request": request.model_dump(mode="json"),
+                                        "sources": [repr(item) for item in sources or []]})
+        checkpoints.require("input checkpoint", source_fingerprint(source))
+        return _quantize(source, info, output, request, sources, force, progress, device, checkpoints)
+
+
+def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequest, sources: list[Any] | None,
+              force: bool, progress: bool, device: torch.device, checkpoints: RunCheckpoints) -> QuantizeResult:
+    """`quantize_checkpoint` after its first checks, inside the run's checkpoints."""
+    from moecompress.models.load import load_tokenizer
+    from moecompress.quant.settings import make_plan
+    from moecompress.quant.targets import find_targets
+    from moecompress.sizes import checkpoint_dtype
+
     streaming = check_model_support(info.adapter, info.config.model_type, request)
     out_dtype = checkpoint_dtype(info) or torch.float32
     element_size = torch.empty((), dtype=out_dtype).element_size()
@@ -282,20 +325,13 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     torch.manual_seed(request.seed)
     batches, calib = (calibration_batches(sources, request, tokenizer) if request.needs_data()
                       else (None, None))
-    reader = None
-    if streaming:
-        from moecompress.engine.reader import CheckpointReader
-
-        reader = CheckpointReader(source, dtype=request.dtype, info=info, device=device)
-        model, adapter = reader.model, reader.adapter
-    else:
-        model, adapter = load_model(source, dtype=request.dtype)
-        model.to(device)
+    checkpoints.require("calibration data", None if calib is None else calib.digest)
+    model, adapter, reader = open_for_quantization(source, info, request, streaming, device)
     targets = find_targets(model, adapter)
     if not targets.moe:
         raise MoecompressError(f"{source} has no MoE layers to quantise")
     widths, allocation, budget_record = expert_widths(model, adapter, targets, request, batches, info.bytes_on_disk,
-                                                      element_size, progress, reader)
+                                                      element_size, progress, reader, checkpoints)
     allocation_record: dict[str, object] = {}
     if allocation is not None:
         allocation_record = {"solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
@@ -304,7 +340,7 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     plan = make_plan(targets, adapter, widths, request.settings, request.method, request.widths(), budget_record,
                      allocation_record)
     result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
-                             progress, out_dtype, reader=reader)
+                             progress, out_dtype, reader=reader, checkpoints=checkpoints)
     result.allocation = allocation
     return result
 
@@ -312,11 +348,15 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
 def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batches: list | None, source: Path,
                     info: Any, output: str | Path, request: QuantizeRequest, tokenizer: Any, calib: Any, force: bool,
                     progress: bool, out_dtype: torch.dtype, operation: str = "quantize",
-                    extra_manifest: dict[str, Any] | None = None, reader: Any = None) -> QuantizeResult:
+                    extra_manifest: dict[str, Any] | None = None, reader: Any = None,
+                    checkpoints: RunCheckpoints | None = None) -> QuantizeResult:
     """Quantise `model` per `plan` layer by layer while writing the chosen format into `output`.
 
     reader: the `CheckpointReader` a meta-device `model` is read from, one layer at a time.
+    checkpoints: the output is built in their folder and the pass saves its progress there
+    after every layer (`moecompress.engine.resume`); a resumed run continues both.
     """
+    checkpoints = checkpoints or RunCheckpoints.disabled()
     from moecompress.engine.layers import resolve_device
     from moecompress.io.checkpoint import folder_bytes
     from moecompress.io.fake_quant import FakeQuantWriter
@@ -326,15 +366,16 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
     from moecompress.quant.apply import quantize_model
 
     average = plan.average_expert_bits()
-    with atomic_output_dir(output, force=force) as tmp:
+    device = resolve_device(request.device)
+    with atomic_output_dir(output, force=force, folder=checkpoints.output_folder()) as tmp:
         if request.format == "gptq":
             writer: Any = GPTQWriter(tmp, model, adapter, plan, out_dtype, request.max_shard_bytes)
         else:
             writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
         report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, min_tokens=request.min_tokens,
                                 weighted_hessian=request.weighted_hessian, progress=progress,
-                                expert_memory=request.expert_memory, reader=reader,
-                                device=resolve_device(request.device))
+                                expert_memory=request.expert_memory, reader=reader, device=device,
+                                checkpoints=checkpoints.layer_pass("quantizing"), resumable=writer)
         writer.finish()
         if request.format == "fake":
             (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")
@@ -354,7 +395,7 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
             raised_damping=report.raised_damping,
             bytes_before=info.bytes_on_disk,
             bytes_on_disk=folder_bytes(tmp),
-            device=str(resolve_device(request.device)),
+            device=str(device),
             loads_with=("moecompress.load (moecompress.quant.load.load_quantized) or GPTQModel.load"
                         if request.format == "gptq" else "transformers.AutoModelForCausalLM.from_pretrained"),
             **(extra_manifest or {}),

@@ -37,6 +37,7 @@ from moecompress.calibration.gradients import activation_gradients
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import return_freed_memory
 from moecompress.engine.reader import CheckpointReader
+from moecompress.engine.resume import LayerPassCheckpoints
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
 from moecompress.quant.layer_pass import (
     DEFAULT_EXPERT_MEMORY,
@@ -189,7 +190,8 @@ def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: 
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                  widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
                  min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY,
-                 reader: CheckpointReader | None = None, device: torch.device | str | None = None) -> Sensitivity:
+                 reader: CheckpointReader | None = None, device: torch.device | str | None = None,
+                 checkpoints: LayerPassCheckpoints | None = None) -> Sensitivity:
     """MC-MoE block-output errors of every expert at every width, one decoder layer at a time.
 
     Each MoE layer runs once on its cached inputs, recording what its MoE block receives; the
@@ -198,15 +200,22 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
     group's experts are computed for it, so splitting into groups costs no extra layer passes.
     reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time;
     device: where the layers and the candidates compute (default: where the model is).
+    checkpoints: where the pass saves each finished layer's errors and the next layer's inputs,
+    and resumes from (`moecompress.engine.resume`).
     """
+    checkpoints = checkpoints or LayerPassCheckpoints(None, "sensitivity")
     runner = LayerEngine(model, adapter, reader=reader, device=device)
     runner.prepare(batches)
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
-    layers: dict[int, LayerErrors] = {}
-    for index in tqdm(range(len(runner.layers)), desc="sensitivity", unit="layer", disable=not progress):
+    total = len(runner.layers)
+    restored = checkpoints.restore(runner, total)
+    layers = {index: LayerErrors(list(widths), **saved) for index, saved in restored.layers.items()}
+    for index in tqdm(range(restored.next_layer, total), total=total, initial=restored.next_layer,
+                      desc="sensitivity", unit="layer", disable=not progress):
         with runner.layer_loaded(index):
             if index not in moe:
                 runner.run_layer(index)
+                checkpoints.save(runner, index)
                 continue
             ref = moe[index]
             inputs = record_block_inputs(runner, ref, index, advance=True)
@@ -217,6 +226,8 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
                 _measure_chunk(adapter, ref, inputs, errors, chunk, widths, base, quantizer, weighted, min_tokens)
                 return_freed_memory()  # the group's copies are gone: hand their pages back before the next group
             layers[index] = errors
+        checkpoints.save(runner, index, {"error": errors.error, "drop_error": errors.drop_error,
+                                         "count": errors.count, "gate_sum": errors.gate_sum})
     return Sensitivity("block-error", list(widths), layers)
 
 

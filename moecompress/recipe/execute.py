@@ -42,32 +42,23 @@ def _stats(stats_dir: Path | None, model: Path) -> Any:
     return RoutingStats.load(stats_dir, expect_config=load_config(model)) if stats_dir is not None else None
 
 
-def run_calibrate(step: CalibrateStep, model: Path, output: Path, progress: bool = True) -> Any:
+def run_calibrate(step: CalibrateStep, model: Path, output: Path, progress: bool = True, resume: bool = False) -> Any:
     """`moecompress calibrate`: returns the `RoutingStats` saved in `output`."""
-    from moecompress.calibration.calibrate import calibrate
-    from moecompress.io.output import atomic_output_dir, check_output_dir
+    from moecompress.calibration.calibrate import calibrate_to_folder
+    from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint
 
     check_output_dir(output, True, inputs=(model,))
     inspect_checkpoint(model)
-    sources = _sources(step)
-    names = step.statistics()
     mode = "whole-model" if (step.whole_model or step.gradients) else "layerwise"
-    stats = calibrate(model, sources, num_samples=step.samples, seq_len=step.seq_len, seed=step.seed,
-                      batch_size=step.batch_size, dtype=step.dtype, statistics=names, mode=mode, progress=progress,
-                      device=step.device, max_memory=step.max_memory)
-
-    def write() -> None:
-        with atomic_output_dir(output, force=True) as tmp:
-            stats.save(tmp)
-
-    from moecompress.engine import distributed
-
-    distributed.writer_only(write, "writing the statistics")  # under torchrun: rank 0 writes, the others wait
-    return stats
+    return calibrate_to_folder(model, output, _sources(step), num_samples=step.samples, seq_len=step.seq_len,
+                               seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
+                               statistics=step.statistics(), mode=mode, device=step.device,
+                               max_memory=step.max_memory, force=True, resume=resume, progress=progress)
 
 
-def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True) -> Any:
+def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True,
+              resume: bool = False) -> Any:
     """`moecompress prune`: returns the `PruneResult` (under torchrun `prune_checkpoint` writes on rank 0 only)."""
     from moecompress.prune.run import prune_checkpoint
 
@@ -78,7 +69,7 @@ def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None
                             protect_super_experts=not step.no_protect_super_experts, dry_run=False, force=True,
                             progress=progress, allocation=step.allocation, dynamic_skip=step.dynamic_skip,
                             new_top_k=step.top_k, patterns=step.patterns, device=step.device,
-                            max_memory=step.max_memory)
+                            max_memory=step.max_memory, resume=resume)
 
 
 def run_condense(step: CondenseStep, model: Path, output: Path, progress: bool = True) -> Any:
@@ -99,12 +90,13 @@ def _request(step: QuantizeStep | CompressStep) -> Any:
     return parse_request(**values, expert_memory=step.expert_memory_bytes(()))
 
 
-def run_quantize(step: QuantizeStep, model: Path, output: Path, progress: bool = True) -> Any:
+def run_quantize(step: QuantizeStep, model: Path, output: Path, progress: bool = True, resume: bool = False) -> Any:
     """`moecompress quantize`: returns the `QuantizeResult`."""
     from moecompress.quant.run import quantize_checkpoint
 
     request = _request(step)
-    return quantize_checkpoint(model, output, request, sources=_sources(step), force=True, progress=progress)
+    return quantize_checkpoint(model, output, request, sources=_sources(step), force=True, progress=progress,
+                               resume=resume)
 
 
 def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True) -> Any:

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from moecompress.engine.resume import file_marks, read_json_file, resume_folder, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.recipe import execute
 from moecompress.recipe.errors import RecipeError
@@ -45,31 +46,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _file_marks(path: Path) -> list[Any]:
-    """(relative name, size, mtime) of a file, or of every file under a folder."""
-    if path.is_file():
-        stat = path.stat()
-        return [[path.name, stat.st_size, stat.st_mtime_ns]]
-    marks = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = Path(root) / name
-            stat = full.stat()
-            marks.append([str(full.relative_to(path)), stat.st_size, stat.st_mtime_ns])
-    return marks
-
-
-def source_fingerprint(folder: Path) -> str:
-    """The input checkpoint: its config's bytes and its files' names, sizes and times (no weight is read)."""
-    sha = hashlib.sha256()
-    config = folder / "config.json"
-    if config.is_file():
-        sha.update(config.read_bytes())
-    sha.update(json.dumps(_file_marks(folder)).encode())
-    return sha.hexdigest()
-
-
 def _data_marks(planned: PlannedStep) -> list[Any]:
     data = getattr(planned.step, "data", None)
     if data is None:
@@ -79,7 +55,7 @@ def _data_marks(planned: PlannedStep) -> list[Any]:
     else:
         paths = [Path(spec.split("=", 1)[1]) if "=" in spec and not Path(spec).exists() else Path(spec)
                  for spec in data]
-    return [[str(path), _file_marks(path) if path.exists() else None] for path in paths]
+    return [[str(path), file_marks(path) if path.exists() else None] for path in paths]
 
 
 def step_fingerprints(plan: Plan) -> list[str]:
@@ -95,7 +71,7 @@ def step_fingerprints(plan: Plan) -> list[str]:
             "values": planned.step.model_dump(mode="json"),
             "input": prints[planned.input_step] if planned.input_step is not None else source,
             "stats": (prints[planned.stats_step] if planned.stats_step is not None
-                      else _file_marks(Path(stats)) if stats else None),
+                      else file_marks(Path(stats)) if stats else None),
             "data": _data_marks(planned) if hasattr(planned.step, "data") else None,
             "version": __version__,
         }
@@ -105,13 +81,7 @@ def step_fingerprints(plan: Plan) -> list[str]:
 
 def read_run(run_dir: Path) -> dict[str, Any] | None:
     """The run manifest of a run folder, or None."""
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    return read_json_file(run_dir / RUN_FILE)
 
 
 def _write_run(run_dir: Path, manifest: dict[str, Any]) -> None:
@@ -201,16 +171,18 @@ def _remove_stale_folders(plan: Plan) -> None:
             shutil.rmtree(child)
 
 
-def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, progress: bool) -> Any:
+def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, progress: bool, resume: bool) -> Any:
+    """Run one step; `resume`: calibrate, prune and quantize continue from the step's layer checkpoints."""
     step, model, output = planned.step, planned.input, planned.folder
+    resume = resume and resume_folder(output).is_dir()  # only a step that was interrupted has checkpoints
     if planned.op == "calibrate":
-        return execute.run_calibrate(step, model, output, progress)  # type: ignore[arg-type]
+        return execute.run_calibrate(step, model, output, progress, resume)  # type: ignore[arg-type]
     if planned.op == "prune":
-        return execute.run_prune(step, model, output, stats_dir, progress)  # type: ignore[arg-type]
+        return execute.run_prune(step, model, output, stats_dir, progress, resume)  # type: ignore[arg-type]
     if planned.op == "condense":
         return execute.run_condense(step, model, output, progress)  # type: ignore[arg-type]
     if planned.op == "quantize":
-        return execute.run_quantize(step, model, output, progress)  # type: ignore[arg-type]
+        return execute.run_quantize(step, model, output, progress, resume)  # type: ignore[arg-type]
     if planned.op == "compress":
         return execute.run_compress(step, model, output, stats_dir, progress)  # type: ignore[arg-type]
     if planned.op == "eval":
@@ -263,7 +235,7 @@ def run_plan(plan: Plan, resume: bool = False, force: bool = False, progress: bo
         replace_write = force or record.get("output") in overwritable
         started = time.perf_counter()
         try:
-            result = _execute(planned, stats_dir, replace_write, progress)
+            result = _execute(planned, stats_dir, replace_write, progress, resume)
         except BaseException as err:
             record.update(status="failed", error=" ".join(str(err).split()) or type(err).__name__,
                           seconds=round(time.perf_counter() - started, 3))

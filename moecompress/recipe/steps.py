@@ -464,4 +464,4 @@ RUNNER_SET: dict[str, dict[str, str]] = {
     "eval": {"model": "the current checkpoint", "json_out": "eval.json in the step's folder",
              "json": "not in recipes", "force": "the runner"},
 }
-CLI_ONLY = ("print_step",)
+CLI_ONLY = ("print_step", "resume")  # a recipe resumes with `moecompress run --resume`

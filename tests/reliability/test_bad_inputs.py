@@ -106,11 +106,10 @@ def header_garbage(model: Path, work: Path) -> list[str]:
 
 
 def missing_shard(model: Path, work: Path) -> list[str]:
-    keys = list(load_file(str(_weights(model))))
+    tensors = load_file(str(_weights(model)))
     index = {"metadata": {"total_size": 0},
              "weight_map": {k: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
-                            for i, k in enumerate(keys)}}
-    tensors = load_file(str(_weights(model)))
+                            for i, k in enumerate(tensors)}}
     first_shard = {k: v for i, (k, v) in enumerate(tensors.items()) if i % 2}
     save_file(first_shard, str(model / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     _weights(model).unlink()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from moecompress.engine.resume import resume_folder
 from moecompress.unfinished import INCOMPLETE_MARKER
 from tests.cli_helpers import make_checkpoint
 from tests.reliability.test_bad_inputs import digest
@@ -59,7 +60,9 @@ POINTS = {"calibrate": ("before-rename",), "prune": ("output-created", "shard-wr
 
 
 def leftovers(out: Path) -> list[Path]:
-    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-"))
+    """Unfinished output folders of a run writing `out`: temporary siblings, or the one its checkpoints hold."""
+    found = sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-"))
+    return found + [p for p in (resume_folder(out) / "output",) if p.is_dir()]
 
 
 @pytest.mark.parametrize(("command", "point"), [(c, p) for c, points in POINTS.items() for p in points])
@@ -87,7 +90,7 @@ def test_killed_run_leaves_nothing_that_looks_complete(command: str, point: str,
 
 
 def test_kill_during_calibration_leaves_no_folder(checkpoint: Path, tmp_path: Path) -> None:
-    """SIGKILL from outside while the calibration pass runs, before any output folder exists."""
+    """SIGKILL from outside while the calibration pass runs, before any output folder exists (only checkpoints)."""
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("MOECOMPRESS_FAULT", None)
@@ -109,3 +112,4 @@ def test_kill_during_calibration_leaves_no_folder(checkpoint: Path, tmp_path: Pa
             child.kill()
     assert child.returncode == -signal.SIGKILL
     assert not out.exists() and not leftovers(out)
+    assert (resume_folder(out) / INCOMPLETE_MARKER).is_file()  # the checkpoints kept for --resume, marked unfinished

@@ -544,7 +544,7 @@ class MoEAdapter:
 
     def expert_param_names(self, layer: MoELayerRef) -> list[str]:
         """State-dict names (relative to the experts module) of per-expert tensors (expert axis 0)."""
-        return [name for name, _ in layer.experts.named_parameters()] + [
+        return self.expert_weight_names(layer) + [
             name for name, _ in layer.experts.named_buffers()
         ]
 
