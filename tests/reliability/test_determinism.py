@@ -11,7 +11,7 @@ from tests.cli_helpers import make_checkpoint, run_cli
 
 CALIBRATION = ["--samples", "3", "--seq-len", "32", "--batch-size", "2"]
 # fields that record when or how long, not what
-VOLATILE = {"created", "seconds"}
+VOLATILE = {"created", "seconds", "total_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,8 @@ def _contents(folder: Path) -> dict[str, object]:
     ["prune", "--method", "reap", "--ratio", "0.5", *CALIBRATION],
     ["prune", "--method", "heapr", "--ratio", "0.25", *CALIBRATION],
     ["quantize", "--bits", "2.5", *CALIBRATION],
+    ["condense", "--layers", "1", "--experts", "2", "--no-timing", *CALIBRATION],
+    ["compress", "--size", "60%", *CALIBRATION],
 ])
 def test_same_command_twice_gives_identical_files(command, checkpoint, tmp_path, monkeypatch, capsys) -> None:
     outputs = []
