@@ -267,3 +267,21 @@ def writer_only(step: Callable[[], T], what: str) -> T:
             result[0] = step()
     _dist().broadcast_object_list(result, src=0)
     return result[0]
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's `value` (which must pickle) on every rank; collective. Returns `value` in a single process."""
+    if not active():
+        return value
+    box: list[Any] = [value if is_writer() else None]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (which must pickle), in rank order, on every rank; collective. `[value]` in one process."""
+    if not active():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    _dist().all_gather_object(gathered, value)
+    return gathered

@@ -37,6 +37,7 @@ from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
+from moecompress.quant.data_parallel import all_reduce_gptq, solve_experts_in_parallel
 from moecompress.quant.layer_pass import (
     DEFAULT_EXPERT_MEMORY,
     ExpertHessians,
@@ -202,6 +203,7 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
                 linear_stats = LinearHessians(linear_stats.modules)  # a layer running its MLP first: no early stop
                 with linear_stats.hooked():
                     run_cached(runner, index)
+            all_reduce_gptq(linear_stats.stats.values())  # data parallel: the statistics of every rank's batches
             if gptq_experts:
                 assert moe is not None and recorded is not None
                 probe = adapter.expert_weights(moe, 0)
@@ -209,6 +211,7 @@ def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targ
                 for chunk in expert_chunks(gptq_experts, hessian_bytes(hidden, width), expert_memory):
                     expert_stats = ExpertHessians(moe.num_experts, hidden, width, experts=chunk, weighted=weighted)
                     visit_recorded(adapter, moe, recorded, expert_stats, chunk)
+                    all_reduce_gptq([*expert_stats.inputs.values(), *expert_stats.activations.values()])
                     _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
                     del expert_stats  # the next group's Hessians replace these, never beside them
                     return_freed_memory()
@@ -254,8 +257,15 @@ def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict[int, 
                       stats: ExpertHessians | None,
                       min_tokens: int, result: LayerResult) -> None:
     canonical = {e: adapter.expert_weights(moe, e) for e in experts}
-    solved_all = quantize_experts(canonical, experts, stats.inputs if stats is not None else {},
-                                  stats.activations if stats is not None else {}, min_tokens)
+    inputs = stats.inputs if stats is not None else {}
+    activations = stats.activations if stats is not None else {}
+    device = next(iter(canonical.values())).up.device
+
+    def solve(owned: list[int]) -> dict[int, dict[str, Solved]]:
+        return quantize_experts({e: canonical[e] for e in owned}, {e: experts[e] for e in owned}, inputs,
+                                activations, min_tokens)
+
+    solved_all = solve_experts_in_parallel(solve, sorted(experts), device)  # under torchrun: a share per rank
     for e, solved in solved_all.items():
         key = f"{moe.experts_path}.{e}"
         write_expert(canonical[e], solved)

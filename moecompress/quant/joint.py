@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from moecompress.engine import distributed
 from moecompress.errors import MoecompressError
 from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate, check_budget
 from moecompress.quant.run import QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
@@ -73,6 +74,10 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     from moecompress.sizes import checkpoint_dtype
 
     source = Path(checkpoint)
+    distributed.initialise(request.device)  # under torchrun: data parallel passes, rank 0 writes
+    if distributed.active() and request.method == "gemq":
+        raise MoecompressError("--method gemq needs a backward pass through the whole model in one process; run it "
+                               "without torchrun, or use --method mc-moe")
     check_output_dir(output, force, inputs=(source,))
     if request.method == "uniform" or request.uniform_per_layer:
         raise MoecompressError("compress chooses a width per expert: use --method mc-moe or gemq, "
@@ -92,6 +97,9 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     tokenizer = load_tokenizer(source)
     torch.manual_seed(request.seed)
     batches, calib = calibration_batches(sources, request, tokenizer)
+    if distributed.active():
+        batches = distributed.shard(batches)  # this rank's share; the statistics pass shards the same windows itself
+        progress = progress and distributed.is_writer()
     from moecompress.engine.layers import resolve_device
     from moecompress.quant.run import check_model_support, open_for_quantization
 
@@ -108,7 +116,8 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     if stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       required_statistics(prune_method, protect_super_experts),
-                                      request.batch_size, "layerwise", progress, reader=reader, device=device)
+                                      request.batch_size, "layerwise", progress, reader=reader, device=device,
+                                      data_parallel=True)
         stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
     scores = scorer.score(stats, params, None)
     protected: dict[int, list[int]] = {}
@@ -124,6 +133,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
                        n_group=shape.groups[0] if shape.groups else 1, protected=protected)
     allocation = allocate(costs, sizes, choices, budget, scope="global", require_top=request.require_top,
                           prune=rules, time_limit=request.time_limit)
+    allocation = distributed.broadcast_object(allocation)  # under torchrun every rank follows rank 0's choice
 
     keep = {layer: [e for e, w in enumerate(ws) if w != DROP] for layer, ws in allocation.widths.items()}
     dropped = {layer: [e for e, w in enumerate(ws) if w == DROP] for layer, ws in allocation.widths.items()}

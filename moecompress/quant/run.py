@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.quant.allocate import Allocation, allocate, check_budget
@@ -226,6 +227,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
     costs = sens.costs(request.alpha, request.beta)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
                       uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
+    result = distributed.broadcast_object(result)  # under torchrun every rank quantises with rank 0's choice
     log.info("allocation: %s %s program(s), %d binaries, %s in %.2f s", result.solver, request.scope(),
              result.variables, result.status, result.seconds)
     return result.widths, result, budget_record
@@ -295,6 +297,10 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     from moecompress.models.load import inspect_checkpoint
 
     source = Path(checkpoint)
+    distributed.initialise(request.device)  # under torchrun: join the other ranks (data parallel, rank 0 writes)
+    if distributed.active() and request.method == "gemq":
+        raise MoecompressError("--method gemq needs a backward pass through the whole model in one process; run it "
+                               "without torchrun, or use --method mc-moe")
     check_output_dir(output, force, inputs=(source,))
     device = resolve_device(request.device)  # a one-line error before any work when there is no such device
     info = inspect_checkpoint(source)
@@ -326,6 +332,9 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
     batches, calib = (calibration_batches(sources, request, tokenizer) if request.needs_data()
                       else (None, None))
     checkpoints.require("calibration data", None if calib is None else calib.digest)
+    if distributed.active():
+        batches = distributed.shard(batches) if batches is not None else None  # this rank's share of the batches
+        progress = progress and distributed.is_writer()
     model, adapter, reader = open_for_quantization(source, info, request, streaming, device)
     targets = find_targets(model, adapter)
     if not targets.moe:
@@ -367,6 +376,11 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
 
     average = plan.average_expert_bits()
     device = resolve_device(request.device)
+    if distributed.active() and not distributed.is_writer():  # the same passes and collectives, nothing written
+        quantize_model(model, adapter, plan, batches, min_tokens=request.min_tokens,
+                       weighted_hessian=request.weighted_hessian, progress=False, expert_memory=request.expert_memory,
+                       reader=reader, device=device)
+        return distributed.broadcast_object(None)  # type: ignore[return-value]
     with atomic_output_dir(output, force=force, folder=checkpoints.output_folder()) as tmp:
         if request.format == "gptq":
             writer: Any = GPTQWriter(tmp, model, adapter, plan, out_dtype, request.max_shard_bytes)
@@ -396,6 +410,7 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
             bytes_before=info.bytes_on_disk,
             bytes_on_disk=folder_bytes(tmp),
             device=str(device),
+            world_size=distributed.world_size(),
             loads_with=("moecompress.load (moecompress.quant.load.load_quantized) or GPTQModel.load"
                         if request.format == "gptq" else "transformers.AutoModelForCausalLM.from_pretrained"),
             **(extra_manifest or {}),
@@ -403,9 +418,10 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
         write_manifest(tmp, manifest)
         (tmp / "README.md").write_text(readme_for(plan, source, request.format, average))
         bytes_after = folder_bytes(tmp)
-    return QuantizeResult(plan=plan, output=Path(output), allocation=None, average_bits=average,
-                          effective_bits=effective, bytes_before=info.bytes_on_disk, bytes_after=bytes_after,
-                          fallbacks=report.fallbacks, raised_damping=report.raised_damping, format=request.format)
+    return distributed.broadcast_object(QuantizeResult(
+        plan=plan, output=Path(output), allocation=None, average_bits=average, effective_bits=effective,
+        bytes_before=info.bytes_on_disk, bytes_after=bytes_after, fallbacks=report.fallbacks,
+        raised_damping=report.raised_damping, format=request.format))
 
 
 def planned_effective_bits(plan: QuantPlan, model: torch.nn.Module, adapter: Any) -> dict[str, float]:

@@ -39,6 +39,7 @@ from moecompress.engine.memory import return_freed_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
+from moecompress.quant.data_parallel import all_reduce_gptq, all_reduce_sums
 from moecompress.quant.layer_pass import (
     DEFAULT_EXPERT_MEMORY,
     ExpertHessians,
@@ -183,6 +184,7 @@ def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: 
         hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], experts=chunk,
                                   weighted=weighted)
         visit_recorded(adapter, ref, inputs, hessians, chunk)
+        all_reduce_gptq([*hessians.inputs.values(), *hessians.activations.values()])  # data parallel: every rank's
     reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
     visit_recorded(adapter, ref, inputs, ErrorVisitor(errors, reference, candidates), chunk)
 
@@ -225,6 +227,7 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
             for chunk in chunks:
                 _measure_chunk(adapter, ref, inputs, errors, chunk, widths, base, quantizer, weighted, min_tokens)
                 return_freed_memory()  # the group's copies are gone: hand their pages back before the next group
+            all_reduce_sums([errors.error, errors.drop_error, errors.count, errors.gate_sum])  # data parallel
             layers[index] = errors
         checkpoints.save(runner, index, {"error": errors.error, "drop_error": errors.drop_error,
                                          "count": errors.count, "gate_sum": errors.gate_sum})
