@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -149,12 +150,26 @@ def initialise(device: torch.device | str | None = None, quiet: bool = True) -> 
         raise MoecompressError(f"WORLD_SIZE={world} but the processes cannot meet ({_one_line(err)}); "
                                "launch with torchrun --nproc-per-node N -m moecompress ...") from None
     atexit.register(_shutdown)
+    signal.signal(signal.SIGTERM, _stopped_by_launcher)
     if quiet and dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     return dist.get_rank(), dist.get_world_size()
 
 
+def _stopped_by_launcher(signum: int, frame: Any) -> None:
+    """SIGTERM from torchrun, which stops every rank when one fails: unwind, so no half-written output stays."""
+    if _EXITING:
+        os._exit(1)  # already on the way out (the error was reported): nothing left to unwind
+    raise SystemExit("error: stopped because another process of this torchrun job failed (the launcher's report "
+                     "below names it); nothing was written")
+
+
+_EXITING = False  # set once the process is shutting down
+
+
 def _shutdown() -> None:
+    global _EXITING
+    _EXITING = True
     dist = _dist()
     if dist.is_initialized():
         with contextlib.suppress(Exception):
@@ -190,20 +205,33 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     dist = _dist()
     where = _comm_device(tensor)
     work = tensor if tensor.device == where and tensor.is_contiguous() else tensor.to(where).contiguous()
-    dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]))
+    with _peers_alive():
+        dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]))
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+@contextlib.contextmanager
+def _peers_alive() -> Iterator[None]:
+    """A collective whose peer died (killed, out of memory) fails here in one line instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.distributed.DistBackendError and the backends' own errors
+        raise MoecompressError(f"lost contact with another process of this torchrun job while communicating "
+                               f"({_one_line(err)[:160]}): it failed or was killed, and the launcher's report names "
+                               "it; nothing was written") from None
 
 
 def barrier() -> None:
     """Wait until every rank gets here (a no-op in a single process)."""
     if active():
         dist = _dist()
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+        with _peers_alive():
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
 
 
 def _one_line(err: BaseException) -> str:
@@ -225,7 +253,8 @@ def agree(error: BaseException | None, what: str) -> None:
         return
     dist = _dist()
     lines: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(lines, None if error is None else _one_line(error))
+    with _peers_alive():
+        dist.all_gather_object(lines, None if error is None else _one_line(error))
     if error is not None:
         return
     for index, line in enumerate(lines):
@@ -265,7 +294,8 @@ def writer_only(step: Callable[[], T], what: str) -> T:
     with phase(what):
         if is_writer():
             result[0] = step()
-    _dist().broadcast_object_list(result, src=0)
+    with _peers_alive():
+        _dist().broadcast_object_list(result, src=0)
     return result[0]
 
 
@@ -274,7 +304,8 @@ def broadcast_object(value: T) -> T:
     if not active():
         return value
     box: list[Any] = [value if is_writer() else None]
-    _dist().broadcast_object_list(box, src=0)
+    with _peers_alive():
+        _dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -283,5 +314,6 @@ def all_gather_objects(value: T) -> list[T]:
     if not active():
         return [value]
     gathered: list[Any] = [None] * world_size()
-    _dist().all_gather_object(gathered, value)
+    with _peers_alive():
+        _dist().all_gather_object(gathered, value)
     return gathered

@@ -171,6 +171,7 @@ class LayerPassCheckpoints:
     def save(self, engine: LayerEngine | None, finished: int, layer_tensors: dict[str, torch.Tensor] | None = None,
              state: dict[str, Any] | None = None) -> None:
         """Decoder layer `finished` is done: store its tensors, the engine's cached inputs of the next, and `state`."""
+        fault_point("layer-done", f"{self.name}:{finished}")
         if self.folder is None:
             return
         if layer_tensors:

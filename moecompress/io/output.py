@@ -39,11 +39,15 @@ def check_output_dir(path: str | Path, force: bool, inputs: tuple[str | Path, ..
 
 
 FAULT_ENV = "MOECOMPRESS_FAULT"
+FAULT_RANK_ENV = "MOECOMPRESS_FAULT_RANK"
 
 
 def fault_point(name: str, detail: str | None = None) -> None:
     """Die by SIGKILL here when $MOECOMPRESS_FAULT names this point, as `name` or `name:detail` (kill tests)."""
     wanted = os.environ.get(FAULT_ENV)
+    only_rank = os.environ.get(FAULT_RANK_ENV)  # under torchrun: only this rank dies
+    if only_rank is not None and os.environ.get("RANK", "0") != only_rank:
+        return
     if wanted is not None and (wanted == name or (detail is not None and wanted == f"{name}:{detail}")):
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -48,12 +48,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(args: list[str], module: str = "moecompress", nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], module: str = "moecompress", nproc: int = 2,
+             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node NPROC -m MODULE ARGS` on the CPU, from the repository root."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "MOECOMPRESS_FAULT", "MOECOMPRESS_FAULT_RANK")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               COLUMNS="120", CUDA_VISIBLE_DEVICES="")
+               COLUMNS="120", CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module, *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -177,3 +179,15 @@ def test_two_ranks_quantize_like_one_process(command, checkpoint, data, tmp_path
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["calibration"]["digest"] == two["calibration"]["digest"]
     _assert_same_quantised(load_file(single_dir / "model.safetensors"), load_file(parallel_dir / "model.safetensors"))
+
+
+def test_a_killed_rank_stops_quantize_and_nothing_is_left(checkpoint, data, tmp_path) -> None:
+    """Rank 1 dies by SIGKILL after its first quantised layer; rank 0 stops in one line and removes its folder."""
+    out = tmp_path / "out"
+    run = torchrun(["quantize", str(checkpoint), "--bits", "2.5", *data, *CALIBRATION, "-o", str(out)],
+                   env_extra={"MOECOMPRESS_FAULT": "layer-done:quantizing:0", "MOECOMPRESS_FAULT_RANK": "1"})
+    assert run.returncode != 0
+    assert "Signal 9 (SIGKILL) received" in run.stderr  # the launcher's report names the rank that died
+    ours = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ("another process of this torchrun job" in ours[0]), run.stderr[-3000:]
+    assert not out.exists() and _leftovers(tmp_path) == []
