@@ -18,6 +18,10 @@ frequency` from the same statistics. Checks, each printed with its measured valu
 * `quantize --bits 3 --device cuda` (MC-MoE sensitivity, GPTQ through the layer engine) chooses the
   same bits per expert as on cpu, and its output, reopened with `moecompress.load`, gives the cpu
   output's logits within `--rtol` (of the largest logit), with the seconds each device took;
+* with two or more GPUs, `torchrun --nproc-per-node 2 -m moecompress quantize --bits 3 --device cuda`
+  (NCCL, data-parallel passes, expert-parallel solves) chooses the single-GPU run's bits per
+  expert and gives its logits within `--rtol`, with the seconds it took (a machine with one GPU
+  reports the check as not run);
 * seconds per decoder layer on each device.
 
 Exit status 1 when a check fails; 2 when no CUDA device is present.
@@ -107,6 +111,37 @@ def quantize_on_devices(checkpoint: Path, folder: Path, devices: tuple[str, ...]
     return out
 
 
+def torchrun_quantize(checkpoint: Path, folder: Path, ranks: int = 2) -> dict:
+    """`quantize --bits 3 --device cuda` under torchrun with `ranks` GPUs: seconds, bits per expert, logits."""
+    import os
+    import socket
+    import subprocess
+
+    import torch
+
+    from moecompress.io.manifest import read_manifest
+    from moecompress.quant.load import load_quantized
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = folder / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+               "127.0.0.1", "--master-port", str(port), "-m", "moecompress", "quantize", str(checkpoint), "--bits",
+               "3", "--samples", "8", "--seq-len", "128", "--device", "cuda", "-o", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          cwd=Path(__file__).resolve().parents[1])
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"seconds": seconds, "error": done.stderr[-3000:]}
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    model, _ = load_quantized(out)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    return {"seconds": seconds, "bits": read_manifest(out)["expert_bits"], "logits": logits}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -127,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = run_device(checkpoint, "cpu", args.layers)
         cuda = run_device(checkpoint, "cuda", args.layers)
         quantised = quantize_on_devices(checkpoint, Path(tmp))
+        ranks = torchrun_quantize(checkpoint, Path(tmp)) if torch.cuda.device_count() >= 2 else None
     worst = 0.0
     for key, value in cpu["stats"].tensors.items():
         other = cuda["stats"].tensors[key]
@@ -149,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     report["checks"]["quantize --device cuda: logits max relative difference"] = {
         "value": logit_gap, "ok": logit_gap <= args.rtol}
     report["quantize_seconds"] = {device: quantised[device]["seconds"] for device in ("cpu", "cuda")}
+    if ranks is None:
+        report["torchrun"] = "not run: this machine has one GPU (the check needs two)"
+    elif "error" in ranks:
+        report["checks"]["torchrun quantize on 2 GPUs ran"] = {"value": ranks["error"], "ok": False}
+    else:
+        single = quantised["cuda"]
+        same = ranks["bits"] == {str(k): v for k, v in single["bits"].items()}  # the manifest keys layers as text
+        gap = float((ranks["logits"] - single["logits"]).abs().max()) / (float(single["logits"].abs().max()) or 1.0)
+        report["checks"]["torchrun quantize on 2 GPUs: same bits per expert"] = {"value": same, "ok": same}
+        report["checks"]["torchrun quantize on 2 GPUs: logits max relative difference"] = {
+            "value": gap, "ok": gap <= args.rtol}
+        report["torchrun_quantize_seconds"] = {"2 GPUs": ranks["seconds"], "1 GPU": single["seconds"]}
     print(json.dumps(report, indent=2))
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
