@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import pickle
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -185,6 +186,19 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[rank()::world_size()])
 
 
+_TRAFFIC = {"collectives": 0, "bytes": 0}  # what this rank has sent into collectives since it joined
+
+
+def traffic() -> dict[str, int]:
+    """Collectives this rank took part in and the bytes it contributed (tensors, and pickled objects gathered)."""
+    return dict(_TRAFFIC)
+
+
+def _count(nbytes: int) -> None:
+    _TRAFFIC["collectives"] += 1
+    _TRAFFIC["bytes"] += int(nbytes)
+
+
 def _comm_device(tensor: torch.Tensor) -> torch.device:
     """Where the backend reduces: the rank's GPU for NCCL, host memory for gloo."""
     if _dist().get_backend() == "nccl":
@@ -205,6 +219,7 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     dist = _dist()
     where = _comm_device(tensor)
     work = tensor if tensor.device == where and tensor.is_contiguous() else tensor.to(where).contiguous()
+    _count(work.numel() * work.element_size())
     with _peers_alive():
         dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]))
     if work is not tensor:
@@ -314,6 +329,7 @@ def all_gather_objects(value: T) -> list[T]:
     if not active():
         return [value]
     gathered: list[Any] = [None] * world_size()
+    _count(len(pickle.dumps(value)))
     with _peers_alive():
         _dist().all_gather_object(gathered, value)
     return gathered

@@ -411,6 +411,7 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
             bytes_on_disk=folder_bytes(tmp),
             device=str(device),
             world_size=distributed.world_size(),
+            **({"communication_rank0": distributed.traffic()} if distributed.active() else {}),
             loads_with=("moecompress.load (moecompress.quant.load.load_quantized) or GPTQModel.load"
                         if request.format == "gptq" else "transformers.AutoModelForCausalLM.from_pretrained"),
             **(extra_manifest or {}),
