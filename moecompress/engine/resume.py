@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from moecompress.engine import distributed
 from moecompress.errors import MoecompressError
-from moecompress.io.output import fault_point
+from moecompress.io.output import disk_error, fault_point
 from moecompress.unfinished import INCOMPLETE_MARKER
 
 if TYPE_CHECKING:
@@ -107,17 +107,15 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, SafetensorError) as err:
+    except OSError as err:
         tmp.unlink(missing_ok=True)
-        text = str(err)
-        if getattr(err, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC}" in text:
-            why = "the disk is full"
-        elif isinstance(err, OSError) and err.strerror:
-            why = err.strerror.lower()
-        else:
-            why = text
-        raise MoecompressError(f"cannot save the run's checkpoint {path.name} in {path.parent}: {why}; choose an "
-                               "output folder on a writable disk with room for it (the input is unchanged)") from None
+        raise (disk_error(err, path.parent, "save the run's checkpoints in") or err) from None
+    except SafetensorError as err:  # safetensors reports the OS error inside its own
+        tmp.unlink(missing_ok=True)
+        if f"os error {errno.ENOSPC}" not in str(err):
+            raise
+        raise disk_error(OSError(errno.ENOSPC, "No space left on device"), path.parent,
+                         "save the run's checkpoints in") from None
 
 
 @dataclass
@@ -257,8 +255,7 @@ class RunCheckpoints:
             (self.folder / INCOMPLETE_MARKER).write_text("Checkpoints of an unfinished moecompress run (continue it "
                                                          "with --resume, or delete this folder).\n")
         except OSError as err:
-            raise MoecompressError(f"cannot keep checkpoints in {self.folder}: {err.strerror}; choose an output "
-                                   "folder on a writable disk with room for it") from None
+            raise (disk_error(err, self.output, "create the output folder") or err) from None
         self._write_record()
 
     def _write_record(self) -> None:

@@ -58,7 +58,7 @@ _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 
 
-def _disk_error(err: OSError, out: Path, doing: str) -> MoecompressError | None:
+def disk_error(err: OSError, out: Path, doing: str) -> MoecompressError | None:
     """A one-line error for a failure to write `out` (None: not a disk or permission problem)."""
     why = _DISK_ERRORS.get(err.errno or -1)
     if why is None:
@@ -87,13 +87,13 @@ def atomic_output_dir(path: str | Path, force: bool = False, folder: Path | None
         (tmp / INCOMPLETE_MARKER).write_text(f"An unfinished moecompress output for {out.name}: the run writing it "
                                              "stopped before the end. Delete this folder.\n")
     except OSError as err:
-        raise (_disk_error(err, out, "create the output folder") or err) from None
+        raise (disk_error(err, out, "create the output folder") or err) from None
     try:
         fault_point("output-created")
         yield tmp
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        found = _disk_error(err, out, "write the output folder")
+        found = disk_error(err, out, "write the output folder")
         if found is None:
             raise
         raise found from None

@@ -283,6 +283,7 @@ def _check_case(name: str, case: Case, model: Path, work: Path, monkeypatch, cap
     assert code != 0, f"{name}: exit 0\n{out}\n{err}"
     lines = error_lines(err)
     assert len(lines) == 1, f"{name}: expected one error line, got:\n{err}"
+    print(f"matrix case {name}: {lines[0]}")  # the case list with its messages (pytest -s shows it)
     line = lines[0].lower()
     assert all(word.lower() in line for word in case.expect), f"{name}: {lines[0]!r} lacks {case.expect}"
     assert digest(model) == before, f"{name}: the input folder changed"
