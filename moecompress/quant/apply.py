@@ -48,6 +48,7 @@ from moecompress.quant.layer_pass import (
     run_cached,
     visit_recorded,
 )
+from moecompress.quant.gptq import GPTQ
 from moecompress.quant.plan import QuantPlan
 from moecompress.quant.solve import Solved, quantize_experts, quantize_weight, write_expert, write_linear
 from moecompress.quant.spec import QuantSpec
@@ -245,10 +246,26 @@ def _planned_experts(plan: QuantPlan, moe: MoELayerRef) -> dict[int, QuantSpec]:
     return out
 
 
+def check_finite_statistics(name: str, stats: GPTQ | None) -> None:
+    """GPTQ statistics without NaN or Inf, else a one-line error naming the matrix (nothing is written)."""
+    if stats is not None and stats.tokens and not bool(torch.isfinite(stats.hessian).all()):
+        raise MoecompressError(f"the GPTQ statistics (Hessian) of {name} hold NaN or Inf values; its inputs "
+                               "overflow in this dtype (try --dtype float32) or the weights before it are corrupt")
+
+
+def check_finite_solution(name: str, solved: Solved) -> None:
+    """A quantised matrix with finite scales, else a one-line error naming it (never written silently)."""
+    if not bool(torch.isfinite(solved.weight.scales).all()):
+        raise MoecompressError(f"quantising {name} ({solved.method}) gave NaN or Inf scales; its weights or "
+                               "statistics are not finite")
+
+
 def _quantize_linear(plan: QuantPlan, target: LinearTarget, stats: LinearHessians, min_tokens: int,
                      result: LayerResult) -> None:
     spec = _spec(plan, target.name)
+    check_finite_statistics(target.name, stats.stats.get(target.name))
     solved = quantize_weight(target.module.weight, spec, stats.stats.get(target.name), min_tokens)
+    check_finite_solution(target.name, solved)
     write_linear(target.module, solved)
     result.linears[target.name] = solved
 
@@ -260,14 +277,22 @@ def _quantize_experts(adapter: MoEAdapter, moe: MoELayerRef, experts: dict[int, 
     inputs = stats.inputs if stats is not None else {}
     activations = stats.activations if stats is not None else {}
     device = next(iter(canonical.values())).up.device
+    for e in experts:
+        check_finite_statistics(f"{moe.experts_path}.{e} (gate/up inputs)", inputs.get(e))
+        check_finite_statistics(f"{moe.experts_path}.{e} (down inputs)", activations.get(e))
 
     def solve(owned: list[int]) -> dict[int, dict[str, Solved]]:
-        return quantize_experts({e: canonical[e] for e in owned}, {e: experts[e] for e in owned}, inputs,
-                                activations, min_tokens)
+        try:
+            return quantize_experts({e: canonical[e] for e in owned}, {e: experts[e] for e in owned}, inputs,
+                                    activations, min_tokens)
+        except RuntimeError as err:  # a Hessian no damping makes positive definite
+            raise MoecompressError(f"GPTQ of the routed experts of {moe.experts_path}: {err}") from None
 
     solved_all = solve_experts_in_parallel(solve, sorted(experts), device)  # under torchrun: a share per rank
     for e, solved in solved_all.items():
         key = f"{moe.experts_path}.{e}"
+        for proj, item in solved.items():
+            check_finite_solution(f"{key}.{proj}", item)
         write_expert(canonical[e], solved)
         result.experts[key] = solved
         if any(s.method == "rtn-fallback" for s in solved.values()):

@@ -68,7 +68,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     from moecompress.prune.select import feasible_counts
     from moecompress.prune.super_experts import find_super_experts
     from moecompress.quant.budget import expert_sizes
-    from moecompress.quant.run import expert_budget, measure_sensitivity
+    from moecompress.quant.run import check_finite_costs, expert_budget, measure_sensitivity
     from moecompress.quant.settings import make_plan
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
@@ -129,6 +129,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader)
     costs = joint_costs(sens.costs(request.alpha, request.beta),
                         drop_costs(scores, sens.drop_costs(request.alpha, request.beta)))
+    check_finite_costs(costs)
     rules = PruneRules(feasible_kept=tuple(feasible_counts(shape)),
                        n_group=shape.groups[0] if shape.groups else 1, protected=protected)
     allocation = allocate(costs, sizes, choices, budget, scope="global", require_top=request.require_top,

@@ -225,12 +225,23 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
                  require_top=0 if request.uniform_per_layer else request.require_top)
     sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader, checkpoints)
     costs = sens.costs(request.alpha, request.beta)
+    check_finite_costs(costs)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
                       uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
     result = distributed.broadcast_object(result)  # under torchrun every rank quantises with rank 0's choice
     log.info("allocation: %s %s program(s), %d binaries, %s in %.2f s", result.solver, request.scope(),
              result.variables, result.status, result.seconds)
     return result.widths, result, budget_record
+
+
+def check_finite_costs(costs: dict[int, torch.Tensor]) -> None:
+    """Sensitivity costs (E, C) per layer without NaN or Inf, else a one-line error naming the first expert."""
+    for layer, cost in sorted(costs.items()):
+        bad = (~torch.isfinite(cost)).any(dim=-1).nonzero().flatten()
+        if len(bad):
+            raise MoecompressError(f"the sensitivity of expert {int(bad[0])} of decoder layer {layer} is NaN or Inf "
+                                   f"({len(bad)} expert(s) in that layer); its activations overflow in this dtype "
+                                   "(try --dtype float32) or its weights are corrupt")
 
 
 def expert_budget(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest, input_bytes: int,

@@ -1,4 +1,4 @@
-"""NaN or Inf in weights or activations is reported with where it is, never carried into an output."""
+"""NaN or Inf in weights, activations, GPTQ statistics or sensitivities is reported with where it is, never written."""
 
 from __future__ import annotations
 
@@ -55,3 +55,42 @@ def test_nan_activations_name_the_layer(tmp_path) -> None:
     with pytest.raises(MoecompressError, match=r"decoder layer 1 produced NaN or Inf activations on the 'code'"):
         engine.run_layer(1)
     assert all(p.device.type == "meta" for p in reader.model.parameters())  # the layer was released
+
+
+QUANTIZE = ["--bits", "2.5", "--samples", "2", "--seq-len", "16"]
+
+
+def test_nan_in_an_expert_hessian_names_the_expert(tmp_path, monkeypatch, capsys) -> None:
+    from moecompress.quant.layer_pass import ExpertHessians
+
+    folder = make_checkpoint(tmp_path / "ckpt")
+    real = ExpertHessians.__call__
+
+    def poisoned(self, expert, *args):  # noqa: ANN001, ANN202
+        real(self, expert, *args)
+        if expert == 3:
+            self.inputs[expert].hessian[0, 0] = float("nan")
+
+    monkeypatch.setattr(ExpertHessians, "__call__", poisoned)
+    out = tmp_path / "q"
+    code, _, err = run_cli(["quantize", str(folder), *QUANTIZE, "-o", str(out)], monkeypatch, capsys)
+    (line,) = error_lines(err)
+    assert code != 0 and "NaN or Inf" in line and ".experts.3 (gate/up inputs)" in line, line
+    assert not out.exists() and not any(p.name.startswith(".q") for p in tmp_path.iterdir())
+
+
+def test_nan_in_a_sensitivity_names_the_layer_and_expert(tmp_path, monkeypatch, capsys) -> None:
+    from moecompress.quant.sensitivity import ErrorVisitor
+
+    folder = make_checkpoint(tmp_path / "ckpt")
+    real = ErrorVisitor.__call__
+
+    def poisoned(self, expert, *args):  # noqa: ANN001, ANN202
+        real(self, expert, *args)
+        if expert == 2:
+            self.errors.error[expert, 0] = float("inf")
+
+    monkeypatch.setattr(ErrorVisitor, "__call__", poisoned)
+    code, _, err = run_cli(["quantize", str(folder), *QUANTIZE, "-o", str(tmp_path / "q")], monkeypatch, capsys)
+    (line,) = error_lines(err)
+    assert code != 0 and "the sensitivity of expert 2 of decoder layer 1 is NaN or Inf" in line, line
