@@ -1,4 +1,4 @@
-"""The same command twice gives byte-identical files (recorded creation times and durations aside)."""
+"""The same command twice gives byte-identical files (recorded creation times and durations aside), on every command."""
 
 from __future__ import annotations
 
@@ -56,3 +56,14 @@ def test_same_command_twice_gives_identical_files(command, checkpoint, tmp_path,
     assert first.keys() == second.keys()
     differing = [name for name in first if first[name] != second[name]]
     assert not differing, f"{' '.join(command)}: {differing} differ between two identical runs"
+
+
+def test_eval_twice_gives_the_same_report(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    reports = []
+    for run in ("first", "second"):
+        path = tmp_path / f"{run}.json"
+        code, _, err = run_cli(["eval", str(checkpoint), "--seq-len", "32", "--windows", "2", "--json-out", str(path)],
+                               monkeypatch, capsys)
+        assert code == 0, err
+        reports.append(_stable(json.loads(path.read_text())))
+    assert reports[0] == reports[1]
