@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints
+from moecompress.engine.spill import SpilledActivations
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
 from moecompress.errors import MoecompressError
@@ -75,6 +77,7 @@ def collect_statistics(
     max_layer_bytes: int | None = None,
     data_parallel: bool = False,
     checkpoints: LayerPassCheckpoints | None = None,
+    spill_to: Path | None = None,
 ) -> Observer:
     """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
 
@@ -88,12 +91,14 @@ def collect_statistics(
     process group (or with False) the call observes every batch and communicates nothing.
     checkpoints: where the layer-by-layer pass saves its progress after each layer, and
     resumes from (`moecompress.engine.resume`; default none); unused in whole-model mode.
+    spill_to: keep the cached hidden states in memory-mapped files in a folder made there
+    (`moecompress.engine.spill`), removed after the pass; None keeps them in memory.
     """
     parallel = data_parallel and distributed.active()
     checkpoints = checkpoints or LayerPassCheckpoints(None, "calibrating")
     with distributed.phase("calibrating") if parallel else contextlib.nullcontext():
         observer = _observe(model, adapter, input_ids, domain_ids, domains, statistics, batch_size, mode, progress,
-                            reader, device, max_layer_bytes, parallel, checkpoints)
+                            reader, device, max_layer_bytes, parallel, checkpoints, spill_to)
     if parallel:
         observer.all_reduce()
     return observer
@@ -102,7 +107,7 @@ def collect_statistics(
 def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, domain_ids: torch.Tensor,
              domains: Sequence[str], statistics: Sequence[str], batch_size: int, mode: str, progress: bool,
              reader: CheckpointReader | None, device: torch.device | str | None, max_layer_bytes: int | None,
-             parallel: bool, checkpoints: LayerPassCheckpoints) -> Observer:
+             parallel: bool, checkpoints: LayerPassCheckpoints, spill_to: Path | None = None) -> Observer:
     """`collect_statistics` on this process: every batch, or this rank's share when `parallel`."""
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
@@ -114,7 +119,8 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
         raise MoecompressError(f"{model.config.model_type} cannot run one layer at a time; use mode 'whole-model'")
     if reader is not None and mode != "layerwise":
         raise MoecompressError("a checkpoint read layer by layer can only be calibrated in mode 'layerwise'")
-    engine = LayerEngine(model, adapter, reader=reader, device=device, max_layer_bytes=max_layer_bytes)
+    spill = SpilledActivations(spill_to) if spill_to is not None and mode == "layerwise" else None
+    engine = LayerEngine(model, adapter, reader=reader, device=device, max_layer_bytes=max_layer_bytes, spill=spill)
     observer = Observer(model, adapter, domains, statistics, device=engine.device)
     batches = _batches(input_ids, domain_ids, domains, batch_size)
     if parallel:
@@ -126,10 +132,15 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
         progress = progress and distributed.is_writer()
         if not batches:
             return observer  # a rank without a batch contributes zeros (and loads no layer)
-    if mode == "whole-model":
-        _whole_model_pass(model, observer, batches, needs_grad, progress)
-    else:
-        _layerwise_pass(engine, observer, batches, progress, checkpoints)
+    try:
+        if mode == "whole-model":
+            _whole_model_pass(model, observer, batches, needs_grad, progress)
+        else:
+            _layerwise_pass(engine, observer, batches, progress, checkpoints)
+    finally:
+        if spill is not None:
+            engine.batches.clear()  # the mapped tensors go before their files
+            spill.close()
     return observer
 
 
@@ -257,6 +268,31 @@ def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_mem
     return left
 
 
+SPILL_SHARE = 0.5  # cached hidden states taking more of the budget than this go to memory-mapped files
+
+
+def plan_activations(reader: CheckpointReader, input_shape: tuple[int, ...], batch_size: int,
+                     max_memory: str | int | None, processes: int = 1) -> tuple[int | None, bool]:
+    """(bytes one decoder layer may occupy, whether the cached hidden states are spilled to files).
+
+    The cached states stay in memory while they take at most `SPILL_SHARE` of the budget;
+    beyond, they are memory-mapped files (`moecompress.engine.spill`) and only a batch's
+    worth of activations is planned in memory (`layer_budget` for one batch).
+    """
+    budget = parse_memory(max_memory) if max_memory is not None else default_budget()
+    samples, seq_len = int(input_shape[0]), int(input_shape[1])
+    hidden = int(text_config(reader.config).hidden_size)
+    cached = samples * seq_len * hidden * max(reader.dtype.itemsize, 4)
+    if budget is None:  # the memory available is unknown: nothing to plan with
+        return layer_budget(reader, input_shape, max_memory, processes), False
+    share = budget // max(1, processes) if max_memory is None else budget
+    if cached <= SPILL_SHARE * share:
+        return layer_budget(reader, input_shape, max_memory, processes), False
+    log.warning("the cached hidden states (%s) exceed half the memory budget (%s): they are kept in memory-mapped "
+                "files instead", format_gib(cached), format_gib(share))
+    return layer_budget(reader, (min(batch_size, samples), seq_len), max_memory, processes), True
+
+
 def calibrate(
     model_path: str | Path,
     sources: Sequence[Any] | None = None,
@@ -302,6 +338,7 @@ def calibrate(
         setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains, setup.statistics, batch_size,
         setup.mode, progress, reader=setup.reader, device=setup.device, max_layer_bytes=setup.max_layer_bytes,
         data_parallel=parallel, checkpoints=checkpoints.layer_pass("calibrating"),
+        spill_to=(checkpoints.folder or Path(tempfile.gettempdir())) if setup.spill else None,
     )
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
             "seed": seed, "batch_size": batch_size, "dtype": dtype,
@@ -351,6 +388,7 @@ class _Setup(NamedTuple):
     device: torch.device
     reader: CheckpointReader | None
     max_layer_bytes: int | None
+    spill: bool = False  # the cached hidden states go to memory-mapped files
 
 
 def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples: int, seq_len: int, seed: int,
@@ -383,6 +421,7 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
         mode = "whole-model"
     reader = None
     max_layer_bytes = None
+    spill = False
     if mode == "layerwise" and info.adapter.streaming_supported:
         reader = CheckpointReader(model_path, dtype=dtype, info=info)
         model, adapter = reader.model, reader.adapter
@@ -391,7 +430,7 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
             mine = distributed.shard(_batches(calib.input_ids, calib.domain_ids, calib.domains, batch_size))
             shape = (sum(ids.shape[0] for _, ids in mine), shape[1])
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
-        max_layer_bytes = layer_budget(reader, shape, max_memory, processes=local_ranks)
+        max_layer_bytes, spill = plan_activations(reader, shape, batch_size, max_memory, processes=local_ranks)
         if dtype == "auto" and reader.mixed_precision and max_layer_bytes is not None \
                 and widest_dense_bytes(reader) > max_layer_bytes:
             # float32 copies of the weights outside the routed experts do not fit: compute in the stored dtype
@@ -402,4 +441,4 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
     else:
         model, adapter = load_model(model_path, dtype=dtype)
         model.to(compute_device)
-    return _Setup(model, adapter, calib, statistics, mode, compute_device, reader, max_layer_bytes)
+    return _Setup(model, adapter, calib, statistics, mode, compute_device, reader, max_layer_bytes, spill)

@@ -9,7 +9,8 @@ small modules outside the decoder) are filled only while the batches are embedde
 decoder layer only while it runs, so peak memory is one layer plus the cached activations.
 Without one, the engine runs a model already in memory (the whole-model path).
 
-Layers compute on `device`; the cached hidden states stay in host memory between layers.
+Layers compute on `device`; the cached hidden states stay in host memory between layers, or
+in memory-mapped files when they exceed the budget (`moecompress.engine.spill`).
 A MoE layer whose weights exceed `max_layer_bytes` is loaded without its routed experts, which
 are then computed a group at a time (`moecompress.engine.expert_groups`).
 
@@ -37,6 +38,7 @@ from moecompress.models.adapters.instrument import is_instrumented
 
 if TYPE_CHECKING:
     from moecompress.engine.reader import CheckpointReader
+    from moecompress.engine.spill import SpilledActivations
 
 
 @dataclass
@@ -114,9 +116,15 @@ class LayerEngine:
     """Holds the cached hidden states of every calibration batch between decoder layers."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, reader: CheckpointReader | None = None,
-                 device: torch.device | str | None = None, max_layer_bytes: int | None = None) -> None:
-        """max_layer_bytes: the most one loaded layer may take (None: no limit); larger MoE layers run in expert groups."""
+                 device: torch.device | str | None = None, max_layer_bytes: int | None = None,
+                 spill: SpilledActivations | None = None) -> None:
+        """max_layer_bytes: the most one loaded layer may take (None: no limit); larger MoE layers run in expert groups.
+
+        spill: keep the cached hidden states in memory-mapped files (`moecompress.engine.spill`)
+        instead of memory.
+        """
         self.model = model
+        self.spill = spill
         self.max_layer_bytes = max_layer_bytes
         self._expert_groups: dict[int, ExpertGroups] = {}  # group size -> groups (their readers are reused)
         self.adapter = adapter
@@ -244,8 +252,9 @@ class LayerEngine:
                         if extra:
                             kwargs["__args__"] = extra
                         per_layer.append(kwargs)
-                    self.batches.append(_Batch(domain=domain, hidden=self._to_host(hidden),
-                                               layer_kwargs=per_layer))
+                    slot = len(self.batches)
+                    kept = self.spill.keep(slot, hidden) if self.spill is not None else self._to_host(hidden)
+                    self.batches.append(_Batch(domain=domain, hidden=kept, layer_kwargs=per_layer))
         finally:
             for layer, original in zip(self.layers, saved):
                 if original is None:
@@ -258,6 +267,12 @@ class LayerEngine:
         """A cached copy of `hidden` in host memory (pinned when the layers run on CUDA)."""
         out = hidden.detach().to("cpu", copy=True)
         return out.pin_memory() if self.device.type == "cuda" else out
+
+    def _keep(self, slot: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Batch `slot`'s new cached states: spilled to its file, else a host copy (on CPU, `hidden` itself)."""
+        if self.spill is not None:
+            return self.spill.keep(slot, hidden)
+        return hidden if self.device.type == "cpu" else self._to_host(hidden)
 
     def layer_call(self, index: int, batch: _Batch, layer: nn.Module) -> Any:
         """Decoder layer `index`'s raw output for one cached batch (inputs moved to the device).
@@ -288,21 +303,21 @@ class LayerEngine:
         if index != self.next_layer:
             raise RuntimeError(f"layers must run in order: expected layer {self.next_layer}, got {index}")
         with self.layer_loaded(index) as layer:
-            for batch in self.batches:
+            for slot, batch in enumerate(self.batches):
                 if before_batch is not None:
                     before_batch(batch.domain)
                 out = self.layer_call(index, batch, layer)
                 out = out[0] if isinstance(out, tuple) else out
                 check_finite_activations(out, index, batch.domain)
-                batch.hidden = out if self.device.type == "cpu" else self._to_host(out)
+                batch.hidden = self._keep(slot, out)
         self.next_layer = index + 1
 
     def restart(self, index: int, hidden: Sequence[torch.Tensor]) -> None:
         """Make `hidden` (one (B, S, H) tensor per batch) the cached inputs of layer `index` and continue there."""
         if len(hidden) != len(self.batches):
             raise ValueError(f"restart needs one hidden state per batch ({len(self.batches)}), got {len(hidden)}")
-        for batch, value in zip(self.batches, hidden):
-            batch.hidden = value
+        for slot, (batch, value) in enumerate(zip(self.batches, hidden)):
+            batch.hidden = self.spill.keep(slot, value) if self.spill is not None else value
         self.next_layer = index
 
     def layer_inputs(self) -> list[tuple[str, torch.Tensor]]:
