@@ -7,6 +7,7 @@ keeps it listed (and reported as pending) without running it.
 
 from __future__ import annotations
 
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,27 @@ class Command:
     size_sweep: bool = False  # also timed at every sweep depth, for the time-size exponent
     timing_depths: tuple[int, ...] | None = None  # its own uncapped depths (default: the suite's)
     cap_fractions: tuple[float, ...] | None = None  # its own caps, tried at the cap depth without an uncapped run there
+    ranks: int = 1  # processes under torchrun (gloo on this CPU); 1: a plain process
+    capped: bool = True  # False: timed only, no cap search
 
     def argv(self, ckpt: Path, out: Path) -> list[str]:
-        """The full argv: this interpreter running `-m moecompress` with the template filled in."""
-        return [sys.executable, "-m", "moecompress",
-                *(part.format(ckpt=str(ckpt), out=str(out)) for part in self.template)]
+        """The full argv: this interpreter running `-m moecompress` (under torchrun with ranks) with the template filled in."""
+        launcher = [sys.executable]
+        if self.ranks > 1:
+            launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(self.ranks), "--master-addr",
+                         "127.0.0.1", "--master-port", str(_free_port())]
+        return [*launcher, "-m", "moecompress", *(part.format(ckpt=str(ckpt), out=str(out)) for part in self.template)]
 
     def text(self) -> str:
         """The command as a user would type it."""
-        return "moecompress " + " ".join(self.template).replace("{ckpt}", "CKPT").replace("{out}", "OUT")
+        launcher = f"torchrun --nproc-per-node {self.ranks} -m moecompress " if self.ranks > 1 else "moecompress "
+        return launcher + " ".join(self.template).replace("{ckpt}", "CKPT").replace("{out}", "OUT")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -51,4 +64,7 @@ COMMANDS: tuple[Command, ...] = (
             timing_depths=SLOW_TIMING_DEPTHS, cap_fractions=SLOW_CAPS),
     Command("compress 40%", ("compress", "{ckpt}", "--size", "40%", "--samples", "8", "-o", "{out}"),
             timing_depths=SLOW_TIMING_DEPTHS, cap_fractions=SLOW_CAPS),
+    # the same quantisation over 2 ranks (one thread each, as torchrun sets): against "quantize 2.5 bits" at 2 layers
+    Command("quantize 2.5 bits, 2 ranks", ("quantize", "{ckpt}", "--bits", "2.5", "--samples", "8", "-o", "{out}"),
+            timing_depths=(2,), ranks=2, capped=False),
 )

@@ -191,18 +191,27 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def run_once(command: Command, ckpt: Path, cap_bytes: int | None, timeout: float, code: Path
-             ) -> tuple[CapResult, int]:
-    """Run `command` on `ckpt` once, cold-cache, into a fresh output folder deleted after; (result, output bytes).
+def _communication(out: Path) -> dict[str, int] | None:
+    """What rank 0 sent into collectives, from the output's manifest (None: one process, or no manifest)."""
+    manifest = out / "moecompress_manifest.json"
+    if not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("communication_rank0")
 
-    The child runs in `code` (the frozen package's folder), so `-m moecompress` imports that copy.
+
+def run_once(command: Command, ckpt: Path, cap_bytes: int | None, timeout: float, code: Path
+             ) -> tuple[CapResult, int, dict[str, int] | None]:
+    """Run `command` on `ckpt` once, cold-cache, into a fresh output folder deleted after.
+
+    Returns (result, output bytes, rank 0's communication under torchrun). The child runs in
+    `code` (the frozen package's folder), so `-m moecompress` imports that copy.
     """
     scratch = Path(tempfile.mkdtemp(prefix="moecompress-scale-"))
     try:
         evict(ckpt)
         result = run_capped(command.argv(ckpt, scratch / "out"), cap_bytes, timeout, cwd=code, env=child_env(code),
                             parse_stderr=bar_phases)
-        return result, _folder_bytes(scratch / "out")
+        return result, _folder_bytes(scratch / "out"), _communication(scratch / "out")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -210,9 +219,11 @@ def run_once(command: Command, ckpt: Path, cap_bytes: int | None, timeout: float
 def timing_row(command: Command, depth: int, ckpt: Path, size: int, timeout: float, code: Path) -> dict[str, Any]:
     """One uncapped (measured-only) run of `command` at `depth` layers."""
     load_before = os.getloadavg()[0]
-    result, out_bytes = run_once(command, ckpt, None, timeout, code)
+    result, out_bytes, communication = run_once(command, ckpt, None, timeout, code)
     row = {"command": command.label, "layers": depth, "checkpoint_bytes": size, "output_bytes": out_bytes,
            "load_before": load_before, "load_after": os.getloadavg()[0], **result.as_dict()}
+    if communication is not None:
+        row["communication_rank0"] = communication
     _log(f"{command.label} @ {depth} layers: {result.outcome} in {result.seconds:.0f} s "
          f"(cpu {result.cpu_seconds:.0f} s, anon peak {result.peak_rss / GIB:.2f} GiB)")
     _progress({"kind": "timing", **row})
@@ -270,7 +281,10 @@ def measure_all(chosen: list[Command], checkpoints: dict[int, dict[str, Any]], s
         for depth in depths:
             info = checkpoints[depth]
             timings.append(timing_row(command, depth, Path(info["path"]), info["bytes"], s.timeout, code))
-        if cap_reason is None:
+        if cap_reason is None and not command.capped:
+            caps.append({"command": command.label, "layers": s.cap_depth, "fraction": None, "attempts": [],
+                         "skipped": "timed only"})
+        elif cap_reason is None:
             hint = next((row for row in timings if row["command"] == command.label and row["layers"] == s.cap_depth
                          and row["ok"]), None)
             if hint is None and command.cap_fractions and not s.quick:
@@ -591,6 +605,15 @@ def _render_timings(data: dict[str, Any]) -> list[str]:
         deepest = rows[max(rows)]
         lines.append(f"| {command} | " + " | ".join(cells) + f" | {per_layer} | {full_time} | "
                      f"{_layer_pass(deepest)} | {_gib(deepest['peak_rss'])} | {_size(deepest['output_bytes'])} |")
+    talks = [row for row in data["timings"] if row.get("communication_rank0")]
+    if talks:
+        lines += ["", "Communication under torchrun (rank 0, from the output's manifest: the bytes it sent into "
+                  "collectives, tensors and pickled objects):", ""]
+        for row in talks:
+            sent = row["communication_rank0"]
+            lines.append(f"- {row['command']}, {row['layers']} layers: {_size(sent['bytes'])} in "
+                         f"{sent['collectives']} collectives, {_size(sent['bytes'] / row['layers'])} per decoder "
+                         "layer")
     return lines + [""]
 
 

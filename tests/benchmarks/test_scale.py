@@ -310,3 +310,14 @@ def test_run_capped_under_a_real_cgroup():
     assert roomy.peak_rss >= 50 * mib and roomy.cpu_seconds > 0
     slow = run_capped([sys.executable, "-c", "import time; time.sleep(30)"], None, 1)
     assert slow.timed_out and slow.outcome == "timeout" and slow.returncode is None
+
+
+def test_a_command_over_ranks_is_launched_by_torchrun() -> None:
+    from benchmarks.scale.commands import COMMANDS
+
+    command = next(c for c in COMMANDS if c.ranks == 2)
+    argv = command.argv(Path("/ckpt"), Path("/out"))
+    at = argv.index("torch.distributed.run")
+    assert argv[at + 1 : at + 3] == ["--nproc-per-node", "2"] and argv[argv.index("-m", at) + 1] == "moecompress"
+    assert command.text().startswith("torchrun --nproc-per-node 2 -m moecompress quantize CKPT")
+    assert not command.capped
