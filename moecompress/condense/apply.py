@@ -38,6 +38,7 @@ from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import _is_non_persistent
 from moecompress.io.checkpoint import cast_model
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
+from moecompress.models.layout import set_tensor
 
 LAYOUT_FILE = "moecompress_layout.json"
 LAYOUT_FORMAT = "moecompress-condensed"
@@ -242,7 +243,7 @@ def load_condensed(path: str | Path, dtype: str | torch.dtype | None = None) -> 
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for alias, source in tied.items():
         shared = model.get_parameter(source) if _is_parameter(model, source) else model.get_buffer(source)
-        _set_tensor(model, alias, shared)
+        set_tensor(model, alias, shared)
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise MoecompressError(f"{folder}: tensors without stored values: {leftover[:3]}")
@@ -261,10 +262,3 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
     return leaf in module._parameters
 
 
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_path, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_path) if module_path else model
-    if leaf in module._parameters:
-        module._parameters[leaf] = tensor
-    else:
-        module._buffers[leaf] = tensor

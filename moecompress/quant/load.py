@@ -29,6 +29,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.layout import set_tensor
 from moecompress.quant.layout import from_checkpoint_halves, interleaved_gate_up
 from moecompress.quant.pack import from_gptq_tensors
 from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
@@ -81,12 +82,8 @@ def _zero_offset(config: Any) -> int:
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_path, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_path) if module_path else model
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
+    """Put a loaded tensor in place: an inference model's parameters take no gradients."""
+    set_tensor(model, name, value, requires_grad=False)
 
 
 def _dequantized(tensors: _Tensors, name: str, spec: Any, shape: tuple[int, int], zero_offset: int,
