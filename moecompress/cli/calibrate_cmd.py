@@ -69,7 +69,7 @@ def calibrate_command(
     """
     # under torchrun (WORLD_SIZE > 1) the pass is data parallel and rank 0 writes: docs/distributed.md
     if print_step:
-        from moecompress.recipe.cli_bridge import echo_step
+        from moecompress.cli.recipe_bridge import echo_step
 
         return echo_step("calibrate", locals())
     from moecompress.calibration.calibrate import calibrate_to_folder

@@ -41,12 +41,10 @@ from moecompress.cli.quant_options import (
     SharedBits,
     SizeOption,
     WeightedHessian,
-    parse_candidates,
-    parse_memory,
     print_quant_summary,
     result_summary,
-    settings_from_options,
 )
+from moecompress.quant.settings import parse_candidates, parse_expert_memory, settings_from_options
 
 
 @app.command("compress")
@@ -106,7 +104,7 @@ def compress_command(
         moecompress compress ./Qwen3-30B-A3B --size 40% --data code=code.jsonl -o ./small
     """
     if print_step:
-        from moecompress.recipe.cli_bridge import echo_step
+        from moecompress.cli.recipe_bridge import echo_step
 
         return echo_step("compress", locals())
     from moecompress.calibration.data import parse_data_specs
@@ -121,7 +119,7 @@ def compress_command(
         format=fmt, settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size,
                                                    asym, act_order, damp, rtn, group_aware=group_aware),
         weighted_hessian=weighted_hessian, min_tokens=min_tokens, samples=samples, seq_len=seq_len, seed=seed,
-        batch_size=batch_size, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
+        batch_size=batch_size, time_limit=time_limit, expert_memory=parse_expert_memory(expert_memory),
         device=device,
     )
     loaded_stats = RoutingStats.load(stats, expect_config=load_config(model)) if stats is not None else None

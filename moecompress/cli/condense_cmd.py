@@ -66,7 +66,7 @@ def condense_command(
         moecompress condense ./Qwen3-30B-A3B --layers auto --num-layers 8 --experts 4 --data code=code.jsonl -o ./out
     """
     if print_step:
-        from moecompress.recipe.cli_bridge import echo_step
+        from moecompress.cli.recipe_bridge import echo_step
 
         return echo_step("condense", locals())
     from moecompress.calibration.data import parse_data_specs

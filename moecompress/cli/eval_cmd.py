@@ -73,7 +73,7 @@ def eval_command(
     * `moecompress eval ./my-moe-pruned --seq-len 512 --windows 64 --json-out pruned-eval.json`
     """
     if print_step:
-        from moecompress.recipe.cli_bridge import echo_step
+        from moecompress.cli.recipe_bridge import echo_step
 
         return echo_step("eval", locals())
     from moecompress.calibration.data import default_calibration_sources, parse_data_specs

@@ -9,9 +9,8 @@ Each command picks its own defaults; the flag names, short forms and help texts 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -120,18 +119,3 @@ SetOption = Annotated[list[str] | None, typer.Option(
 RunDirOption = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Run folder (default: the recipe's output, else moecompress-runs/NAME).",
     show_default=False)]
-
-
-def parse_key_value(item: str) -> tuple[str, Any]:
-    """'key=value' -> (key, value), the value read as JSON when it is JSON and kept as text otherwise.
-
-    Shared by `--param` and the recipe's `param` list; ValueError when there is no non-empty key
-    before an "=" (each caller words its own error).
-    """
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(item)
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw

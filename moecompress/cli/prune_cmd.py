@@ -24,9 +24,9 @@ from moecompress.cli.options import (
     SamplesOption,
     SeedOption,
     SeqLenOption,
-    parse_key_value,
 )
 from moecompress.errors import MoecompressError
+from moecompress.prune.params import parse_key_value
 
 
 def parse_params(values: list[str] | None) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def prune_command(
         moecompress prune ./model --method premoe --ratio 0.5 --data code=c.jsonl --data math=m.jsonl --patterns p.json
     """
     if print_step:
-        from moecompress.recipe.cli_bridge import echo_step
+        from moecompress.cli.recipe_bridge import echo_step
 
         return echo_step("prune", locals())
     from moecompress.calibration.data import parse_data_specs

@@ -1,7 +1,7 @@
-"""Options, parsers and the summary printer shared by `moecompress quantize` and `compress`.
+"""Options and the summary printer shared by `moecompress quantize` and `compress`.
 
-Kept apart from the command modules (which register on the Typer app at import), so the
-recipe schema can use the same parsers without importing the app.
+Their parsers (`parse_candidates`, `parse_expert_memory`, `settings_from_options`) live in
+`moecompress.quant.settings`, which the recipe steps use too (recipes never import the CLI).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moecompress.errors import MoecompressError
 
 BitsOption = Annotated[float | None, typer.Option(
     "--bits", help="Average bits per routed-expert weight (e.g. 2.5); scales and zeros are reported separately.",
@@ -29,35 +28,6 @@ ExpertMemory = Annotated[str, typer.Option("--expert-memory", help="Memory for p
                                            "passes (same result).")]
 FormatOption = Annotated[str, typer.Option("--format", help="gptq (packed, GPTQModel / moecompress.load) or fake "
                                            "(dequantised weights, plain transformers).")]
-
-
-def parse_candidates(text: str | None) -> list[int] | None:
-    """'2,3,4' -> [2, 3, 4]; a one-line error for anything else."""
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise MoecompressError(f"--candidates {text!r} must be comma-separated integers, e.g. 2,3,4") from None
-
-
-def parse_memory(text: str) -> int:
-    """'1GiB' -> bytes (an absolute size; percentages are refused)."""
-    from moecompress.quant.budget import parse_size
-
-    size = parse_size(text)
-    if size.bytes is None:
-        raise MoecompressError(f"--expert-memory {text!r} must be an amount such as 1GiB, not a percentage")
-    return size.bytes
-
-
-def settings_from_options(attention_bits: int, shared_bits: int, dense_bits: int, lm_head_bits: int, group_size: int,
-                          asym: bool, act_order: bool, damp: float, rtn: bool, group_aware: bool = True
-                          ) -> dict[str, Any]:
-    """The QuantSettings values of the shared role / grid options."""
-    return {"attention": attention_bits, "shared_experts": shared_bits, "dense_mlp": dense_bits,
-            "lm_head": lm_head_bits, "group_size": group_size, "sym": not asym, "act_order": act_order,
-            "group_aware": group_aware, "damp": damp, "method": "rtn" if rtn else "gptq"}
 
 
 # Options shared by `quantize` and `compress` (role bits and the quantisation grid).

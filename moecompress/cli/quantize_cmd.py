@@ -42,12 +42,10 @@ from moecompress.cli.quant_options import (
     SharedBits,
     SizeOption,
     WeightedHessian,
-    parse_candidates,
-    parse_memory,
     print_quant_summary,
     result_summary,
-    settings_from_options,
 )
+from moecompress.quant.settings import parse_candidates, parse_expert_memory, settings_from_options
 
 @app.command("quantize")
 def quantize_command(
@@ -112,7 +110,7 @@ def quantize_command(
         moecompress quantize ./Qwen3-30B-A3B --bits 2.5 --data code=code.jsonl -o ./q25
     """
     if print_step:
-        from moecompress.recipe.cli_bridge import echo_step
+        from moecompress.cli.recipe_bridge import echo_step
 
         return echo_step("quantize", locals())
     from moecompress.calibration.data import parse_data_specs
@@ -125,7 +123,7 @@ def quantize_command(
                                        act_order, damp, rtn, group_aware=group_aware),
         sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
         samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming, dtype=dtype,
-        device=device, time_limit=time_limit, expert_memory=parse_memory(expert_memory),
+        device=device, time_limit=time_limit, expert_memory=parse_expert_memory(expert_memory),
     )
     sources = parse_data_specs(data, field=field) if data else None
     result = quantize_checkpoint(model, output, request, sources=sources, force=force, progress=not as_json,

@@ -8,9 +8,11 @@ method (GPTQ or RTN) apply to every quantised map, routed experts included.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
+
+from moecompress.errors import MoecompressError
 
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.quant.plan import PlanEntry, QuantPlan
@@ -78,3 +80,32 @@ def make_plan(targets: ModelTargets, adapter: MoEAdapter, expert_bits: dict[int,
                                                spec=settings.spec(settings.lm_head))
     return QuantPlan(method=method, candidate_bits=list(candidate_bits), budget=budget, entries=entries,
                      dropped=dropped or {}, allocation=allocation or {})
+
+
+def parse_candidates(text: str | None) -> list[int] | None:
+    """'2,3,4' -> [2, 3, 4]; a one-line error for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MoecompressError(f"--candidates {text!r} must be comma-separated integers, e.g. 2,3,4") from None
+
+
+def parse_expert_memory(text: str) -> int:
+    """'1GiB' -> bytes (an absolute size; percentages are refused)."""
+    from moecompress.quant.budget import parse_size
+
+    size = parse_size(text)
+    if size.bytes is None:
+        raise MoecompressError(f"--expert-memory {text!r} must be an amount such as 1GiB, not a percentage")
+    return size.bytes
+
+
+def settings_from_options(attention_bits: int, shared_bits: int, dense_bits: int, lm_head_bits: int, group_size: int,
+                          asym: bool, act_order: bool, damp: float, rtn: bool, group_aware: bool = True
+                          ) -> dict[str, Any]:
+    """The QuantSettings values of the shared role / grid options."""
+    return {"attention": attention_bits, "shared_experts": shared_bits, "dense_mlp": dense_bits,
+            "lm_head": lm_head_bits, "group_size": group_size, "sym": not asym, "act_order": act_order,
+            "group_aware": group_aware, "damp": damp, "method": "rtn" if rtn else "gptq"}

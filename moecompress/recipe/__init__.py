@@ -9,9 +9,11 @@
 * `plan.py`: paths, defaults and wiring (which checkpoint and statistics each step reads), and
   the checks against files that run before any weights load;
 * `execute.py`: each step as the same library call its CLI command makes;
-* `runner.py`: the run folder, its manifest, resuming;
-* `cli_bridge.py`: the link to the Typer commands (`--print-step`, the parity test, docs);
-* `docs.py`: docs/recipes.md, generated from the models.
+* `runner.py`: the run folder, its manifest, resuming.
+
+The link to the Typer commands (`--print-step`, the parity test) and the generator of
+docs/recipes.md live with the CLI (`moecompress.cli.recipe_bridge`, `moecompress.cli.recipe_reference`):
+imports run cli -> recipe, never back.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from moecompress.cli.options import parse_key_value
 from moecompress.errors import MoecompressError
+from moecompress.prune.params import parse_key_value
+from moecompress.quant.settings import parse_expert_memory, settings_from_options
 from moecompress.prune.scorer_names import check_scorer_name
 from moecompress.recipe.errors import RecipeError, cli_flags_to_keys
 from moecompress.recipe.yaml_io import Location
@@ -236,13 +237,6 @@ class PruneStep(_CalibrationData):
         return required_statistics(self.method, not self.no_protect_super_experts, self.param)
 
 
-def _quantize_cli() -> Any:
-    """`moecompress.cli.quant_options`: the parsers `quantize` and `compress` use."""
-    from moecompress.cli import quant_options
-
-    return quant_options
-
-
 LOCATION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 # QuantizeRequest field (or settings.field) -> step key
 REQUEST_KEYS = {"candidate_bits": "candidates", "settings.attention": "attention_bits",
@@ -276,14 +270,14 @@ class _QuantOptions(Step):
         """`parse_request` keyword arguments (all but expert_memory), built as the CLI command builds them."""
 
     def quant_settings(self) -> dict[str, Any]:
-        """QuantSettings values from the role-bits / grid keys, by the CLI's own `settings_from_options`."""
-        return _quantize_cli().settings_from_options(self.attention_bits, self.shared_bits, self.dense_bits, self.lm_head_bits,
+        """QuantSettings values from the role-bits / grid keys, by `settings_from_options` (the CLI's too)."""
+        return settings_from_options(self.attention_bits, self.shared_bits, self.dense_bits, self.lm_head_bits,
                                      self.group_size, self.asym, self.act_order, self.damp, self.rtn,
                                      group_aware=self.group_aware)
 
     def expert_memory_bytes(self, where: Location) -> int:
-        """`expert_memory` in bytes, by the CLI's own `parse_memory`."""
-        return _library_check(where + ("expert_memory",), ["expert_memory"], _quantize_cli().parse_memory,
+        """`expert_memory` in bytes, by `parse_expert_memory` (the CLI's too)."""
+        return _library_check(where + ("expert_memory",), ["expert_memory"], parse_expert_memory,
                               self.expert_memory)
 
     def check_request(self, where: Location) -> None:

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from moecompress.recipe.docs import render
+from moecompress.cli.recipe_reference import render
 
 
 def test_recipes_doc_is_up_to_date() -> None:
     committed = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
-    assert committed == render(), "docs/recipes.md is stale: run `python -m moecompress.recipe.docs > docs/recipes.md`"
+    assert committed == render(), "docs/recipes.md is stale: run `python -m moecompress.cli.recipe_reference > docs/recipes.md`"

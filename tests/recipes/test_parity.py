@@ -6,7 +6,7 @@ import pytest
 import typer
 
 from moecompress.cli.app import app
-from moecompress.recipe.cli_bridge import command_options, step_keys
+from moecompress.cli.recipe_bridge import command_options, step_keys
 from moecompress.recipe.schema import Calibration
 from moecompress.recipe.steps import CALIBRATION_KEY, CLI_ONLY, INHERITED, RUNNER_SET, STEP_MODELS
 
