@@ -19,6 +19,7 @@ from moecompress.cli.options import (
     ModelArg,
     OutputOption,
     PrintStepOption,
+    ResumeOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -90,6 +91,7 @@ def compress_command(
     device: DeviceOption = "cpu",
     as_json: JsonOption = False,
     force: ForceOption = False,
+    resume: ResumeOption = False,
     print_step: PrintStepOption = False,
 ) -> None:
     """Drop and quantise routed experts together: each expert gets {drop, 2, 3, 4} bits under one budget.
@@ -126,7 +128,7 @@ def compress_command(
     sources = parse_data_specs(data, field=field) if data else None
     result, _ = compress_checkpoint(model, output, request, prune_method=prune_method, prune_params=parse_params(param),
                                     protect_super_experts=not no_protect_super_experts, stats=loaded_stats,
-                                    sources=sources, force=force, progress=not as_json)
+                                    sources=sources, force=force, progress=not as_json, resume=resume)
     if as_json:
         typer.echo(json.dumps(result_summary(result), indent=2))
     else:

@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
+from moecompress.calibration.stats import RoutingStats
 from moecompress.engine import distributed
+from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate, check_budget
 from moecompress.quant.run import QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
@@ -56,9 +58,29 @@ def joint_costs(quant: dict[int, torch.Tensor], drop: dict[int, torch.Tensor]) -
 def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: QuantizeRequest,
                         prune_method: str = "reap", prune_params: dict[str, Any] | None = None,
                         protect_super_experts: bool = True, stats: Any | None = None,
-                        sources: list[Any] | None = None, force: bool = False, progress: bool = True
-                        ) -> tuple[QuantizeResult, Allocation]:
-    """Prune and quantise `checkpoint` into `output` under `request.size` (or `request.bits`)."""
+                        sources: list[Any] | None = None, force: bool = False, progress: bool = True,
+                        resume: bool = False) -> tuple[QuantizeResult, Allocation]:
+    """Prune and quantise `checkpoint` into `output` under `request.size` (or `request.bits`).
+
+    Checkpoints of the run are kept beside `output` (`moecompress.engine.resume`): the
+    statistics pass, the sensitivity pass and the quantisation pass after every decoder
+    layer; `resume` continues a killed run of the same request from them.
+    """
+    with RunCheckpoints(output, "compress", resume=resume) as checkpoints:
+        checkpoints.require("options", {"request": request.model_dump(mode="json"), "prune_method": prune_method,
+                                        "prune_params": prune_params, "protect_super_experts": protect_super_experts,
+                                        "stats": None if stats is None else stats.header.model_dump(mode="json"),
+                                        "sources": [repr(item) for item in sources or []]})
+        checkpoints.require("input checkpoint", source_fingerprint(checkpoint))
+        return _compress(Path(checkpoint), output, request, prune_method, prune_params, protect_super_experts, stats,
+                         sources, force, progress, checkpoints)
+
+
+def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_method: str,
+              prune_params: dict[str, Any] | None, protect_super_experts: bool, stats: Any | None,
+              sources: list[Any] | None, force: bool, progress: bool, checkpoints: RunCheckpoints
+              ) -> tuple[QuantizeResult, Allocation]:
+    """`compress_checkpoint` inside the run's checkpoints."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics
     from moecompress.calibration.stats import config_hash
     from moecompress.io.output import check_output_dir
@@ -73,7 +95,6 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
 
-    source = Path(checkpoint)
     distributed.initialise(request.device)  # under torchrun: data parallel passes, rank 0 writes
     if distributed.active() and request.method == "gemq":
         raise MoecompressError("--method gemq needs a backward pass through the whole model in one process; run it "
@@ -113,12 +134,17 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     sizes = expert_sizes(adapter, targets, choices, unit, request.settings, element_size)
     shape = routing_shape(adapter, info.config)
     check_budget(sizes, choices, budget, min_kept=min(feasible_counts(shape)))
-    if stats is None:
+    checkpoints.require("calibration data", calib.digest)
+    if stats is None and checkpoints.result("statistics") is not None:
+        log.warning("reusing the statistics calibrated before the interruption")
+        stats = RoutingStats.load(checkpoints.result("statistics"))
+    elif stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       required_statistics(prune_method, protect_super_experts),
                                       request.batch_size, "layerwise", progress, reader=reader, device=device,
-                                      data_parallel=True)
+                                      data_parallel=True, checkpoints=checkpoints.layer_pass("calibrating"))
         stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
+        checkpoints.save_result("statistics", stats.save)
     scores = scorer.score(stats, params, None)
     protected: dict[int, list[int]] = {}
     if protect_super_experts:
@@ -126,7 +152,7 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
         protected = find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers},
                                        num_layers)
 
-    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader)
+    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader, checkpoints)
     costs = joint_costs(sens.costs(request.alpha, request.beta),
                         drop_costs(scores, sens.drop_costs(request.alpha, request.beta)))
     check_finite_costs(costs)
@@ -156,7 +182,8 @@ def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     extra = {"pruning": {"method": prune_method, "params": params.model_dump(), "keep": keep, "dropped": dropped,
                          "protected": protected, "stats_digest": stats.digest()}}
     result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
-                             progress, out_dtype, operation="compress", extra_manifest=extra, reader=reader)
+                             progress, out_dtype, operation="compress", extra_manifest=extra, reader=reader,
+                             checkpoints=checkpoints)
     result.allocation = allocation
     return result, allocation
 

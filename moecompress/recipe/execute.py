@@ -99,7 +99,8 @@ def run_quantize(step: QuantizeStep, model: Path, output: Path, progress: bool =
                                resume=resume)
 
 
-def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True) -> Any:
+def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True,
+                 resume: bool = False) -> Any:
     """`moecompress compress`: returns the `QuantizeResult`."""
     from moecompress.quant.joint import compress_checkpoint
 
@@ -108,7 +109,7 @@ def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path 
     result, _ = compress_checkpoint(model, output, request, prune_method=step.prune_method,
                                     prune_params=dict(step.param or {}),
                                     protect_super_experts=not step.no_protect_super_experts, stats=loaded_stats,
-                                    sources=_sources(step), force=True, progress=progress)
+                                    sources=_sources(step), force=True, progress=progress, resume=resume)
     return result
 
 

@@ -172,7 +172,7 @@ def _remove_stale_folders(plan: Plan) -> None:
 
 
 def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, progress: bool, resume: bool) -> Any:
-    """Run one step; `resume`: calibrate, prune and quantize continue from the step's layer checkpoints."""
+    """Run one step; `resume`: calibrate, prune, quantize and compress continue from the step's layer checkpoints."""
     step, model, output = planned.step, planned.input, planned.folder
     resume = resume and resume_folder(output).is_dir()  # only a step that was interrupted has checkpoints
     if planned.op == "calibrate":
@@ -184,7 +184,7 @@ def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, 
     if planned.op == "quantize":
         return execute.run_quantize(step, model, output, progress, resume)  # type: ignore[arg-type]
     if planned.op == "compress":
-        return execute.run_compress(step, model, output, stats_dir, progress)  # type: ignore[arg-type]
+        return execute.run_compress(step, model, output, stats_dir, progress, resume)  # type: ignore[arg-type]
     if planned.op == "eval":
         return execute.run_eval(step, model, output, progress)  # type: ignore[arg-type]
     if planned.op == "write":

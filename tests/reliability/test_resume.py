@@ -32,6 +32,7 @@ COMMANDS = {
     "calibrate": ["calibrate", *CALIB],
     "prune": ["prune", "--method", "frequency", "--ratio", "0.5", *CALIB],
     "quantize": ["quantize", "--bits", "2.5", *CALIB],
+    "compress": ["compress", "--size", "60%", *CALIB],
 }
 # (command, where it is killed, the pass the resumed run names, or None when it says nothing of a pass)
 KILLS = [
@@ -40,6 +41,7 @@ KILLS = [
     ("prune", "shard-written", "reusing the statistics"),  # killed while writing: calibration is not repeated
     ("quantize", "layer-checkpointed:sensitivity:1", "resuming sensitivity at decoder layer 2 of 3"),
     ("quantize", "layer-checkpointed:quantizing:0", "resuming quantizing at decoder layer 1 of 3"),
+    ("compress", "layer-checkpointed:quantizing:1", "resuming quantizing at decoder layer 2 of 3"),
 ]
 
 
