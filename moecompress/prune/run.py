@@ -9,6 +9,7 @@ the expert patterns used by `route-task` (`moecompress.prune.patterns`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,9 +128,9 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
     count = kept_count(shape, ratio=ratio, keep=keep)
     check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
     if scores is None:
-        if context is not None:
-            context.shape, context.protected = shape, protected
-            context.keep = count if allocation == "uniform" else None
+        if context is not None:  # the scorer's view of this plan; the caller's context is left as it was
+            context = dataclasses.replace(context, shape=shape, protected=protected,
+                                          keep=count if allocation == "uniform" else None)
         scores = scorer.score(stats, parsed, domain, context)
     if allocation == "uniform":
         kept = select_uniform(scores, shape, count, protected)
