@@ -123,7 +123,7 @@ def test_a_bad_argument_fails_on_every_rank(checkpoint, data, tmp_path) -> None:
 @pytest.mark.slow
 def test_two_ranks_prune_the_same_checkpoint(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
     single_dir, parallel_dir = tmp_path / "single", tmp_path / "parallel"
-    args = ["prune", str(checkpoint), "--method", "frequency", "--ratio", "0.5", *data, *CALIBRATION]
+    args = ["prune", str(checkpoint), "--method", "reap", "--ratio", "0.5", *data, *CALIBRATION]
     code, _, err = run_cli([*args, "-o", str(single_dir)], monkeypatch, capsys)
     assert code == 0, err
     run = torchrun([*args, "-o", str(parallel_dir)])
