@@ -265,8 +265,15 @@ class ShardWriter:
 
         What that writer wrote after its state was taken is dropped: later shards and spools, and
         the current spool's bytes past the state's offset. A shard that was closed after the
-        state was taken gives its spooled bytes back (its spool is gone by then).
+        state was taken gives its spooled bytes back (its spool is gone by then); a writer that
+        had finished (its shards renamed to their final names) is taken back to its shards first.
         """
+        finished = sorted(self.folder.glob(f"{self.prefix}-*-of-*.safetensors"))
+        if not finished and (self.folder / f"{self.prefix}.safetensors").is_file():
+            finished = [self.folder / f"{self.prefix}.safetensors"]
+        for number, path in enumerate(finished, start=1):  # the writer had finished: its shards carry final names
+            os.replace(path, self.folder / f".{self.prefix}-shard-{number:05d}.safetensors")
+        (self.folder / f"{self.prefix}.safetensors.index.json").unlink(missing_ok=True)
         self._header = dict(state["header"])
         self._offset = int(state["offset"])
         self.total_bytes = int(state["total_bytes"])

@@ -42,6 +42,7 @@ KILLS = [
     ("quantize", "layer-checkpointed:sensitivity:1", "resuming sensitivity at decoder layer 2 of 3"),
     ("quantize", "layer-checkpointed:quantizing:0", "resuming quantizing at decoder layer 1 of 3"),
     ("compress", "layer-checkpointed:quantizing:1", "resuming quantizing at decoder layer 2 of 3"),
+    ("quantize", "before-rename", "quantizing: the pass had finished"),  # every file written, the folder not renamed
 ]
 
 
@@ -155,6 +156,32 @@ def test_run_resume_continues_the_interrupted_step_from_its_layer(checkpoint: Pa
 def _tensors(count: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {f"t{i:02d}": torch.randn(4 + i, 8, generator=generator) for i in range(count)}
+
+
+def test_shard_writer_restored_after_it_finished_writes_the_same_files(tmp_path: Path) -> None:
+    """Killed after `finish()` renamed the shards (before the folder's rename): restored, it writes them again."""
+    tensors = _tensors(12)
+    names = list(tensors)
+    (tmp_path / "whole").mkdir()
+    whole = ShardWriter(tmp_path / "whole", max_shard_bytes=700)
+    whole.add_all(tensors)
+    whole.finish()
+    folder = tmp_path / "resumed"
+    folder.mkdir()
+    first = ShardWriter(folder, max_shard_bytes=700)
+    for name in names[:7]:
+        first.add(name, tensors[name])
+    state = first.state()
+    for name in names[7:]:
+        first.add(name, tensors[name])
+    first.finish()
+    second = ShardWriter(folder, max_shard_bytes=700)
+    second.restore(state)
+    for name in names[7:]:
+        second.add(name, tensors[name])
+    second.finish()
+    expected = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
 
 
 @pytest.mark.parametrize("crash_after", [0, 3, 5, 6, 9, 11])
