@@ -38,7 +38,7 @@ from moecompress.engine import distributed
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
-from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints
+from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints, source_fingerprint
 from moecompress.engine.spill import SpilledActivations
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
@@ -131,6 +131,8 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
         batches = distributed.shard(batches)
         progress = progress and distributed.is_writer()
         if not batches:
+            if spill is not None:
+                spill.close()
             return observer  # a rank without a batch contributes zeros (and loads no layer)
     try:
         if mode == "whole-model":
@@ -241,23 +243,32 @@ def widest_dense_bytes(reader: CheckpointReader) -> int:
 ACTIVATION_COPIES = 3  # cached inputs of every batch, one batch's output, and the layer's working activations
 
 
+def host_budget(max_memory: str | int | None, processes: int = 1) -> int | None:
+    """Host bytes a pass may plan with: `max_memory`, or this process's share of the memory available (None: unknown)."""
+    if max_memory is not None:
+        return parse_memory(max_memory)
+    budget = default_budget()
+    return None if budget is None else budget // max(1, processes)
+
+
+def cached_bytes(reader: CheckpointReader, samples: int, seq_len: int) -> int:
+    """Bytes of `samples` windows of `seq_len` cached hidden states (float32 at least)."""
+    return samples * seq_len * int(text_config(reader.config).hidden_size) * max(reader.dtype.itemsize, 4)
+
+
 def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_memory: str | int | None,
-                 processes: int = 1) -> int | None:
+                 processes: int = 1, budget: int | None = None) -> int | None:
     """Bytes one decoder layer may occupy: the host budget minus the cached activations (None: unknown budget).
 
     The budget is `max_memory`, or a share of the memory available to this process (divided
-    among `processes` processes calibrating side by side on this machine). A budget
-    that cannot hold the activations, or the embeddings while batches are embedded, is
-    refused in one line with what it needs.
+    among `processes` processes calibrating side by side on this machine); `budget` gives it
+    when the caller has it already. A budget that cannot hold the activations, or the
+    embeddings while batches are embedded, is refused in one line with what it needs.
     """
-    budget = parse_memory(max_memory) if max_memory is not None else default_budget()
+    budget = host_budget(max_memory, processes) if budget is None else budget
     if budget is None:
         return None
-    if max_memory is None:
-        budget //= max(1, processes)
-    samples, seq_len = int(input_shape[0]), int(input_shape[1])
-    hidden = int(text_config(reader.config).hidden_size)
-    activations = ACTIVATION_COPIES * samples * seq_len * hidden * max(reader.dtype.itemsize, 4)
+    activations = ACTIVATION_COPIES * cached_bytes(reader, int(input_shape[0]), int(input_shape[1]))
     left = budget - activations
     outside = reader.keys_bytes(reader.outside_layers(include_head=False))
     if left < outside:
@@ -279,18 +290,31 @@ def plan_activations(reader: CheckpointReader, input_shape: tuple[int, ...], bat
     beyond, they are memory-mapped files (`moecompress.engine.spill`) and only a batch's
     worth of activations is planned in memory (`layer_budget` for one batch).
     """
-    budget = parse_memory(max_memory) if max_memory is not None else default_budget()
+    budget = host_budget(max_memory, processes)
     samples, seq_len = int(input_shape[0]), int(input_shape[1])
-    hidden = int(text_config(reader.config).hidden_size)
-    cached = samples * seq_len * hidden * max(reader.dtype.itemsize, 4)
-    if budget is None:  # the memory available is unknown: nothing to plan with
-        return layer_budget(reader, input_shape, max_memory, processes), False
-    share = budget // max(1, processes) if max_memory is None else budget
-    if cached <= SPILL_SHARE * share:
-        return layer_budget(reader, input_shape, max_memory, processes), False
+    cached = cached_bytes(reader, samples, seq_len)
+    if budget is None or cached <= SPILL_SHARE * budget:  # unknown budget: nothing to plan with
+        return layer_budget(reader, input_shape, max_memory, processes, budget), False
     log.warning("the cached hidden states (%s) exceed half the memory budget (%s): they are kept in memory-mapped "
-                "files instead", format_gib(cached), format_gib(share))
-    return layer_budget(reader, (min(batch_size, samples), seq_len), max_memory, processes), True
+                "files instead", format_gib(cached), format_gib(budget))
+    return layer_budget(reader, (min(batch_size, samples), seq_len), max_memory, processes, budget), True
+
+
+STATISTICS_RESULT = "statistics"  # the name of the calibrated statistics among a run's kept results
+
+
+def resumed_statistics(checkpoints: RunCheckpoints) -> RoutingStats | None:
+    """The statistics a resumed run calibrated before it was interrupted (None: none were kept)."""
+    saved = checkpoints.result(STATISTICS_RESULT)
+    if saved is None:
+        return None
+    log.warning("reusing the statistics calibrated before the interruption (in %s)", saved)
+    return RoutingStats.load(saved)
+
+
+def keep_statistics(checkpoints: RunCheckpoints, stats: RoutingStats) -> None:
+    """Keep freshly calibrated statistics among the run's checkpoints, for `resumed_statistics`."""
+    checkpoints.save_result(STATISTICS_RESULT, stats.save)
 
 
 def calibrate(
@@ -358,7 +382,6 @@ def calibrate_to_folder(model_path: str | Path, output: str | Path, sources: Seq
     The layer pass keeps checkpoints beside `output` (`moecompress.engine.resume`); `resume`
     continues a killed run of the same call from its last finished layer.
     """
-    from moecompress.engine.resume import source_fingerprint
     from moecompress.io.output import atomic_output_dir
 
     with RunCheckpoints(output, "calibrate", resume=resume) as checkpoints:

@@ -95,6 +95,7 @@ def calibrate_command(
     if distributed.is_writer():
         print_stats_summary(stats, Path(output))
 
+
 def print_stats_summary(stats, output: Path, console: Console | None = None) -> None:
     """A per-layer table: tokens, experts used, min/max routed tokens per expert."""
     console = console or Console()

@@ -317,7 +317,7 @@ class LayerEngine:
         if len(hidden) != len(self.batches):
             raise ValueError(f"restart needs one hidden state per batch ({len(self.batches)}), got {len(hidden)}")
         for slot, (batch, value) in enumerate(zip(self.batches, hidden)):
-            batch.hidden = self.spill.keep(slot, value) if self.spill is not None else value
+            batch.hidden = self._keep(slot, value)
         self.next_layer = index
 
     def layer_inputs(self) -> list[tuple[str, torch.Tensor]]:

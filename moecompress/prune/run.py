@@ -381,13 +381,10 @@ def _calibrated(source: Path, stats: RoutingStats | None, needs: list[str], need
     Statistics come from `stats`, the run's saved result (a resumed run), or a calibration
     pass, whose result is saved among the run's checkpoints.
     """
-    from moecompress.calibration.calibrate import calibrate
+    from moecompress.calibration.calibrate import calibrate, keep_statistics, resumed_statistics
 
     if stats is None:
-        saved = checkpoints.result("statistics")
-        if saved is not None:
-            log.warning("reusing the statistics calibrated before the interruption (in %s)", saved)
-            stats = RoutingStats.load(saved)
+        stats = resumed_statistics(checkpoints)
     model = tokenizer = context = None
     given = stats is not None
     if needs_model:
@@ -398,7 +395,7 @@ def _calibrated(source: Path, stats: RoutingStats | None, needs: list[str], need
                           dtype=dtype, statistics=needs, progress=progress, device=device, max_memory=max_memory,
                           checkpoints=checkpoints)
     if not given:
-        checkpoints.save_result("statistics", stats.save)
+        keep_statistics(checkpoints, stats)
     return model, tokenizer, context, stats
 
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from moecompress.calibration.stats import RoutingStats
 from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
@@ -81,7 +80,7 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
               sources: list[Any] | None, force: bool, progress: bool, checkpoints: RunCheckpoints
               ) -> tuple[QuantizeResult, Allocation]:
     """`compress_checkpoint` inside the run's checkpoints."""
-    from moecompress.calibration.calibrate import build_stats, collect_statistics
+    from moecompress.calibration.calibrate import build_stats, collect_statistics, keep_statistics, resumed_statistics
     from moecompress.calibration.stats import config_hash
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint, load_tokenizer
@@ -135,16 +134,15 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
     shape = routing_shape(adapter, info.config)
     check_budget(sizes, choices, budget, min_kept=min(feasible_counts(shape)))
     checkpoints.require("calibration data", calib.digest)
-    if stats is None and checkpoints.result("statistics") is not None:
-        log.warning("reusing the statistics calibrated before the interruption")
-        stats = RoutingStats.load(checkpoints.result("statistics"))
-    elif stats is None:
+    if stats is None:
+        stats = resumed_statistics(checkpoints)
+    if stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       required_statistics(prune_method, protect_super_experts),
                                       request.batch_size, "layerwise", progress, reader=reader, device=device,
                                       data_parallel=True, checkpoints=checkpoints.layer_pass("calibrating"))
         stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
-        checkpoints.save_result("statistics", stats.save)
+        keep_statistics(checkpoints, stats)
     scores = scorer.score(stats, params, None)
     protected: dict[int, list[int]] = {}
     if protect_super_experts:

@@ -387,20 +387,18 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
 
     average = plan.average_expert_bits()
     device = resolve_device(request.device)
+    passes: dict[str, Any] = {"min_tokens": request.min_tokens, "weighted_hessian": request.weighted_hessian,
+                              "expert_memory": request.expert_memory, "reader": reader, "device": device}
     if distributed.active() and not distributed.is_writer():  # the same passes and collectives, nothing written
-        quantize_model(model, adapter, plan, batches, min_tokens=request.min_tokens,
-                       weighted_hessian=request.weighted_hessian, progress=False, expert_memory=request.expert_memory,
-                       reader=reader, device=device)
+        quantize_model(model, adapter, plan, batches, progress=False, **passes)
         return distributed.broadcast_object(None)  # type: ignore[return-value]
     with atomic_output_dir(output, force=force, folder=checkpoints.output_folder()) as tmp:
         if request.format == "gptq":
             writer: Any = GPTQWriter(tmp, model, adapter, plan, out_dtype, request.max_shard_bytes)
         else:
             writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
-        report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, min_tokens=request.min_tokens,
-                                weighted_hessian=request.weighted_hessian, progress=progress,
-                                expert_memory=request.expert_memory, reader=reader, device=device,
-                                checkpoints=checkpoints.layer_pass("quantizing"), resumable=writer)
+        report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, progress=progress,
+                                checkpoints=checkpoints.layer_pass("quantizing"), resumable=writer, **passes)
         writer.finish()
         if request.format == "fake":
             (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")

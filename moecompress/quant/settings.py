@@ -13,7 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from moecompress.errors import MoecompressError
-
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.quant.plan import PlanEntry, QuantPlan
 from moecompress.quant.spec import SUPPORTED_BITS, UNQUANTISED, QuantSpec

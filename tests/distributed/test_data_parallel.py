@@ -120,18 +120,28 @@ def test_a_bad_argument_fails_on_every_rank(checkpoint, data, tmp_path) -> None:
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-@pytest.mark.slow
-def test_two_ranks_prune_the_same_checkpoint(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
+def _one_process_and_two_ranks(args: list[str], summary: str, tmp_path: Path, monkeypatch, capsys
+                               ) -> tuple[Path, Path]:
+    """`args -o single` in this process and `args -o parallel` over two ranks: (single, parallel) folders.
+
+    Both succeed; the ranks print one summary (rank 0's, which contains `summary`) and write
+    exactly one output folder, holding the same files as the single process's.
+    """
     single_dir, parallel_dir = tmp_path / "single", tmp_path / "parallel"
-    args = ["prune", str(checkpoint), "--method", "reap", "--ratio", "0.5", *data, *CALIBRATION]
     code, _, err = run_cli([*args, "-o", str(single_dir)], monkeypatch, capsys)
     assert code == 0, err
     run = torchrun([*args, "-o", str(parallel_dir)])
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("checkpoint is in") == 1  # one summary: rank 0's
+    assert run.stdout.count(summary) == 1  # one summary: rank 0's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel", "single"]  # exactly one output folder
-
     assert sorted(p.name for p in single_dir.iterdir()) == sorted(p.name for p in parallel_dir.iterdir())
+    return single_dir, parallel_dir
+
+
+@pytest.mark.slow
+def test_two_ranks_prune_the_same_checkpoint(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
+    args = ["prune", str(checkpoint), "--method", "reap", "--ratio", "0.5", *data, *CALIBRATION]
+    single_dir, parallel_dir = _one_process_and_two_ranks(args, "checkpoint is in", tmp_path, monkeypatch, capsys)
     for name in ("prune_plan.json", "config.json"):
         assert json.loads((single_dir / name).read_text()) == json.loads((parallel_dir / name).read_text()), name
     expected, got = load_file(single_dir / "model.safetensors"), load_file(parallel_dir / "model.safetensors")
@@ -164,15 +174,8 @@ def _assert_same_quantised(single: dict[str, torch.Tensor], parallel: dict[str, 
                          ids=["quantize", "compress"])
 def test_two_ranks_quantize_like_one_process(command, checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
     """MC-MoE sensitivity, GPTQ (and compress's statistics) on each rank's share: the same plan, the same tensors."""
-    single_dir, parallel_dir = tmp_path / "single", tmp_path / "parallel"
     args = [command[0], str(checkpoint), *command[1:], *data, *CALIBRATION]
-    code, _, err = run_cli([*args, "-o", str(single_dir)], monkeypatch, capsys)
-    assert code == 0, err
-    run = torchrun([*args, "-o", str(parallel_dir)])
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.count("written to") == 1  # one summary: rank 0's
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel", "single"]  # exactly one output folder
-    assert sorted(p.name for p in single_dir.iterdir()) == sorted(p.name for p in parallel_dir.iterdir())
+    single_dir, parallel_dir = _one_process_and_two_ranks(args, "written to", tmp_path, monkeypatch, capsys)
     one, two = read_manifest(single_dir), read_manifest(parallel_dir)
     assert one["expert_bits"] == two["expert_bits"]  # the plan: every expert's width
     assert one.get("pruning", {}).get("keep") == two.get("pruning", {}).get("keep")  # compress: the experts kept

@@ -60,18 +60,27 @@ def test_nan_activations_name_the_layer(tmp_path) -> None:
 QUANTIZE = ["--bits", "2.5", "--samples", "2", "--seq-len", "16"]
 
 
+def _poison_after(monkeypatch, cls: type, poison) -> None:  # noqa: ANN001
+    """Make `cls.__call__(self, expert, ...)` run as before, then `poison(self, expert)`."""
+    real = cls.__call__
+
+    def poisoned(self, expert, *args):  # noqa: ANN001, ANN202
+        real(self, expert, *args)
+        poison(self, expert)
+
+    monkeypatch.setattr(cls, "__call__", poisoned)
+
+
 def test_nan_in_an_expert_hessian_names_the_expert(tmp_path, monkeypatch, capsys) -> None:
     from moecompress.quant.layer_pass import ExpertHessians
 
     folder = make_checkpoint(tmp_path / "ckpt")
-    real = ExpertHessians.__call__
 
-    def poisoned(self, expert, *args):  # noqa: ANN001, ANN202
-        real(self, expert, *args)
+    def nan_hessian(stats: ExpertHessians, expert: int) -> None:
         if expert == 3:
-            self.inputs[expert].hessian[0, 0] = float("nan")
+            stats.inputs[expert].hessian[0, 0] = float("nan")
 
-    monkeypatch.setattr(ExpertHessians, "__call__", poisoned)
+    _poison_after(monkeypatch, ExpertHessians, nan_hessian)
     out = tmp_path / "q"
     code, _, err = run_cli(["quantize", str(folder), *QUANTIZE, "-o", str(out)], monkeypatch, capsys)
     (line,) = error_lines(err)
@@ -83,14 +92,12 @@ def test_nan_in_a_sensitivity_names_the_layer_and_expert(tmp_path, monkeypatch, 
     from moecompress.quant.sensitivity import ErrorVisitor
 
     folder = make_checkpoint(tmp_path / "ckpt")
-    real = ErrorVisitor.__call__
 
-    def poisoned(self, expert, *args):  # noqa: ANN001, ANN202
-        real(self, expert, *args)
+    def inf_error(visitor: ErrorVisitor, expert: int) -> None:
         if expert == 2:
-            self.errors.error[expert, 0] = float("inf")
+            visitor.errors.error[expert, 0] = float("inf")
 
-    monkeypatch.setattr(ErrorVisitor, "__call__", poisoned)
+    _poison_after(monkeypatch, ErrorVisitor, inf_error)
     code, _, err = run_cli(["quantize", str(folder), *QUANTIZE, "-o", str(tmp_path / "q")], monkeypatch, capsys)
     (line,) = error_lines(err)
     assert code != 0 and "the sensitivity of expert 2 of decoder layer 1 is NaN or Inf" in line, line
