@@ -37,7 +37,7 @@ from benchmarks.harness.heapr_memory import measure as measure_heapr_memory
 from benchmarks.harness.pruning_runs import (calibrated, evaluate_layout_checkpoint, evaluate_plan, method_statistics,
                                              plan_timed)
 from benchmarks.harness.report import _fmt, domain_matrix, renderer
-from benchmarks.harness.suites import _domain_ppl, _windows, infeasible, suite
+from benchmarks.harness.suites import _domain_ppl, _windows, feasible_pairs, infeasible, suite
 
 RATIOS = (0.25, 0.5, 0.75)
 BASELINES = ("random", "frequency", "soft_count")  # the scorers registered as baselines
@@ -155,14 +155,8 @@ def pruning_methods(fixtures: list[Fixture], options: dict[str, Any]) -> dict[st
     params = {**DEFAULT_PARAMS, **options.get("method_params", {})}
     experts, neurons = expert_methods(), neuron_methods()
     fixture_info = [_fixture_info(fixture) for fixture in fixtures]
-    jobs, skipped = [], []
-    for fixture in fixtures:
-        for ratio in ratios:
-            reason = infeasible(fixture, ratio)
-            if reason:
-                skipped.append({"fixture": fixture.name, "ratio": ratio, "reason": reason})
-            else:
-                jobs += [(fixture, ratio, method) for method in experts + neurons]
+    pairs, skipped = feasible_pairs(fixtures, ratios)
+    jobs = [(fixture, ratio, method) for fixture, ratio in pairs for method in experts + neurons]
     rows = []
     bar = tqdm(jobs, desc="pruning methods", unit="run")
     for fixture, ratio, method in bar:

@@ -44,6 +44,7 @@ SUITES: dict[str, Suite] = {}
 # its renderer with `report.renderer`; `load_suite_modules` imports them.
 SUITE_MODULES = (
     "benchmarks.harness.pruning_methods",
+    "benchmarks.harness.scoring_order",
     "benchmarks.harness.quantisation",
     "benchmarks.harness.condensing",
     "benchmarks.harness.costs",
@@ -104,6 +105,20 @@ def infeasible(fixture: Fixture, ratio: float) -> str | None:
     except MoecompressError as err:
         return str(err)
     return None
+
+
+def feasible_pairs(fixtures: list[Fixture], ratios: Sequence[float]
+                   ) -> tuple[list[tuple[Fixture, float]], list[dict[str, Any]]]:
+    """((fixture, ratio) pairs the routers can keep, skipped pairs with the reason), fixtures first."""
+    pairs, skipped = [], []
+    for fixture in fixtures:
+        for ratio in ratios:
+            reason = infeasible(fixture, ratio)
+            if reason:
+                skipped.append({"fixture": fixture.name, "ratio": ratio, "reason": reason})
+            else:
+                pairs.append((fixture, ratio))
+    return pairs, skipped
 
 
 @suite("unpruned", "Unpruned fixtures: test perplexity per domain")

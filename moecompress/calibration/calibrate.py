@@ -11,6 +11,12 @@ Two equivalent modes:
 
 Both give the same statistics (tested).
 
+Sequential calibration (``choose_experts``, layer by layer only): as soon as MoE layer L has
+been observed, a callback chooses the experts it keeps from L's statistics, and L runs again
+with its router restricted to them (`MoEAdapter.mask_experts`, exact removal) to produce layer
+L+1's inputs. Each layer is then observed on the outputs of the already-pruned layers before
+it, as llm-compressor's REAP modifier scores; it costs a second run of every MoE layer.
+
 Data parallel: under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) `calibrate` splits
 the calibration batches round-robin across the ranks (`moecompress.engine.distributed`), each
 rank observing only its share (its layer engine caches only those batches' hidden states),
@@ -25,7 +31,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,6 +55,9 @@ from moecompress.models.load import text_config
 log = logging.getLogger(__name__)
 
 MODES = ("layerwise", "whole-model")
+
+# (MoE layer index, that layer's statistics as observed) -> the experts the layer keeps
+ExpertChoice = Callable[[int, RoutingStats], Sequence[int]]
 
 
 def _batches(input_ids: torch.Tensor, domain_ids: torch.Tensor, domains: Sequence[str], batch_size: int
@@ -78,6 +87,7 @@ def collect_statistics(
     data_parallel: bool = False,
     checkpoints: LayerPassCheckpoints | None = None,
     spill_to: Path | None = None,
+    choose_experts: ExpertChoice | None = None,
 ) -> Observer:
     """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
 
@@ -93,12 +103,18 @@ def collect_statistics(
     resumes from (`moecompress.engine.resume`; default none); unused in whole-model mode.
     spill_to: keep the cached hidden states in memory-mapped files in a folder made there
     (`moecompress.engine.spill`), removed after the pass; None keeps them in memory.
+    choose_experts: calibrate sequentially (see the module docstring): called once per MoE
+    layer, in order, with the layer's statistics (all-reduced first when data parallel, so
+    every rank chooses the same); the returned experts are the only ones the layer routes to
+    when it produces the next layer's inputs. Layer by layer only.
     """
     parallel = data_parallel and distributed.active()
     checkpoints = checkpoints or LayerPassCheckpoints(None, "calibrating")
+    if choose_experts is not None and mode != "layerwise":
+        raise MoecompressError("sequential calibration runs one layer at a time: it needs mode 'layerwise'")
     with distributed.phase("calibrating") if parallel else contextlib.nullcontext():
         observer = _observe(model, adapter, input_ids, domain_ids, domains, statistics, batch_size, mode, progress,
-                            reader, device, max_layer_bytes, parallel, checkpoints, spill_to)
+                            reader, device, max_layer_bytes, parallel, checkpoints, spill_to, choose_experts)
     if parallel:
         observer.all_reduce()
     return observer
@@ -107,7 +123,8 @@ def collect_statistics(
 def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, domain_ids: torch.Tensor,
              domains: Sequence[str], statistics: Sequence[str], batch_size: int, mode: str, progress: bool,
              reader: CheckpointReader | None, device: torch.device | str | None, max_layer_bytes: int | None,
-             parallel: bool, checkpoints: LayerPassCheckpoints, spill_to: Path | None = None) -> Observer:
+             parallel: bool, checkpoints: LayerPassCheckpoints, spill_to: Path | None = None,
+             choose_experts: ExpertChoice | None = None) -> Observer:
     """`collect_statistics` on this process: every batch, or this rank's share when `parallel`."""
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
@@ -133,12 +150,16 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
         if not batches:
             if spill is not None:
                 spill.close()
+            if choose_experts is not None:  # the per-layer reductions are collective: take part, choose alike
+                for ref in observer.layers:
+                    observer.all_reduce(layers=[ref.index])
+                    choose_experts(ref.index, observed_layer(observer, ref.index))
             return observer  # a rank without a batch contributes zeros (and loads no layer)
     try:
         if mode == "whole-model":
             _whole_model_pass(model, observer, batches, needs_grad, progress)
         else:
-            _layerwise_pass(engine, observer, batches, progress, checkpoints)
+            _layerwise_pass(engine, observer, batches, progress, checkpoints, choose_experts)
     finally:
         if spill is not None:
             engine.batches.clear()  # the mapped tensors go before their files
@@ -161,16 +182,19 @@ def _whole_model_pass(model: nn.Module, observer: Observer, batches: list[tuple[
 
 
 def _layerwise_pass(runner: LayerEngine, observer: Observer, batches: list[tuple[str, torch.Tensor]],
-                    progress: bool, checkpoints: LayerPassCheckpoints) -> None:
+                    progress: bool, checkpoints: LayerPassCheckpoints,
+                    choose_experts: ExpertChoice | None = None) -> None:
     runner.prepare(batches)
     total = len(runner.layers)
     restored = checkpoints.restore(runner, total)
     observer.restore_layers(restored.layers, restored.state.get("tokens", {}))
     moe_indices = {ref.index for ref in observer.layers}
-    with tqdm(total=total, initial=restored.next_layer, desc="calibrating", unit="layer",
-              disable=not progress) as bar:
+    desc = checkpoints.name.replace("-", " ") + (", pruning each layer" if choose_experts is not None else "")
+    with tqdm(total=total, initial=restored.next_layer, desc=desc, unit="layer", disable=not progress) as bar:
         for index in range(restored.next_layer, total):
-            if index in moe_indices:
+            if index in moe_indices and choose_experts is not None:
+                _sequential_layer(runner, observer, index, choose_experts)
+            elif index in moe_indices:
                 with observer.active(layers=[index]):
                     runner.run_layer(index, before_batch=observer.set_domain)
             else:
@@ -178,6 +202,26 @@ def _layerwise_pass(runner: LayerEngine, observer: Observer, batches: list[tuple
             checkpoints.save(runner, index, observer.layer_tensors(index) if index in moe_indices else None,
                              {"tokens": observer.token_counts()})
             bar.update(1)
+
+
+def _sequential_layer(runner: LayerEngine, observer: Observer, index: int, choose_experts: ExpertChoice) -> None:
+    """Observe MoE layer `index`, let `choose_experts` pick its experts, and run it again routed to those only."""
+    with runner.layer_loaded(index):  # the layer's weights stay loaded for both runs
+        with observer.active(layers=[index]):
+            runner.run_layer(index, before_batch=observer.set_domain, advance=False)
+        observer.all_reduce(layers=[index])  # data parallel: every rank chooses from the same statistics
+        kept = list(choose_experts(index, observed_layer(observer, index)))
+        with runner.adapter.mask_experts(runner.model, {index: kept}):
+            runner.run_layer(index)
+
+
+def observed_layer(observer: Observer, index: int) -> RoutingStats:
+    """MoE layer `index`'s statistics as observed so far, as a one-layer `RoutingStats`.
+
+    What scorers read is complete (tensors, token counts, shapes, domains); the header's
+    provenance fields (model path, data digest, seed) are empty: it is never saved.
+    """
+    return build_stats(observer.model, observer.adapter, observer, "", "", {}, "layerwise", 0, layers=[index])
 
 
 def build_stats(
@@ -189,9 +233,10 @@ def build_stats(
     data: dict[str, Any],
     mode: str,
     seed: int,
+    layers: Sequence[int] | None = None,
 ) -> RoutingStats:
-    """Package an observer's sums with their header."""
-    refs = observer.layers
+    """Package an observer's sums with their header (of these MoE layers; default all)."""
+    refs = [ref for ref in observer.layers if layers is None or ref.index in layers]
     header = StatsHeader(
         model_type=model.config.model_type,
         config_hash=config_hash(model.config),
@@ -202,14 +247,14 @@ def build_stats(
         intermediate_size=observer.observers[refs[0].index].intermediate_size,
         domains=list(observer.domains),
         statistics=list(observer.statistics),
-        tokens=observer.token_counts(),
+        tokens=observer.token_counts(layers),
         data_digest=data_digest,
         data=data,
         mode=mode,
         seed=seed,
         versions=library_versions(),
     )
-    tensors = observer.tensors()
+    tensors = observer.tensors(layers)
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise MoecompressError(f"calibration statistic {key} holds NaN or Inf values; the model's activations "
@@ -332,6 +377,8 @@ def calibrate(
     max_memory: str | int | None = None,
     data_parallel: bool = True,
     checkpoints: RunCheckpoints | None = None,
+    choose_experts: ExpertChoice | None = None,
+    pass_name: str = "calibrating",
 ) -> RoutingStats:
     """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
 
@@ -348,6 +395,10 @@ def calibrate(
     statistics. False, or a single process: everything runs here, nothing is communicated.
     checkpoints: the run's checkpoints (`moecompress.engine.resume`): the layer pass saves its
     progress there after every layer and, when the run resumes, continues from it.
+    choose_experts: calibrate sequentially (`collect_statistics`); the header's data records
+    ``"sequential": true``. Needs the layer-by-layer mode.
+    pass_name: the layer pass's name among the run's checkpoints (a run of two passes names
+    them apart).
     """
     checkpoints = checkpoints or RunCheckpoints.disabled()
     if data_parallel:
@@ -361,14 +412,17 @@ def calibrate(
     observer = collect_statistics(
         setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains, setup.statistics, batch_size,
         setup.mode, progress, reader=setup.reader, device=setup.device, max_layer_bytes=setup.max_layer_bytes,
-        data_parallel=parallel, checkpoints=checkpoints.layer_pass("calibrating"),
+        data_parallel=parallel, checkpoints=checkpoints.layer_pass(pass_name),
         spill_to=(checkpoints.folder or Path(tempfile.gettempdir())) if setup.spill else None,
+        choose_experts=choose_experts,
     )
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
             "seed": seed, "batch_size": batch_size, "dtype": dtype,
             "compute_dtype": str(setup.reader.dtype if setup.reader is not None else next(setup.model.parameters()).dtype)
             .replace("torch.", ""), "device": str(setup.device),
             "world_size": distributed.world_size() if parallel else 1}
+    if choose_experts is not None:
+        data["sequential"] = True
     return build_stats(setup.model, setup.adapter, observer, model_path, calib.digest, data, setup.mode, seed)
 
 

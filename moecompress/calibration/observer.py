@@ -157,6 +157,7 @@ class Observer:
             refs = [ref for ref in refs if ref.index in set(layers)]
         self.layers = refs
         self.observers = {ref.index: LayerObserver(adapter, ref, self.statistics, self.domains, device) for ref in refs}
+        self._reduced: set[int] = set()  # layers `all_reduce` has combined across ranks
 
     def set_domain(self, domain: str) -> None:
         """Attribute the following forward passes to `domain`."""
@@ -193,12 +194,14 @@ class Observer:
             for handle in handles:
                 handle.remove()
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every accumulated tensor, named as in `RoutingStats.key`."""
+    def tensors(self, layers: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Every accumulated tensor (of these MoE layers; default all), named as in `RoutingStats.key`."""
         from moecompress.calibration.stats import RoutingStats
 
         out = {}
         for index, obs in self.observers.items():
+            if layers is not None and index not in layers:
+                continue
             for domain, per in obs.sums.items():
                 for name, tensor in per.items():
                     out[RoutingStats.key(name, index, domain)] = tensor.to("cpu", copy=True)
@@ -220,11 +223,12 @@ class Observer:
             if int(index) in self.observers:
                 self.observers[int(index)].tokens.update({domain: int(n) for domain, n in per.items()})
 
-    def token_counts(self) -> dict[str, dict[str, int]]:
-        """layer -> domain -> tokens seen by the router."""
-        return {str(index): dict(obs.tokens) for index, obs in self.observers.items()}
+    def token_counts(self, layers: Sequence[int] | None = None) -> dict[str, dict[str, int]]:
+        """layer -> domain -> tokens seen by the router (these MoE layers; default all)."""
+        return {str(index): dict(obs.tokens) for index, obs in self.observers.items()
+                if layers is None or index in layers}
 
-    def all_reduce(self) -> None:
+    def all_reduce(self, layers: Sequence[int] | None = None) -> None:
         """Combine what every rank observed (data-parallel calibration), in place; a no-op in one process.
 
         Each rank has observed its own share of the batches; afterwards every rank holds what
@@ -233,13 +237,21 @@ class Observer:
         maximum. Up to the order of float64 additions, the result equals a single process's.
         Collective: every rank calls it, with the same layers, domains and statistics; one
         layer is reduced at a time (two reductions per layer plus one for the token counts).
+        layers: reduce only these MoE layers (default all); a layer is reduced once, so a later
+        call skips the layers an earlier one reduced (sequential calibration reduces each layer
+        as soon as it is observed, then the whole observer after the pass).
         """
         from moecompress.calibration.stats import MAX_STATISTICS
         from moecompress.engine import distributed
 
         if not distributed.active():
             return
-        for index in sorted(self.observers):
+        chosen = sorted(index for index in self.observers if (layers is None or index in set(layers))
+                        and index not in self._reduced)
+        if not chosen:
+            return
+        self._reduced.update(chosen)
+        for index in chosen:
             obs = self.observers[index]
             if obs._pending_easy:
                 raise RuntimeError(f"layer {index} has EASY-EP terms not finished; reduce after the pass")
@@ -251,7 +263,7 @@ class Observer:
                 flat = distributed.all_reduce_(torch.cat([part.reshape(-1) for part in parts]), op)
                 for part, value in zip(parts, flat.split([part.numel() for part in parts])):
                     part.copy_(value.view_as(part))
-        order = [(index, domain) for index in sorted(self.observers) for domain in self.domains]
+        order = [(index, domain) for index in chosen for domain in self.domains]
         tokens = torch.tensor([self.observers[index].tokens[domain] for index, domain in order], dtype=torch.int64)
         distributed.all_reduce_(tokens, "sum")
         for (index, domain), value in zip(order, tokens.tolist()):

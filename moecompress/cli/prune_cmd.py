@@ -57,6 +57,10 @@ def prune_command(
         "--allocation", help="uniform: same count per layer / same width per expert (loads in transformers); global: "
         "one threshold across layers (needs moecompress.load). Default: uniform for expert methods, global for "
         "heapr.", show_default=False)] = None,
+    scoring: Annotated[str, typer.Option(
+        "--scoring", help="one-pass: score every layer on the unpruned model; sequential: score and prune each "
+        "layer on the outputs of the already-pruned layers before it (every MoE layer runs twice; statistics-only "
+        "expert methods, uniform allocation).")] = "one-pass",
     param: Annotated[list[str] | None, typer.Option("--param", help="Method parameter key=value (repeatable), e.g. "
                                                     "--param top_k=2 for premoe.", show_default=False)] = None,
     domain: Annotated[str | None, typer.Option("--domain", help="Score on this calibration domain only "
@@ -98,6 +102,8 @@ def prune_command(
 
         moecompress prune ./Qwen3-30B-A3B --method reap --ratio 0.5 --data code=code.jsonl -o ./pruned
 
+        moecompress prune ./Qwen3-30B-A3B --method reap --ratio 0.5 --scoring sequential -o ./pruned
+
         moecompress prune ./Qwen3-30B-A3B --method heapr --ratio 0.25 -o ./heapr
 
         moecompress prune ./Mixtral --method naee --keep 6 --dynamic-skip -o ./naee
@@ -122,7 +128,7 @@ def prune_command(
                               seed=seed, batch_size=batch_size, dtype=dtype,
                               protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
                               allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns,
-                              device=device, max_memory=max_memory, resume=resume)
+                              device=device, max_memory=max_memory, resume=resume, scoring=scoring)
     print_prune_summary(result, dry_run)
 
 
@@ -135,6 +141,8 @@ def print_prune_summary(result, dry_run: bool, console: Console | None = None) -
     console = console or Console()
     plan = result.plan
     title = f"{'Planned' if dry_run else 'Pruned'}: {plan.method}, {plan.allocation} allocation"
+    if plan.scoring != "one-pass":
+        title += f", {plan.scoring} scoring"
     table = Table(title=title + (f", domain {plan.domain}" if plan.domain else ""))
     if plan.granularity == "neuron":
         for column in ("layer", "neurons kept", "width min / mean / max", "protected (full width)"):

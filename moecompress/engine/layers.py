@@ -298,8 +298,13 @@ class LayerEngine:
             yield
 
     @torch.no_grad()
-    def run_layer(self, index: int, before_batch: Callable[[str], None] | None = None) -> None:
-        """Push every cached batch through decoder layer `index` (layers must run in order)."""
+    def run_layer(self, index: int, before_batch: Callable[[str], None] | None = None, advance: bool = True) -> None:
+        """Push every cached batch through decoder layer `index` (layers must run in order).
+
+        advance=False runs the layer for what observes it and keeps the cached states as they
+        were (the layer's outputs are dropped): a second run, e.g. of the layer once changed,
+        then produces the next layer's inputs.
+        """
         if index != self.next_layer:
             raise RuntimeError(f"layers must run in order: expected layer {self.next_layer}, got {index}")
         with self.layer_loaded(index) as layer:
@@ -309,8 +314,11 @@ class LayerEngine:
                 out = self.layer_call(index, batch, layer)
                 out = out[0] if isinstance(out, tuple) else out
                 check_finite_activations(out, index, batch.domain)
-                batch.hidden = self._keep(slot, out)
-        self.next_layer = index + 1
+                if advance:
+                    batch.hidden = self._keep(slot, out)
+                del out
+        if advance:
+            self.next_layer = index + 1
 
     def restart(self, index: int, hidden: Sequence[torch.Tensor]) -> None:
         """Make `hidden` (one (B, S, H) tensor per batch) the cached inputs of layer `index` and continue there."""

@@ -25,6 +25,7 @@ class PrunePlan(BaseModel):
     params: dict[str, Any] = {}
     granularity: str = "expert"  # "expert" or "neuron"
     allocation: str = "uniform"  # "uniform" or "global"
+    scoring: str = "one-pass"  # "one-pass" or "sequential" (moecompress.prune.sequential)
     domain: str | None = None
     num_experts: int
     top_k: int

@@ -26,6 +26,7 @@ from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global,
 from moecompress.prune.plan import PrunePlan
 from moecompress.prune.scorers import Scorer, ScoringContext, get_scorer
 from moecompress.prune.select import RoutingShape, kept_count, select_global, select_uniform
+from moecompress.prune.sequential import DEFAULT_SCORING, SequentialChoice, check_same_choice, check_scoring
 from moecompress.prune.super_experts import find_super_experts
 from moecompress.sizes import skeleton_model
 
@@ -98,11 +99,14 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
                  keep: int | None = None, params: dict[str, Any] | None = None, domain: str | None = None,
                  protect_super_experts: bool = True, allocation: str | None = None,
                  context: ScoringContext | None = None, scores: dict[int, torch.Tensor] | None = None,
-                 new_top_k: int | None = None) -> PrunePlan:
+                 new_top_k: int | None = None, protected: dict[int, list[int]] | None = None,
+                 scoring: str = "one-pass") -> PrunePlan:
     """Score with `method` and choose what each layer keeps (experts, or neurons for neuron scorers).
 
     allocation: "uniform" (same count per layer / same width per expert) or "global" (one
     threshold across layers); default per scorer. `scores` skips scoring (precomputed).
+    protected: the super experts to keep (default: found in `stats` when protection is on);
+    scoring: how `stats` were observed ("one-pass" or "sequential"), recorded in the plan.
     """
     scorer = get_scorer(method)
     parsed = scorer.parse_params(params)
@@ -110,7 +114,8 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
     allocation = check_allocation(allocation, scorer, shape)
     if domain is not None and domain not in stats.header.domains:
         raise MoecompressError(f"--domain {domain!r} is not a calibration domain; have: {', '.join(stats.header.domains)}")
-    protected = protected_experts(stats, config, protect_super_experts)
+    if protected is None:
+        protected = protected_experts(stats, config, protect_super_experts)
     if scorer.granularity == "neuron":
         fraction = check_neuron_ratio(ratio, keep)
         if scores is None:
@@ -120,7 +125,7 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
         else:
             neurons = select_neurons_global(scores, fraction, protected)
         plan = PrunePlan(method=method, params=parsed.model_dump(), granularity="neuron", allocation=allocation,
-                         domain=domain, num_experts=shape.num_experts, top_k=shape.top_k, new_top_k=new_top_k,
+                         scoring=scoring, domain=domain, num_experts=shape.num_experts, top_k=shape.top_k, new_top_k=new_top_k,
                          keep={layer: list(range(s.shape[0])) for layer, s in scores.items()}, protected=protected,
                          intermediate_size=stats.header.intermediate_size)
         plan.set_neurons(neurons)
@@ -136,7 +141,7 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
         kept = select_uniform(scores, shape, count, protected)
     else:
         kept = select_global(scores, shape, count, protected)
-    return PrunePlan(method=method, params=parsed.model_dump(), allocation=allocation, domain=domain,
+    return PrunePlan(method=method, params=parsed.model_dump(), allocation=allocation, scoring=scoring, domain=domain,
                      num_experts=shape.num_experts, top_k=shape.top_k, new_top_k=new_top_k, keep=kept,
                      protected=protected, scores={layer: [round(float(v), 8) for v in s] for layer, s in scores.items()})
 
@@ -220,7 +225,7 @@ def check_width_storable(info: Any, ratio: float | None) -> None:
 def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
               params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
               patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None,
-              sources: list[Any] | None) -> tuple[Any, Scorer, str]:
+              sources: list[Any] | None, scoring: str = "one-pass") -> tuple[Any, Scorer, str]:
     """Every check that needs no model; returns (checkpoint info, scorer, allocation)."""
     from moecompress.calibration.stats import config_hash
     from moecompress.io.output import check_output_dir
@@ -246,6 +251,7 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
     else:
         count = kept_count(shape, ratio=ratio, keep=keep)
         check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
+    check_scoring(scoring, scorer, scorer.parse_params(params), allocation, adapter, dynamic_skip, patterns)
     if dynamic_skip:
         top_k = new_top_k if new_top_k is not None else shape.top_k
         if top_k != 2:
@@ -297,6 +303,7 @@ def prune_checkpoint(
     device: str = "cpu",
     max_memory: str | int | None = None,
     resume: bool = False,
+    scoring: str = DEFAULT_SCORING,
 ) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
@@ -312,10 +319,15 @@ def prune_checkpoint(
     Checkpoints of the run are kept beside `output` (`moecompress.engine.resume`): the
     calibration pass after every layer, then the statistics; `resume` continues a killed run
     of the same command from them (scoring and writing start over).
+    scoring: "one-pass" scores every layer on the unpruned model; "sequential" scores and
+    prunes each layer on the outputs of the already-pruned layers before it
+    (`moecompress.prune.sequential`; statistics-only expert scorers, uniform allocation). With
+    `stats` given, sequential scoring still observes every layer again and takes only the
+    super experts from `stats`.
     """
     source = Path(checkpoint)
     info, scorer, allocation = _validate(source, output, method, ratio, keep, params, allocation, dynamic_skip,
-                                         new_top_k, patterns, dry_run, force, stats, domain, sources)
+                                         new_top_k, patterns, dry_run, force, stats, domain, sources, scoring)
     writes = not dry_run and output is not None
     checkpoints = RunCheckpoints(output, "prune", resume=resume) if writes else RunCheckpoints.disabled()
     with checkpoints:
@@ -325,18 +337,26 @@ def prune_checkpoint(
             "sources": [repr(item) for item in sources or []], "samples": samples, "seq_len": seq_len, "seed": seed,
             "batch_size": batch_size, "dtype": dtype, "protect_super_experts": protect_super_experts,
             "allocation": allocation, "dynamic_skip": dynamic_skip, "new_top_k": new_top_k,
-            "patterns": None if patterns is None else str(patterns), "device": device, "max_memory": max_memory})
+            "patterns": None if patterns is None else str(patterns), "device": device, "max_memory": max_memory,
+            "scoring": scoring})
         checkpoints.require("input checkpoint", source_fingerprint(source))
         adapter, config = info.adapter, info.config
         parsed = scorer.parse_params(params)
         needs = required_statistics(method, protect_super_experts, params)
         needs_model = scorer.uses_model(parsed) or dynamic_skip
-        model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, sources, samples, seq_len,
-                                                       seed, batch_size, dtype, progress, device, max_memory,
-                                                       checkpoints)
+        calibration = dict(sources=sources, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+                           dtype=dtype, progress=progress, device=device, max_memory=max_memory,
+                           checkpoints=checkpoints)
+        protected = None
+        if scoring == "sequential":
+            model = tokenizer = context = None
+            stats, protected = _calibrated_sequentially(source, stats, scorer, params, adapter, config, ratio, keep,
+                                                        domain, protect_super_experts, calibration)
+        else:
+            model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, **calibration)
         plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
                             protect_super_experts=protect_super_experts, allocation=allocation, context=context,
-                            new_top_k=new_top_k)
+                            new_top_k=new_top_k, protected=protected, scoring=scoring)
         if dynamic_skip:
             from moecompress.prune.dynamic_skip import measure_betas
 
@@ -370,6 +390,54 @@ def prune_checkpoint(
         written, written_bytes = distributed.writer_only(write, "writing the pruned checkpoint")
         return PruneResult(plan, written.path, before, after, info.bytes_on_disk, written_bytes,
                            format=written.format, notice=written.notice, patterns=patterns_path)
+
+
+SUPER_EXPERT_STATISTICS = "super-expert statistics"  # the one-pass max_act a sequential run protects from
+
+
+def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: Scorer, params: dict[str, Any] | None,
+                             adapter: MoEAdapter, config: Any, ratio: float | None, keep: int | None,
+                             domain: str | None, protect: bool, calibration: dict[str, Any]
+                             ) -> tuple[RoutingStats, dict[int, list[int]]]:
+    """(statistics of a sequential calibration pass, protected super experts).
+
+    With protection on, the super experts come from `stats` or from a one-pass observation of
+    max_act first. Resumed runs take back both passes' saved results.
+    """
+    from moecompress.calibration.calibrate import calibrate, keep_statistics, resumed_statistics
+
+    checkpoints: RunCheckpoints = calibration["checkpoints"]
+    shape = routing_shape(adapter, config)
+    protected: dict[int, list[int]] = {}
+    if protect:
+        found = stats
+        if found is None:
+            saved = checkpoints.result(SUPER_EXPERT_STATISTICS)
+            if saved is not None:
+                log.warning("reusing the super experts found before the interruption (in %s)", saved)
+                found = RoutingStats.load(saved)
+        if found is None:
+            found = calibrate(source, statistics=["count", "max_act"], pass_name="finding-super-experts",
+                              num_samples=calibration["samples"], **_calibrate_options(calibration))
+            checkpoints.save_result(SUPER_EXPERT_STATISTICS, found.save)
+        protected = protected_experts(found, config, True)
+    choice = SequentialChoice(scorer, scorer.parse_params(params), shape, kept_count(shape, ratio=ratio, keep=keep),
+                              domain, protected)
+    sequential = resumed_statistics(checkpoints)
+    if sequential is None:
+        sequential = calibrate(source, statistics=required_statistics(scorer.name, False, params),
+                               num_samples=calibration["samples"], choose_experts=choice,
+                               **_calibrate_options(calibration))
+        keep_statistics(checkpoints, sequential)
+    planned = select_uniform(scorer.score(sequential, choice.params, domain, None), shape, choice.count, protected)
+    check_same_choice(choice.kept, planned)
+    return sequential, protected
+
+
+def _calibrate_options(calibration: dict[str, Any]) -> dict[str, Any]:
+    """`calibrate`'s keyword arguments from prune's calibration options (the sample count apart)."""
+    return {name: calibration[name] for name in ("sources", "seq_len", "seed", "batch_size", "dtype", "progress",
+                                                 "device", "max_memory", "checkpoints")}
 
 
 def _calibrated(source: Path, stats: RoutingStats | None, needs: list[str], needs_model: bool,

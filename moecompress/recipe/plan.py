@@ -290,11 +290,15 @@ def _check_prune(plan: Plan, planned: PlannedStep, info: Any, shape: Any) -> Any
     from moecompress.prune.neurons import check_neuron_ratio
     from moecompress.prune.scorers import get_scorer
     from moecompress.prune.select import kept_count
+    from moecompress.prune.sequential import check_scoring
 
     step = planned.step
     keys = list(type(step).model_fields)
     scorer = get_scorer(step.method)  # type: ignore[attr-defined]
     allocation = _checked(plan, planned.where("allocation"), keys, check_allocation, step.allocation, scorer, shape)  # type: ignore[attr-defined]
+    _checked(plan, planned.where("scoring"), keys, check_scoring, step.scoring, scorer,  # type: ignore[attr-defined]
+             scorer.parse_params(step.param), allocation, info.adapter if info is not None else None,  # type: ignore[attr-defined]
+             step.dynamic_skip, step.patterns)  # type: ignore[attr-defined]
     count_key = "ratio" if step.ratio is not None else "keep"  # type: ignore[attr-defined]
     if scorer.granularity == "neuron":
         _checked(plan, planned.where(count_key), keys, check_neuron_ratio, step.ratio, step.keep)  # type: ignore[attr-defined]

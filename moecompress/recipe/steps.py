@@ -200,6 +200,7 @@ class PruneStep(_CalibrationData):
     ratio: Annotated[float | None, Field(ge=0, lt=1)] = None
     keep: Annotated[int | None, Field(ge=1)] = None
     allocation: Literal["uniform", "global"] | None = None
+    scoring: Literal["one-pass", "sequential"] = "one-pass"
     param: Params = None
     domain: str | None = None
     stats: str | None = None

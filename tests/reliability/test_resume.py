@@ -31,6 +31,7 @@ CALIB = ["--samples", "2", "--seq-len", "16"]
 COMMANDS = {
     "calibrate": ["calibrate", *CALIB],
     "prune": ["prune", "--method", "frequency", "--ratio", "0.5", *CALIB],
+    "prune-sequential": ["prune", "--method", "reap", "--ratio", "0.5", "--scoring", "sequential", *CALIB],
     "quantize": ["quantize", "--bits", "2.5", *CALIB],
     "compress": ["compress", "--size", "60%", *CALIB],
 }
@@ -40,6 +41,8 @@ COMMANDS = {
 KILLS = [
     ("calibrate", "layer-checkpointed:calibrating:1", "resuming calibrating at decoder layer 2 of 3"),
     ("prune", "shard-written", "reusing the statistics"),  # killed while writing: calibration is not repeated
+    # killed in the sequential pass: the super experts found by the pass before it are kept, the pass resumes
+    ("prune-sequential", "layer-checkpointed:calibrating:1", "resuming calibrating at decoder layer 2 of 3"),
     ("quantize", "layer-checkpointed:sensitivity:1", "resuming sensitivity at decoder layer 2 of 3"),
     ("compress", "layer-checkpointed:quantizing:1", "resuming quantizing at decoder layer 2 of 3"),
     ("quantize", "before-rename", "quantizing: the pass had finished"),  # every file written, the folder not renamed

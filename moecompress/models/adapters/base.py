@@ -358,7 +358,7 @@ class MoEAdapter:
         exactly as in a model where those experts were physically removed.
         """
         handles = []
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        saved: list[tuple[nn.Module, str, torch.Tensor]] = []  # (owner, name, the bias the mask replaced)
         try:
             for layer in self.moe_layers(model):
                 if layer.index not in keep:
@@ -368,22 +368,26 @@ class MoEAdapter:
                 weight_shape = self.router_weight(layer.router).shape
                 handles.extend(self._install_logit_mask(layer.router, weight_shape, mask))
                 for path in self.correction_bias_paths:
+                    owner_path, _, name = path.rpartition(".")
                     try:
-                        bias = _get_attr_path(layer.block, path)
+                        owner = _get_attr_path(layer.block, owner_path) if owner_path else layer.block
+                        bias = getattr(owner, name)
                     except AttributeError:
                         continue
                     if bias is None:
                         continue
-                    saved.append((bias, bias.detach().clone()))
-                    with torch.no_grad():
-                        bias[..., mask.to(bias.device)] = float("-inf")
+                    # a masked copy stands in for the bias (never written in place: a layer read from the
+                    # checkpoint may hold a view of its file)
+                    masked = bias.detach().clone()
+                    masked[..., mask.to(masked.device)] = float("-inf")
+                    saved.append((owner, name, bias))
+                    _replace_tensor(owner, name, masked)
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            with torch.no_grad():
-                for bias, original in saved:
-                    bias.copy_(original)
+            for owner, name, original in reversed(saved):
+                _replace_tensor(owner, name, original)
 
     @staticmethod
     def _install_logit_mask(router: nn.Module, weight_shape: torch.Size, mask: torch.Tensor) -> list[Any]:
@@ -661,6 +665,16 @@ class MoEAdapter:
     def check_width_patchable(self, config: Any) -> None:
         """Raise when the routed-expert width key also sizes other modules (e.g. shared experts)."""
         return None
+
+
+def _replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make `value` the parameter, buffer or plain attribute `name` of `owner` (kept as the same kind)."""
+    if name in owner._parameters:
+        owner._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        object.__setattr__(owner, name, value)
 
 
 def _is_non_persistent(model: nn.Module, key: str) -> bool:

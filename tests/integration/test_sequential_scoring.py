@@ -1,0 +1,131 @@
+"""`prune --scoring sequential`: each MoE layer scored on the outputs of the already-pruned layers before it.
+
+The reference is computed independently of the layer engine: the whole model in memory,
+layers 0..L-1 restricted to the experts chosen for them (`mask_experts`), an ordinary
+whole-model observation pass, then layer L's scores and selection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecompress.calibration.calibrate import collect_statistics, build_stats
+from moecompress.calibration.data import build_calibration_set, parse_data_specs
+from moecompress.io.manifest import read_manifest
+from moecompress.models.adapters import get_adapter
+from moecompress.models.load import load_model, load_tokenizer
+from moecompress.prune.run import plan_pruning, prune_checkpoint, protected_experts, routing_shape
+from moecompress.prune.scorers import get_scorer
+from moecompress.prune.select import kept_count, select_uniform
+from tests.cli_helpers import error_lines, make_checkpoint, run_cli, write_two_domains
+from tests.helpers import token_batch
+
+SAMPLES, SEQ_LEN, BATCH = 4, 32, 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> list[str]:
+    first, second = write_two_domains(tmp_path_factory.mktemp("data"))
+    return [f"a={first}", f"b={second}"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(root / name, name) for name in ("qwen3_moe", "deepseek_v3")}
+
+
+def _calibration(source: Path, data: list[str]):
+    return build_calibration_set(load_tokenizer(source), parse_data_specs(data), num_samples=SAMPLES, seq_len=SEQ_LEN,
+                                 seed=0)
+
+
+def _reference_keep(source: Path, data: list[str], method: str, ratio: float) -> dict[int, list[int]]:
+    """Sequential selection the slow way: one whole-model observation pass per MoE layer, earlier layers masked."""
+    model, adapter = load_model(source, dtype="auto")
+    calib = _calibration(source, data)
+    scorer = get_scorer(method)
+    shape = routing_shape(adapter, model.config)
+    count = kept_count(shape, ratio=ratio)
+    keep: dict[int, list[int]] = {}
+    for ref in adapter.moe_layers(model):
+        with adapter.mask_experts(model, dict(keep)):
+            observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
+                                          list(scorer.statistics()) + ["count"], BATCH, "whole-model", progress=False)
+        stats = build_stats(model, adapter, observer, source, calib.digest, {}, "whole-model", 0)
+        scores = scorer.score(stats, scorer.parse_params(None), None, None)
+        keep[ref.index] = select_uniform({ref.index: scores[ref.index]}, shape, count)[ref.index]
+    return keep
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("method", ["reap", "easy_ep"])
+def test_sequential_choice_equals_the_whole_model_reference(model_type, method, checkpoints, data) -> None:
+    source = checkpoints[model_type]
+    ratio = 0.5
+    result = prune_checkpoint(source, None, method, ratio=ratio, sources=parse_data_specs(data), samples=SAMPLES,
+                              seq_len=SEQ_LEN, batch_size=BATCH, protect_super_experts=False, dry_run=True,
+                              progress=False, scoring="sequential")
+    assert result.plan.scoring == "sequential"
+    assert result.plan.keep == _reference_keep(source, data, method, ratio)
+    one_pass = prune_checkpoint(source, None, method, ratio=ratio, sources=parse_data_specs(data), samples=SAMPLES,
+                                seq_len=SEQ_LEN, batch_size=BATCH, protect_super_experts=False, dry_run=True,
+                                progress=False)
+    first = min(result.plan.keep)
+    assert result.plan.keep[first] == one_pass.plan.keep[first]  # the first MoE layer sees the same inputs
+
+
+def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(checkpoints, data, tmp_path,
+                                                                          monkeypatch, capsys) -> None:
+    source = checkpoints["qwen3_moe"]
+    out = tmp_path / "pruned"
+    args = ["prune", str(source), "--method", "reap", "--ratio", "0.5", "--scoring", "sequential",
+            *[arg for item in data for arg in ("--data", item)], "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN),
+            "--batch-size", str(BATCH), "-o", str(out)]
+    code, stdout, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    assert "sequential scoring" in stdout
+    manifest = read_manifest(out)
+    assert manifest["plan"]["scoring"] == "sequential"
+    keep = {int(k): v for k, v in manifest["plan"]["keep"].items()}
+    # super experts are those of the unpruned model, found by one-pass statistics
+    model, adapter = load_model(source, dtype="auto")
+    calib = _calibration(source, data)
+    observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
+                                  ["count", "max_act"], BATCH, "layerwise", progress=False)
+    one_pass = build_stats(model, adapter, observer, source, calib.digest, {}, "layerwise", 0)
+    protected = protected_experts(one_pass, model.config, True)
+    assert protected, "the tiny model has a super expert to protect"
+    assert {int(k): v for k, v in manifest["plan"]["protected"].items()} == protected
+    assert all(set(ids) <= set(keep[layer]) for layer, ids in protected.items())
+    # the written checkpoint opens in transformers and computes the original model routed to the kept experts
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = token_batch(original.config.vocab_size)
+    with torch.no_grad(), get_adapter(original).mask_experts(original, keep):
+        expected = original(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, expected, atol=2e-5, rtol=1e-4)
+    # the plan a one-pass run builds from the pass's statistics is the one written (the checks in prune agree)
+    plan = plan_pruning(one_pass, adapter, model.config, "frequency", ratio=0.5, protect_super_experts=True)
+    assert plan.scoring == "one-pass" and plan.protected == protected
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--method", "heapr", "--ratio", "0.5", "--scoring", "sequential"], "heapr prunes neurons"),
+    (["--method", "naee", "--keep", "4", "--scoring", "sequential"], "whole model"),
+    (["--method", "reap", "--ratio", "0.5", "--allocation", "global", "--scoring", "sequential"],
+     "--allocation uniform"),
+    (["--method", "reap", "--keep", "4", "--dynamic-skip", "--scoring", "sequential"], "--dynamic-skip"),
+    (["--method", "reap", "--ratio", "0.5", "--scoring", "twice"], "--scoring must be one of"),
+], ids=["neurons", "model-based", "global", "dynamic-skip", "unknown"])
+def test_sequential_refusals_are_one_line(extra, says, checkpoints, tmp_path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(["prune", str(checkpoints["qwen3_moe"]), *extra, "-o", str(tmp_path / "out")],
+                           monkeypatch, capsys)
+    lines = error_lines(err)
+    assert code != 0 and len(lines) == 1 and says in lines[0], err
+    assert not (tmp_path / "out").exists()
