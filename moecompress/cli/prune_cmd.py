@@ -47,7 +47,7 @@ def prune_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the pruned checkpoint.",
                                                 show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Scoring method: frequency, soft_count, reap, ean, "
-                                        "easy_ep, premoe, naee, random (experts) or heapr (neurons); see "
+                                        "ean_sum, weighted_ean_sum, easy_ep, premoe, naee, random (experts) or heapr (neurons); see "
                                         "docs/methods.")] = "reap",
     ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of routed experts (heapr: of routed-expert "
                                                 "neurons) to remove.", show_default=False)] = None,

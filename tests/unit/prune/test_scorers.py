@@ -32,6 +32,9 @@ def test_reap_is_mean_gated_norm_and_ean_mean_norm() -> None:
                         "out_norm": {"a": [4.0, 0.0, 2.0, 5.0]}}, {"a": 4})
     assert get_scorer("reap").score(stats)[1].tolist() == [0.5, 0.0, 0.5, 3.0]
     assert get_scorer("ean").score(stats)[1].tolist() == [2.0, 0.0, 0.5, 5.0]
+    # the REAP reference's EAN and weighted EAN are the sums: an expert few tokens reach ranks low
+    assert get_scorer("ean_sum").score(stats)[1].tolist() == [4.0, 0.0, 2.0, 5.0]
+    assert get_scorer("weighted_ean_sum").score(stats)[1].tolist() == [1.0, 0.0, 2.0, 3.0]
 
 
 def test_easy_ep_single_domain_sum_and_multi_domain_normalise_and_sum() -> None:
