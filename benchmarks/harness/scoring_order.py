@@ -4,7 +4,8 @@
 excluded: its draw does not depend on the data) at 25/50/75% of routed experts removed,
 uniform per layer, scored one-pass (every layer on the unpruned model) and sequentially
 (`moecompress.prune.sequential`: layer L on the outputs of the already-pruned layers 0..L-1),
-with super-expert protection off everywhere and, at 50%, also on. Each run is the product's
+with super-expert protection off everywhere and, at 50%, also on: with moecompress's detection
+(one-pass and sequential) and with the paper's rule alone (one-pass; `detection_rule`). Each run is the product's
 own `prune_checkpoint` end to end into a folder, reopened with plain
 `AutoModelForCausalLM.from_pretrained` and evaluated on the test windows. One-pass runs reuse
 the fixture's calibration statistics (`Fixture.stats`, the same validation windows), and so do
@@ -13,15 +14,18 @@ sequential runs with protection for their super experts; a sequential run calibr
 it; sequential: its pass included).
 
 Checks: per fixture, for how many (method, ratio) pairs sequential scoring gives the lower
-mean perplexity; at 50%, what protection changes per method; and the best row at 50% against
+mean perplexity; at 50%, per detection rule, in how many runs protection changes the kept
+experts and in how many of those it lowers perplexity; and the best row at 50% against
 one-pass frequency without protection (the default-method target of the defaults issue: an
 increase at most half of frequency's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,24 @@ RATIOS = (0.25, 0.5, 0.75)
 PROTECTION_RATIO = 0.5  # protection on is measured at this ratio only
 SCORINGS = ("one-pass", "sequential")
 TARGET_SHARE = 0.5
+# protection rules: moecompress's detection, and the paper's alone (its two conditions, without the outlier factor)
+RULES = ("moecompress", "paper")
+# the runs with protection on: (scoring, rule)
+PROTECTED_RUNS = (("one-pass", "moecompress"), ("sequential", "moecompress"), ("one-pass", "paper"))
+
+
+@contextlib.contextmanager
+def detection_rule(rule: str) -> Iterator[None]:
+    """Super experts found with `rule`: "paper" sets the outlier factor to 0 (the paper's two conditions alone)."""
+    from moecompress.prune import super_experts
+
+    saved = super_experts.OUTLIER_FACTOR
+    if rule == "paper":
+        super_experts.OUTLIER_FACTOR = 0.0
+    try:
+        yield
+    finally:
+        super_experts.OUTLIER_FACTOR = saved
 
 
 def sequential_methods() -> list[str]:
@@ -46,7 +68,8 @@ def sequential_methods() -> list[str]:
     return sorted(names, key=lambda name: (name != "frequency", name))
 
 
-def _run(fixture: Fixture, method: str, ratio: float, scoring: str, protect: bool) -> dict[str, Any]:
+def _run(fixture: Fixture, method: str, ratio: float, scoring: str, protect: bool,
+         rule: str = "moecompress") -> dict[str, Any]:
     """`prune_checkpoint` into a temporary folder, reopened with transformers and evaluated."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -61,15 +84,17 @@ def _run(fixture: Fixture, method: str, ratio: float, scoring: str, protect: boo
     with tempfile.TemporaryDirectory(prefix="moecompress-bench-") as tmp:
         output = Path(tmp) / "pruned"
         started = time.perf_counter()
-        done = prune_checkpoint(fixture.folder, output, method, ratio=ratio, stats=stats,
-                                sources=fixture.calibration_sources(), samples=protocol.calib_windows,
-                                seq_len=protocol.seq_len, seed=protocol.calib_seed, batch_size=protocol.batch_size,
-                                protect_super_experts=protect, progress=False, scoring=scoring)
+        with detection_rule(rule):
+                done = prune_checkpoint(fixture.folder, output, method, ratio=ratio, stats=stats,
+                                    sources=fixture.calibration_sources(), samples=protocol.calib_windows,
+                                    seq_len=protocol.seq_len, seed=protocol.calib_seed,
+                                    batch_size=protocol.batch_size, protect_super_experts=protect, progress=False,
+                                    scoring=scoring)
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32, local_files_only=True).eval()
         result = fixture.evaluate(model)
     base = fixture.unpruned["mean_perplexity"]
-    return {"method": method, "ratio": ratio, "scoring": scoring, "protect": protect,
+    return {"method": method, "ratio": ratio, "scoring": scoring, "protect": protect, "rule": rule if protect else None,
             "perplexity": _domain_ppl(result), "mean_perplexity": result["mean_perplexity"],
             "x_unpruned": result["mean_perplexity"] / base, "kept_per_layer": len(next(iter(done.plan.keep.values()))),
             "protected": sum(len(ids) for ids in done.plan.protected.values()), "keep": done.plan.keep,
@@ -82,23 +107,29 @@ def scoring_order(fixtures: list[Fixture], options: dict[str, Any]) -> dict[str,
     ratios = options.get("ratios", RATIOS)
     methods = options.get("methods") or sequential_methods()
     pairs, skipped = feasible_pairs(fixtures, ratios)
-    jobs = [(fixture, method, ratio, scoring, protect) for fixture, ratio in pairs for method in methods
-            for protect in ((False, True) if ratio == PROTECTION_RATIO else (False,)) for scoring in SCORINGS]
+    jobs = [(fixture, method, ratio, scoring, False, None) for fixture, ratio in pairs for method in methods
+            for scoring in SCORINGS]
+    jobs += [(fixture, method, ratio, scoring, True, rule) for fixture, ratio in pairs if ratio == PROTECTION_RATIO
+             for method in methods for scoring, rule in PROTECTED_RUNS]
     rows = []
     bar = tqdm(jobs, desc="scoring order", unit="run")
-    for fixture, method, ratio, scoring, protect in bar:
-        bar.set_postfix_str(f"{fixture.name} {ratio:.0%} {method} {scoring}{' protected' if protect else ''}")
+    for fixture, method, ratio, scoring, protect, rule in bar:
+        bar.set_postfix_str(f"{fixture.name} {ratio:.0%} {method} {scoring}{f' protected ({rule})' if protect else ''}")
         rows.append({"fixture": fixture.name, "windows": _windows(fixture.unpruned),
-                     **_run(fixture, method, ratio, scoring, protect)})
+                     **_run(fixture, method, ratio, scoring, protect, rule or "moecompress")})
     infos = [{"fixture": f.name, "perplexity": _domain_ppl(f.unpruned), "mean_perplexity": f.unpruned["mean_perplexity"],
               "windows": _windows(f.unpruned)} for f in fixtures]
     return {"rows": rows, "fixtures": infos, "ratios": list(ratios), "methods": list(methods),
             "protection_ratio": PROTECTION_RATIO, "target_share": TARGET_SHARE, "skipped": skipped}
 
 
-def _find(rows: list[dict[str, Any]], method: str, ratio: float, scoring: str, protect: bool) -> dict[str, Any] | None:
+def _find(rows: list[dict[str, Any]], method: str, ratio: float, scoring: str, protect: bool,
+          rule: str | None = None) -> dict[str, Any] | None:
+    """The row of one run; protected rows by detection rule (default moecompress's)."""
+    want = (rule or "moecompress") if protect else None
     return next((row for row in rows if row["method"] == method and row["ratio"] == ratio
-                 and row["scoring"] == scoring and row["protect"] == protect), None)
+                 and row["scoring"] == scoring and row["protect"] == protect
+                 and row.get("rule", "moecompress" if row["protect"] else None) == want), None)
 
 
 def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
@@ -113,17 +144,21 @@ def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
             compared += 1
             wins += seq["mean_perplexity"] < one["mean_perplexity"]
     ratio = data["protection_ratio"]
-    protection_helps, protection_compared = 0, 0
-    for method in {row["method"] for row in rows}:
-        for scoring in SCORINGS:
-            off, on = _find(rows, method, ratio, scoring, False), _find(rows, method, ratio, scoring, True)
-            if off and on and on["keep"] != off["keep"]:
-                protection_compared += 1
-                protection_helps += on["mean_perplexity"] < off["mean_perplexity"]
+    protection: dict[str, dict[str, int]] = {}  # rule -> runs where protection changed the kept experts, and helped
+    for rule in RULES:
+        changes = helps = 0
+        for method in {row["method"] for row in rows}:
+            for scoring in SCORINGS:
+                off, on = _find(rows, method, ratio, scoring, False), _find(rows, method, ratio, scoring, True, rule)
+                if off and on and on["keep"] != off["keep"]:
+                    changes += 1
+                    helps += on["mean_perplexity"] < off["mean_perplexity"]
+        if any(row["protect"] and row.get("rule", "moecompress") == rule for row in rows):
+            protection[rule] = {"changes": changes, "helps": helps}
     at = [row for row in rows if row["ratio"] == ratio]
     frequency = _find(rows, "frequency", ratio, "one-pass", False)
-    out: dict[str, Any] = {"sequential_wins": wins, "compared": compared, "protection_helps": protection_helps,
-                           "protection_changes": protection_compared, "best": None, "share": None}
+    out: dict[str, Any] = {"sequential_wins": wins, "compared": compared, "protection": protection, "best": None,
+                           "share": None}
     if at and frequency:
         best = min(at, key=lambda row: row["mean_perplexity"])
         rise = frequency["mean_perplexity"] - unpruned
@@ -133,7 +168,12 @@ def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
 
 
 def _label(row: dict[str, Any]) -> str:
-    return f"{row['method']}, {row['scoring']}{', protected' if row['protect'] else ''}"
+    protected = f", protected ({row.get('rule') or 'moecompress'} rule)" if row["protect"] else ""
+    return f"{row['method']}, {row['scoring']}{protected}"
+
+
+def _column(ratio: float, scoring: str, protect: bool, rule: str | None) -> str:
+    return f"{ratio:.0%} {scoring}" + (f" +protect ({rule} rule)" if protect else "")
 
 
 @renderer("scoring-order")
@@ -141,15 +181,16 @@ def render_scoring_order(data: dict[str, Any]) -> list[str]:
     """Per fixture: mean perplexity per method and ratio for each (scoring, protection), then the checks."""
     lines: list[str] = []
     ratio_p = data["protection_ratio"]
-    columns = [(ratio, scoring, False) for ratio in data["ratios"] for scoring in SCORINGS]
-    columns += [(ratio_p, scoring, True) for scoring in SCORINGS]
+    columns: list[tuple[float, str, bool, str | None]] = [(ratio, scoring, False, None) for ratio in data["ratios"]
+                                                          for scoring in SCORINGS]
+    columns += [(ratio_p, scoring, True, rule) for rule in RULES for scoring in SCORINGS]
     for info in data["fixtures"]:
         fixture = info["fixture"]
         rows = [row for row in data["rows"] if row["fixture"] == fixture]
         if not rows:
             continue
         present = [c for c in columns if any(_find(rows, m, *c) for m in data["methods"])]
-        header = " | ".join(f"{r:.0%} {s}{' +protect' if p else ''}" for r, s, p in present)
+        header = " | ".join(_column(*c) for c in present)
         lines += [f"### {fixture}", "",
                   f"Unpruned mean perplexity {_fmt(info['mean_perplexity'])}; windows per domain: "
                   f"{', '.join(f'{d} {n}' for d, n in info['windows'].items())}. Mean test perplexity (lower is "
@@ -157,9 +198,9 @@ def render_scoring_order(data: dict[str, Any]) -> list[str]:
                   f"| method | {header} |", "|---|" + "---:|" * len(present)]
         for method in data["methods"]:
             cells = []
-            for ratio, scoring, protect in present:
-                row = _find(rows, method, ratio, scoring, protect)
-                other = _find(rows, method, ratio, SCORINGS[1 - SCORINGS.index(scoring)], protect)
+            for ratio, scoring, protect, rule in present:
+                row = _find(rows, method, ratio, scoring, protect, rule)
+                other = _find(rows, method, ratio, SCORINGS[1 - SCORINGS.index(scoring)], protect, rule)
                 if row is None:
                     cells.append("-")
                     continue
@@ -175,9 +216,10 @@ def render_scoring_order(data: dict[str, Any]) -> list[str]:
                  f"{check['share']:.2f} (target at most {data['target_share']:.2f}: "
                  f"{'met' if check['share'] <= data['target_share'] else 'not met'})")
         lines += ["", f"Check: sequential scoring lowers mean perplexity in {check['sequential_wins']} of "
-                  f"{check['compared']} (method, ratio) pairs; at {ratio_p:.0%} protection changes the kept experts "
-                  f"in {check['protection_changes']} runs and lowers perplexity in {check['protection_helps']} of "
-                  f"them; best at {ratio_p:.0%}: {_label(best) if best else 'none'}"
+                  f"{check['compared']} (method, ratio) pairs; at {ratio_p:.0%} "
+                  + "; ".join(f"protection with the {rule} rule changes the kept experts in {n['changes']} runs and "
+                              f"lowers perplexity in {n['helps']} of them" for rule, n in check["protection"].items())
+                  + f"; best at {ratio_p:.0%}: {_label(best) if best else 'none'}"
                   f"{' ' + _fmt(best['mean_perplexity']) if best else ''}, its increase over unpruned as a share "
                   f"of one-pass frequency's: {share}.", ""]
     seconds = [row["seconds"] for row in data["rows"]]

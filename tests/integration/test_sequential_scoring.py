@@ -39,6 +39,23 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: make_checkpoint(root / name, name) for name in ("qwen3_moe", "deepseek_v3")}
 
 
+SUPER = (0, 5)  # (index among the MoE layers, expert) made a super expert
+
+
+@pytest.fixture(scope="module")
+def with_super_expert(checkpoints, tmp_path_factory) -> Path:
+    """The tiny Qwen3-MoE with one expert's down projection scaled 200x: a massive activation to protect."""
+    folder = tmp_path_factory.mktemp("super") / "model"
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["qwen3_moe"], dtype=torch.float32)
+    adapter = get_adapter(model)
+    ref = adapter.moe_layers(model)[SUPER[0]]
+    with torch.no_grad():
+        adapter.expert_weights(ref, SUPER[1]).down.mul_(200.0)  # a view of the fused tensor
+    model.save_pretrained(folder)
+    load_tokenizer(checkpoints["qwen3_moe"]).save_pretrained(folder)
+    return folder
+
+
 def _calibration(source: Path, data: list[str]):
     return build_calibration_set(load_tokenizer(source), parse_data_specs(data), num_samples=SAMPLES, seq_len=SEQ_LEN,
                                  seed=0)
@@ -79,9 +96,9 @@ def test_sequential_choice_equals_the_whole_model_reference(model_type, method, 
     assert result.plan.keep[first] == one_pass.plan.keep[first]  # the first MoE layer sees the same inputs
 
 
-def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(checkpoints, data, tmp_path,
+def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(with_super_expert, data, tmp_path,
                                                                           monkeypatch, capsys) -> None:
-    source = checkpoints["qwen3_moe"]
+    source = with_super_expert
     out = tmp_path / "pruned"
     args = ["prune", str(source), "--method", "reap", "--ratio", "0.5", "--scoring", "sequential",
             *[arg for item in data for arg in ("--data", item)], "--samples", str(SAMPLES), "--seq-len", str(SEQ_LEN),
@@ -99,7 +116,7 @@ def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(check
                                   ["count", "max_act"], BATCH, "layerwise", progress=False)
     one_pass = build_stats(model, adapter, observer, source, calib.digest, {}, "layerwise", 0)
     protected = protected_experts(one_pass, model.config, True)
-    assert protected, "the tiny model has a super expert to protect"
+    assert protected == {adapter.moe_layers(model)[SUPER[0]].index: [SUPER[1]]}
     assert {int(k): v for k, v in manifest["plan"]["protected"].items()} == protected
     assert all(set(ids) <= set(keep[layer]) for layer, ids in protected.items())
     # the written checkpoint opens in transformers and computes the original model routed to the kept experts

@@ -61,3 +61,9 @@ def test_super_experts_rule() -> None:
     values[7][3] = 60.0  # outlier in the last 25% of layers: not counted
     found = find_super_experts(values, num_layers=8)
     assert found == {1: [7]}
+    # the largest of ordinary maxima is no super expert: 4x the median is not a massive activation
+    values = {layer: torch.ones(16) for layer in range(4)}
+    values[0][2] = 4.0
+    assert find_super_experts(values, num_layers=4) == {}
+    values[0][2] = 10.5  # an order of magnitude above the median: protected
+    assert find_super_experts(values, num_layers=4) == {0: [2]}
