@@ -14,6 +14,7 @@ from rich.table import Table
 
 from moecompress.cli.app import app
 from moecompress.errors import MoecompressError
+from moecompress.prune.scorer_names import DEFAULT_PRUNE_METHOD
 
 EXAMPLE_ROOT = Path(__file__).resolve().parents[1] / "example"
 DEMO_MARKER = "DEMO.json"
@@ -41,7 +42,8 @@ def example_eval_sources() -> list:
 def demo_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's statistics and checkpoints.")]
     = Path("moecompress-demo"),
-    method: Annotated[str, typer.Option("--method", "-m", help="Pruning method to show beside frequency.")] = "reap",
+    method: Annotated[str, typer.Option("--method", "-m", help="Pruning method to show beside frequency.")] \
+            = DEFAULT_PRUNE_METHOD,
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of routed experts to remove.")] = 0.5,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration windows per domain.")] = 16,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per window.")] = 128,

@@ -27,6 +27,7 @@ from moecompress.cli.options import (
 )
 from moecompress.errors import MoecompressError
 from moecompress.prune.params import parse_key_value
+from moecompress.prune.scorer_names import DEFAULT_PRUNE_METHOD
 
 
 def parse_params(values: list[str] | None) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def prune_command(
                                                 show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Scoring method: frequency, soft_count, reap, ean, "
                                         "ean_sum, weighted_ean_sum, easy_ep, premoe, naee, random (experts) or heapr (neurons); see "
-                                        "docs/methods.")] = "reap",
+                                        "docs/methods.")] = DEFAULT_PRUNE_METHOD,
     ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of routed experts (heapr: of routed-expert "
                                                 "neurons) to remove.", show_default=False)] = None,
     keep: Annotated[int | None, typer.Option("--keep", help="Routed experts to keep per layer (instead of --ratio).",

@@ -12,6 +12,11 @@ from pathlib import Path
 
 SCORERS_DIR = Path(__file__).resolve().parent / "scorers"
 
+# `prune`'s method when none is given: the expert method with the lowest mean perplexity increase at 50% of routed
+# experts removed over the fixtures (benchmarks/RESULTS.md, pruning methods); HEAPr does better but needs a backward
+# pass through the whole model, and removes neurons rather than experts
+DEFAULT_PRUNE_METHOD = "easy_ep"
+
 
 def scorer_names() -> list[str]:
     """Registered pruning-method names, from the scorer modules' file names."""

@@ -28,7 +28,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from moecompress.errors import MoecompressError
 from moecompress.prune.params import parse_key_value
 from moecompress.quant.settings import parse_expert_memory, settings_from_options
-from moecompress.prune.scorer_names import check_scorer_name
+from moecompress.prune.scorer_names import DEFAULT_PRUNE_METHOD, check_scorer_name
 from moecompress.recipe.errors import RecipeError, cli_flags_to_keys
 from moecompress.recipe.yaml_io import Location
 
@@ -196,7 +196,7 @@ class PruneStep(_CalibrationData):
     CHANGES_MODEL: ClassVar[bool] = True
     COMMAND: ClassVar[str | None] = "prune"
     op: Literal["prune"]
-    method: str = "reap"
+    method: str = DEFAULT_PRUNE_METHOD
     ratio: Annotated[float | None, Field(ge=0, lt=1)] = None
     keep: Annotated[int | None, Field(ge=1)] = None
     allocation: Literal["uniform", "global"] | None = None

@@ -19,10 +19,10 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     assert code == 0, err
     assert "Perplexity before and after pruning" in stdout
     results = json.loads((out / "DEMO.json").read_text())["results"]
-    assert set(results) == {"original", "frequency -50%", "reap -50%"}
+    assert set(results) == {"original", "frequency -50%", "easy_ep -50%"}  # the default method beside the baseline
     for report in results.values():
         assert all(math.isfinite(r["perplexity"]) and r["windows"] == 4 for r in report["domains"])
-    for name in ("frequency", "reap"):
+    for name in ("frequency", "easy_ep"):
         folder = out / f"pruned-{name}"
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert model.config.num_experts == 4

@@ -74,7 +74,7 @@ def test_show_prints_a_plan_that_is_itself_the_same_recipe(tiny_model, tmp_path,
     assert code == 0, err
     assert "# steps[1] prune: reads the recipe's model + statistics of steps[0]; writes" in out
     shown = yaml.safe_load(out)
-    assert shown["steps"][1]["method"] == "reap" and shown["steps"][1]["samples"] == 32  # defaults filled in
+    assert shown["steps"][1]["method"] == "easy_ep" and shown["steps"][1]["samples"] == 32  # defaults filled in
     assert shown["steps"][3]["output"] == str(tmp_path / "runs" / "r" / "model")
     again = make_plan(parse_recipe(shown, file=Path(tmp_path / "shown.yaml")))
     original = make_plan(load_recipe(path, [f"model={tiny_model}"]))

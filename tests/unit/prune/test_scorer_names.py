@@ -15,7 +15,7 @@ def test_module_names_are_the_registered_names() -> None:
 
 def test_unknown_name_lists_the_methods() -> None:
     check_scorer_name("reap")
-    with pytest.raises(MoecompressError, match="unknown pruning method 'reapp'; available: ean, easy_ep"):
+    with pytest.raises(MoecompressError, match="unknown pruning method 'reapp'; available: ean, ean_sum, easy_ep"):
         check_scorer_name("reapp")
 
 
