@@ -128,8 +128,7 @@ def _find(rows: list[dict[str, Any]], method: str, ratio: float, scoring: str, p
     """The row of one run; protected rows by detection rule (default moecompress's)."""
     want = (rule or "moecompress") if protect else None
     return next((row for row in rows if row["method"] == method and row["ratio"] == ratio
-                 and row["scoring"] == scoring and row["protect"] == protect
-                 and row.get("rule", "moecompress" if row["protect"] else None) == want), None)
+                 and row["scoring"] == scoring and row["protect"] == protect and row["rule"] == want), None)
 
 
 def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
@@ -153,7 +152,7 @@ def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
                 if off and on and on["keep"] != off["keep"]:
                     changes += 1
                     helps += on["mean_perplexity"] < off["mean_perplexity"]
-        if any(row["protect"] and row.get("rule", "moecompress") == rule for row in rows):
+        if any(row["rule"] == rule for row in rows):
             protection[rule] = {"changes": changes, "helps": helps}
     at = [row for row in rows if row["ratio"] == ratio]
     frequency = _find(rows, "frequency", ratio, "one-pass", False)
@@ -168,7 +167,7 @@ def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
 
 
 def _label(row: dict[str, Any]) -> str:
-    protected = f", protected ({row.get('rule') or 'moecompress'} rule)" if row["protect"] else ""
+    protected = f", protected ({row['rule']} rule)" if row["protect"] else ""
     return f"{row['method']}, {row['scoring']}{protected}"
 
 

@@ -38,7 +38,7 @@ from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import _is_non_persistent
 from moecompress.io.checkpoint import cast_model
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
-from moecompress.models.layout import set_tensor
+from moecompress.models.tensors import set_tensor
 
 LAYOUT_FILE = "moecompress_layout.json"
 LAYOUT_FORMAT = "moecompress-condensed"

@@ -169,7 +169,7 @@ def _expert_sizes(adapter: MoEAdapter, model: Any) -> tuple[int, int]:
     """
     from torch import nn
 
-    from moecompress.models.layout import get_tensor
+    from moecompress.models.tensors import get_tensor
 
     layer = adapter.moe_layers(model)[0]
     expert = adapter.expert_weights(layer, 0)
@@ -347,16 +347,18 @@ def prune_checkpoint(
         calibration = dict(sources=sources, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                            dtype=dtype, progress=progress, device=device, max_memory=max_memory,
                            checkpoints=checkpoints)
-        protected = None
+        protected = chosen = None
         if scoring == "sequential":
             model = tokenizer = context = None
-            stats, protected = _calibrated_sequentially(source, stats, scorer, params, adapter, config, ratio, keep,
-                                                        domain, protect_super_experts, calibration)
+            stats, protected, chosen = _calibrated_sequentially(source, stats, scorer, params, adapter, config, ratio,
+                                                                keep, domain, protect_super_experts, calibration)
         else:
             model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, **calibration)
         plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
                             protect_super_experts=protect_super_experts, allocation=allocation, context=context,
                             new_top_k=new_top_k, protected=protected, scoring=scoring)
+        if chosen is not None:
+            check_same_choice(chosen, plan.keep)
         if dynamic_skip:
             from moecompress.prune.dynamic_skip import measure_betas
 
@@ -398,11 +400,12 @@ SUPER_EXPERT_STATISTICS = "super-expert statistics"  # the one-pass max_act a se
 def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: Scorer, params: dict[str, Any] | None,
                              adapter: MoEAdapter, config: Any, ratio: float | None, keep: int | None,
                              domain: str | None, protect: bool, calibration: dict[str, Any]
-                             ) -> tuple[RoutingStats, dict[int, list[int]]]:
-    """(statistics of a sequential calibration pass, protected super experts).
+                             ) -> tuple[RoutingStats, dict[int, list[int]], dict[int, list[int]]]:
+    """(statistics of a sequential calibration pass, protected super experts, experts the pass kept per layer).
 
     With protection on, the super experts come from `stats` or from a one-pass observation of
-    max_act first. Resumed runs take back both passes' saved results.
+    max_act first. Resumed runs take back both passes' saved results (the layers a resumed
+    pass kept before the interruption are not among the experts returned).
     """
     from moecompress.calibration.calibrate import calibrate, keep_statistics, resumed_statistics
 
@@ -429,9 +432,7 @@ def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: S
                                num_samples=calibration["samples"], choose_experts=choice,
                                **_calibrate_options(calibration))
         keep_statistics(checkpoints, sequential)
-    planned = select_uniform(scorer.score(sequential, choice.params, domain, None), shape, choice.count, protected)
-    check_same_choice(choice.kept, planned)
-    return sequential, protected
+    return sequential, protected, choice.kept
 
 
 def _calibrate_options(calibration: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
-from moecompress.models.layout import set_tensor
+from moecompress.models.tensors import set_tensor
 from moecompress.quant.layout import from_checkpoint_halves, interleaved_gate_up
 from moecompress.quant.pack import from_gptq_tensors
 from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan

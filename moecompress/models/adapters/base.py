@@ -32,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from moecompress.errors import MoecompressError
+from moecompress.models.tensors import get_tensor, set_tensor
 
 # Visitor called by `run_experts` once per expert that received tokens:
 # visit(expert, token_idx (N_e,), slot (N_e,), x (N_e, H), act (N_e, I), out (N_e, H), gate (N_e,))
@@ -358,7 +359,7 @@ class MoEAdapter:
         exactly as in a model where those experts were physically removed.
         """
         handles = []
-        saved: list[tuple[nn.Module, str, torch.Tensor]] = []  # (owner, name, the bias the mask replaced)
+        saved: list[tuple[nn.Module, str, torch.Tensor]] = []  # (block, bias path, the bias the mask replaced)
         try:
             for layer in self.moe_layers(model):
                 if layer.index not in keep:
@@ -368,26 +369,21 @@ class MoEAdapter:
                 weight_shape = self.router_weight(layer.router).shape
                 handles.extend(self._install_logit_mask(layer.router, weight_shape, mask))
                 for path in self.correction_bias_paths:
-                    owner_path, _, name = path.rpartition(".")
-                    try:
-                        owner = _get_attr_path(layer.block, owner_path) if owner_path else layer.block
-                        bias = getattr(owner, name)
-                    except AttributeError:
-                        continue
+                    bias = get_tensor(layer.block, path)
                     if bias is None:
                         continue
                     # a masked copy stands in for the bias (never written in place: a layer read from the
                     # checkpoint may hold a view of its file)
                     masked = bias.detach().clone()
                     masked[..., mask.to(masked.device)] = float("-inf")
-                    saved.append((owner, name, bias))
-                    _replace_tensor(owner, name, masked)
+                    saved.append((layer.block, path, bias))
+                    set_tensor(layer.block, path, masked)
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for owner, name, original in reversed(saved):
-                _replace_tensor(owner, name, original)
+            for block, path, original in reversed(saved):
+                set_tensor(block, path, original)
 
     @staticmethod
     def _install_logit_mask(router: nn.Module, weight_shape: torch.Size, mask: torch.Tensor) -> list[Any]:
@@ -665,16 +661,6 @@ class MoEAdapter:
     def check_width_patchable(self, config: Any) -> None:
         """Raise when the routed-expert width key also sizes other modules (e.g. shared experts)."""
         return None
-
-
-def _replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Make `value` the parameter, buffer or plain attribute `name` of `owner` (kept as the same kind)."""
-    if name in owner._parameters:
-        owner._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        object.__setattr__(owner, name, value)
 
 
 def _is_non_persistent(model: nn.Module, key: str) -> bool:
