@@ -55,3 +55,9 @@ def write_two_domains(folder: Path) -> tuple[Path, Path]:
     (folder / "first.txt").write_text(text[:half])
     (folder / "second.txt").write_text(text[half:])
     return folder / "first.txt", folder / "second.txt"
+
+
+def two_domain_specs(folder: Path) -> list[str]:
+    """`--data` values for the two calibration domains written into `folder`: ["a=...", "b=..."]."""
+    first, second = write_two_domains(folder)
+    return [f"a={first}", f"b={second}"]

@@ -20,7 +20,7 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 RESULTS_MD = Path(__file__).resolve().parents[1] / "RESULTS.md"
 SUITE_ORDER = (
     "unpruned", "pruning-baselines", "domain-pruning",  # issue 3: fixtures and baselines
-    "pruning-methods", "scoring-order", "domain-methods", "heapr-memory",  # pruning methods
+    "pruning-methods", "scoring-order", "expert-merging", "domain-methods", "heapr-memory",  # pruning methods
     "quantisation",  # mixed-precision quantisation
     "condensing",  # CD-MoE
     "observer-overhead", "calibration-memory", "lp-solve-time",  # costs of the machinery

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.harness.context import Fixture
 from benchmarks.harness.report import _fmt, renderer
-from benchmarks.harness.suites import _domain_ppl, _windows, feasible_pairs, suite
+from benchmarks.harness.suites import _domain_ppl, _windows, best_and_share, feasible_pairs, rows_by_fixture, suite
 
 RATIOS = (0.25, 0.5, 0.75)
 PROTECTION_RATIO = 0.5  # protection on is measured at this ratio only
@@ -155,15 +155,8 @@ def order_checks(data: dict[str, Any], fixture: str) -> dict[str, Any]:
         if any(row["rule"] == rule for row in rows):
             protection[rule] = {"changes": changes, "helps": helps}
     at = [row for row in rows if row["ratio"] == ratio]
-    frequency = _find(rows, "frequency", ratio, "one-pass", False)
-    out: dict[str, Any] = {"sequential_wins": wins, "compared": compared, "protection": protection, "best": None,
-                           "share": None}
-    if at and frequency:
-        best = min(at, key=lambda row: row["mean_perplexity"])
-        rise = frequency["mean_perplexity"] - unpruned
-        out["best"] = best
-        out["share"] = (best["mean_perplexity"] - unpruned) / rise if rise > 0 else None
-    return out
+    best, share = best_and_share(at, _find(rows, "frequency", ratio, "one-pass", False), unpruned)
+    return {"sequential_wins": wins, "compared": compared, "protection": protection, "best": best, "share": share}
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -183,11 +176,8 @@ def render_scoring_order(data: dict[str, Any]) -> list[str]:
     columns: list[tuple[float, str, bool, str | None]] = [(ratio, scoring, False, None) for ratio in data["ratios"]
                                                           for scoring in SCORINGS]
     columns += [(ratio_p, scoring, True, rule) for rule in RULES for scoring in SCORINGS]
-    for info in data["fixtures"]:
+    for info, rows in rows_by_fixture(data):
         fixture = info["fixture"]
-        rows = [row for row in data["rows"] if row["fixture"] == fixture]
-        if not rows:
-            continue
         present = [c for c in columns if any(_find(rows, m, *c) for m in data["methods"])]
         header = " | ".join(_column(*c) for c in present)
         lines += [f"### {fixture}", "",

@@ -45,6 +45,7 @@ SUITES: dict[str, Suite] = {}
 SUITE_MODULES = (
     "benchmarks.harness.pruning_methods",
     "benchmarks.harness.scoring_order",
+    "benchmarks.harness.expert_merging",
     "benchmarks.harness.quantisation",
     "benchmarks.harness.condensing",
     "benchmarks.harness.costs",
@@ -119,6 +120,29 @@ def feasible_pairs(fixtures: list[Fixture], ratios: Sequence[float]
             else:
                 pairs.append((fixture, ratio))
     return pairs, skipped
+
+
+def rows_by_fixture(data: dict[str, Any]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(fixture info, its rows) for every fixture of a stored suite that has rows, in the stored order."""
+    out = []
+    for info in data["fixtures"]:
+        rows = [row for row in data["rows"] if row["fixture"] == info["fixture"]]
+        if rows:
+            out.append((info, rows))
+    return out
+
+
+def best_and_share(rows: list[dict[str, Any]], reference: dict[str, Any] | None, unpruned: float
+                   ) -> tuple[dict[str, Any] | None, float | None]:
+    """(the row with the lowest mean perplexity, its increase over `unpruned` as a share of `reference`'s).
+
+    The share is None when there are no rows, no reference or the reference did not increase.
+    """
+    if not rows or reference is None:
+        return None, None
+    best = min(rows, key=lambda row: row["mean_perplexity"])
+    rise = reference["mean_perplexity"] - unpruned
+    return best, ((best["mean_perplexity"] - unpruned) / rise if rise > 0 else None)
 
 
 @suite("unpruned", "Unpruned fixtures: test perplexity per domain")

@@ -14,6 +14,9 @@ Per MoE layer l, expert j, domain d, over the tokens routed to j only (X_j), in 
     neuron_act_sq   sum_{t in X_j} a_{t,k}^2, a = down_proj input  (E, I)       (HEAPr, arXiv 2509.22299)
     neuron_grad_proj sum_{t in X_j} (g'_t . w_k)^2  (E, I), g'_t = dLoss/df_j(x_t), w_k = column k of W_down;
                     the O(E x I) identity for w_k^T M_e w_k, never a d x d matrix (opt-in: needs backward)
+    mean_output     sum_t f_j(x_t) over EVERY token t of the layer, routed or not  (E, H)
+                    (HC-SMoE expert merging, arXiv 2410.08589; divide by tokens; opt-in: every expert
+                    runs on every token, E/k times the routed experts' compute)
 
 h_t is the residual stream entering the MoE block and y_t the routed experts' combined output
 (shared experts excluded). g, the chosen experts and the logits come from the model's own
@@ -37,8 +40,11 @@ from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 EXPERT_STATISTICS = ("count", "soft_count", "out_norm", "out_norm_sq", "gated_out_norm", "easy_ep", "top1_logit", "max_act")
 NEURON_STATISTICS = ("neuron_act_sq",)
 GRADIENT_STATISTICS = ("neuron_grad_proj",)
+DENSE_STATISTICS = ("mean_output",)
 DEFAULT_STATISTICS = EXPERT_STATISTICS + NEURON_STATISTICS
-ALL_STATISTICS = DEFAULT_STATISTICS + GRADIENT_STATISTICS
+ALL_STATISTICS = DEFAULT_STATISTICS + GRADIENT_STATISTICS + DENSE_STATISTICS
+# tokens x experts x hidden float32 values one dense chunk of `mean_output` may hold (256 MiB)
+DENSE_CHUNK_VALUES = 64 * 2**20
 
 
 def validate_statistics(names: Sequence[str]) -> list[str]:
@@ -58,13 +64,17 @@ class LayerObserver:
         self.layer = layer
         self.statistics = set(statistics)
         num_experts = layer.num_experts
-        width = adapter.expert_weights(layer, 0).intermediate_size
+        first = adapter.expert_weights(layer, 0)
+        width = first.intermediate_size
         self.intermediate_size = width
+        hidden_size = first.down.shape[0]
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         for domain in domains:
             per = {}
             for name in statistics:
                 shape = (num_experts, width) if name in NEURON_STATISTICS + GRADIENT_STATISTICS else (num_experts,)
+                if name in DENSE_STATISTICS:
+                    shape = (num_experts, hidden_size)
                 per[name] = torch.zeros(shape, dtype=torch.float64, device=device)
             self.sums[domain] = per
         self.tokens: dict[str, int] = {domain: 0 for domain in domains}
@@ -114,7 +124,9 @@ class LayerObserver:
         out.register_hook(on_grad)
 
     def finish(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, combined: torch.Tensor) -> None:
-        """After all experts of one call: EASY-EP's s_t needs the combined routed output y_t."""
+        """After all experts of one call: EASY-EP's s_t needs the combined routed output y_t; dense statistics."""
+        if "mean_output" in self.statistics:
+            self._observe_dense(hidden)
         if not self._pending_easy:
             return
         with torch.no_grad():
@@ -127,6 +139,24 @@ class LayerObserver:
                 acc[expert] += (gated * shift[token_idx]).sum()
         self._pending_easy.clear()
         self.residual = None
+
+    def _observe_dense(self, hidden: torch.Tensor) -> None:
+        """mean_output: every expert on every token of hidden (T, H), in chunks of tokens, through `run_experts`."""
+        target = self.sums[self.domain]["mean_output"]  # (E, H)
+        num_experts = target.shape[0]
+
+        def add(expert: int, token_idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, act: torch.Tensor,
+                out: torch.Tensor, gate: torch.Tensor) -> None:
+            target[expert] += out.detach().double().sum(dim=0)
+
+        with torch.no_grad():
+            flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (T, H)
+            chunk = max(1, DENSE_CHUNK_VALUES // max(1, num_experts * flat.shape[-1]))
+            for start in range(0, flat.shape[0], chunk):
+                part = flat[start:start + chunk]  # (t, H)
+                every = torch.arange(num_experts, device=part.device).expand(part.shape[0], num_experts)  # (t, E)
+                ones = torch.ones(every.shape, dtype=part.dtype, device=part.device)
+                self.adapter.run_experts(self.layer, part, every, ones, visit=add)
 
     def on_router_output(self, logits: torch.Tensor) -> None:
         """Router forward hook: token count and the TCESS top-1 logit sum."""

@@ -104,7 +104,8 @@ class RoutingStats:
     def get(self, statistic: str, layer: int, domain: str | None = None) -> torch.Tensor:
         """The statistic for one layer: one domain's, or combined over all domains (domain=None).
 
-        Shapes: (E,) for per-expert statistics, (E, I) for per-neuron ones. Sums are float64.
+        Shapes: (E,) for per-expert statistics, (E, I) for per-neuron ones, (E, H) for mean_output. Sums
+        are float64.
         """
         if not self.has(statistic):
             raise MoecompressError(

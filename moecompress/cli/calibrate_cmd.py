@@ -29,8 +29,8 @@ from moecompress.cli.options import (
 
 StatisticsOption = Annotated[
     list[str] | None,
-    typer.Option("--statistic", "-s", help="Collect only these statistics (repeatable). Default: all but gradients.",
-                 show_default=False),
+    typer.Option("--statistic", "-s", help="Collect only these statistics (repeatable). Default: all but "
+                 "gradients and mean_output (expert merging; every expert runs on every token).", show_default=False),
 ]
 
 

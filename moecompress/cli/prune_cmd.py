@@ -62,6 +62,11 @@ def prune_command(
         "--scoring", help="one-pass: score every layer on the unpruned model; sequential: score and prune each "
         "layer on the outputs of the already-pruned layers before it (every MoE layer runs twice; statistics-only "
         "expert methods, uniform allocation).")] = "one-pass",
+    merge: Annotated[str, typer.Option(
+        "--merge", help="none: drop the removed experts; centroid: fold each removed expert into the kept expert "
+        "whose average output is nearest (M-SMoE); cluster: group all experts by average output (HC-SMoE) and keep "
+        "one merged expert per group, the method naming its representative. Merged weights are frequency-weighted "
+        "averages; calibration then runs every expert on every token.")] = "none",
     param: Annotated[list[str] | None, typer.Option("--param", help="Method parameter key=value (repeatable), e.g. "
                                                     "--param top_k=2 for premoe.", show_default=False)] = None,
     domain: Annotated[str | None, typer.Option("--domain", help="Score on this calibration domain only "
@@ -105,6 +110,8 @@ def prune_command(
 
         moecompress prune ./Qwen3-30B-A3B --method reap --ratio 0.5 --scoring sequential -o ./pruned
 
+        moecompress prune ./Qwen3-30B-A3B --method reap --ratio 0.5 --merge centroid -o ./merged
+
         moecompress prune ./Qwen3-30B-A3B --method heapr --ratio 0.25 -o ./heapr
 
         moecompress prune ./Mixtral --method naee --keep 6 --dynamic-skip -o ./naee
@@ -129,7 +136,8 @@ def prune_command(
                               seed=seed, batch_size=batch_size, dtype=dtype,
                               protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
                               allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns,
-                              device=device, max_memory=max_memory, resume=resume, scoring=scoring)
+                              device=device, max_memory=max_memory, resume=resume, scoring=scoring,
+                              merge=merge)
     print_prune_summary(result, dry_run)
 
 
@@ -144,6 +152,8 @@ def print_prune_summary(result, dry_run: bool, console: Console | None = None) -
     title = f"{'Planned' if dry_run else 'Pruned'}: {plan.method}, {plan.allocation} allocation"
     if plan.scoring != "one-pass":
         title += f", {plan.scoring} scoring"
+    if plan.merge != "none":
+        title += f", {plan.merge} merging"
     table = Table(title=title + (f", domain {plan.domain}" if plan.domain else ""))
     if plan.granularity == "neuron":
         for column in ("layer", "neurons kept", "width min / mean / max", "protected (full width)"):
@@ -154,11 +164,16 @@ def print_prune_summary(result, dry_run: bool, console: Console | None = None) -
                           f"{min(widths)} / {sum(widths) / len(widths):.1f} / {max(widths)}",
                           _ids(plan.protected.get(layer, [])) or "-")
     else:
-        for column in ("layer", "kept", "kept experts", "protected"):
+        columns = ("layer", "kept", "kept experts", "protected") + (("merged groups",) if plan.merged else ())
+        for column in columns:
             table.add_column(column)
         for layer, ids in sorted(plan.keep.items()):
-            table.add_row(str(layer), f"{len(ids)}/{plan.num_experts}", _ids(ids),
-                          _ids(plan.protected.get(layer, [])) or "-")
+            row = [str(layer), f"{len(ids)}/{plan.num_experts}", _ids(ids), _ids(plan.protected.get(layer, [])) or "-"]
+            if plan.merged:
+                groups = [members for members in plan.merged.get(layer, []) if len(members) > 1]
+                row.append(" ".join("{" + ",".join(map(str, g)) + "}" for g in groups[:8])
+                           + (" ..." if len(groups) > 8 else "") or "-")
+            table.add_row(*row)
     console.print(table)
     protected = sum(len(v) for v in plan.protected.values())
     console.print(f"super experts protected: {protected}"

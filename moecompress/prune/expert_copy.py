@@ -14,6 +14,14 @@ own key conversions):
   the last dim (as `MoEAdapter.sliced_state_dict` slices them in memory);
 * anything else: copied as stored.
 
+Merged experts (`moecompress.prune.merge`) are the one exception to "byte for byte": a kept
+expert stored per expert that others were merged into is written as the weighted sum of its
+members' tensors, each member's neurons first aligned to the representative's (float64
+arithmetic, cast to the stored dtype). The intermediate axis of each per-expert tensor is the
+one of the experts' width. Merging fused expert tensors, tensors whose intermediate axis is
+ambiguous (width = hidden size) or experts stored quantised (FP8, MXFP4, which need
+re-quantising) raises `ExpertCopyUnsupported`, so the caller writes through the model.
+
 Before anything is written, the output's tensor names and shapes are checked against the
 model the patched config declares (its meta skeleton): a layout this copy cannot express
 raises `ExpertCopyUnsupported`, and the caller writes through the model instead.
@@ -52,6 +60,41 @@ class _Output:
     source: str  # input disk key
     dim: int | None = None  # slicing dim, None for a plain copy
     rows: list[int] | None = None
+    mix: list[tuple[str, float, int]] | None = None  # merged tensor: (member's input disk key, weight, member id)
+    axis: int | None = None  # merged tensor: its intermediate (neuron) axis, None when it has none
+    alignment: _Alignment | None = None  # merged tensor: the neuron permutations of its expert's members
+
+    @property
+    def merged(self) -> bool:
+        """Whether this output is computed from several inputs (not copied)."""
+        return self.mix is not None
+
+
+@dataclass
+class _Alignment:
+    """One merged expert's neuron alignment: every member's matrices and their intermediate axes.
+
+    The permutation of a member (`merge.align_neurons` on all its matrices at once) is shared by
+    the expert's output tensors and computed once, when the first of them is written.
+    """
+
+    representative: int
+    keys: dict[int, list[str]]  # expert -> its per-expert matrices' disk keys, gate/up first, then down
+    axes: dict[str, int]  # disk key -> intermediate axis
+    perms: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def permutation(self, files: Any, expert: int) -> torch.Tensor | None:
+        """Member `expert`'s neuron permutation onto the representative (None for the representative)."""
+        from moecompress.prune.merge import align_neurons, neuron_features
+
+        if expert == self.representative:
+            return None
+        if expert not in self.perms:
+            def features(e: int) -> torch.Tensor:
+                return neuron_features([files.tensor(k) for k in self.keys[e]], [self.axes[k] for k in self.keys[e]])
+
+            self.perms[expert] = align_neurons(features(self.representative), features(expert))
+        return self.perms[expert]
 
 
 def supports_expert_copy(adapter: MoEAdapter) -> bool:
@@ -68,8 +111,13 @@ def _slice_dim(kind: str, shape: tuple[int, ...], num_experts: int) -> int:
 
 
 def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: Any,
-              keep: dict[int, Sequence[int]]) -> list[_Output]:
-    """Every output tensor: which input it copies and which rows it keeps."""
+              keep: dict[int, Sequence[int]], mixing: dict[int, torch.Tensor] | None = None) -> list[_Output]:
+    """Every output tensor: which input it copies and which rows it keeps.
+
+    mixing: merged layers' (K, E) weights (`PrunePlan.mixing`); their expert tensors are
+    weighted sums of the members' instead of copies (router rows still follow `keep`).
+    """
+    mixing = mixing or {}
     kinds: dict[str, tuple[str, int]] = {}  # module key -> (kind, layer index)
     expert_prefixes: dict[str, int] = {}
     for ref in adapter.moe_layers(skeleton):
@@ -84,6 +132,8 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
         for path in adapter.correction_bias_paths:
             kinds[f"{ref.path}.{path}"] = ("bias", ref.index)
     num_experts = adapter.num_experts(skeleton.config)
+    widths = _widths(adapter, skeleton, mixing)
+    alignments = _alignments(files, keys, kinds, widths, mixing, keep)
     outputs: list[_Output] = []
     for disk_key, entry in files.entries.items():
         module_key = keys.module_key(disk_key)
@@ -98,16 +148,112 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
         what, layer = kind
         kept = list(keep[layer])
         match = _PER_EXPERT.search(disk_key) if what == "expert" else None
+        matrix = mixing.get(layer) if what == "expert" else None
         if match is not None:
             expert = int(match.group(2))
             if expert in kept:
                 start, end = match.span(2)
-                outputs.append(_Output(disk_key[:start] + str(kept.index(expert)) + disk_key[end:], disk_key))
+                out = _Output(disk_key[:start] + str(kept.index(expert)) + disk_key[end:], disk_key)
+                if matrix is not None:
+                    out.mix = _members(matrix[kept.index(expert)], disk_key, start, end, expert)
+                if out.mix is not None:
+                    _check_mergeable(files, out)
+                    out.axis = _intermediate_axis(disk_key, entry.shape, *widths[layer])
+                    out.alignment = alignments[(layer, expert)]
+                outputs.append(out)
             continue
         dim = _slice_dim(what, entry.shape, num_experts)
         _check_sliceable(files, disk_key, dim, num_experts)
+        if matrix is not None and not _is_selection(matrix, kept):
+            raise ExpertCopyUnsupported(f"{disk_key!r} stores every expert in one tensor; merged experts are aligned "
+                                        "and written through the model")
         outputs.append(_Output(disk_key, disk_key, dim, kept))
     return outputs
+
+
+def _widths(adapter: MoEAdapter, skeleton: Any, mixing: dict[int, torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """Merged layers' (intermediate size, hidden size), from the skeleton's first expert."""
+    out = {}
+    for ref in adapter.moe_layers(skeleton):
+        if ref.index in mixing:
+            first = adapter.expert_weights(ref, 0)
+            out[ref.index] = (first.intermediate_size, first.down.shape[0])
+    return out
+
+
+def _intermediate_axis(name: str, shape: tuple[int, ...], width: int, hidden: int) -> int | None:
+    """The axis of a per-expert tensor that holds the expert's neurons (None for a hidden-size bias)."""
+    if width == hidden:
+        raise ExpertCopyUnsupported(f"expert width equals hidden size ({width}): {name!r}'s neuron axis is ambiguous")
+    axes = [axis for axis, size in enumerate(shape) if size == width]
+    if len(axes) == 1:
+        return axes[0]
+    if not axes and len(shape) == 1 and shape[0] == hidden:
+        return None
+    raise ExpertCopyUnsupported(f"{name!r} (shape {list(shape)}) has no single axis of the expert width {width}")
+
+
+def _alignments(files: Any, keys: KeyMap, kinds: dict[str, tuple[str, int]], widths: dict[int, tuple[int, int]],
+                mixing: dict[int, torch.Tensor], keep: dict[int, Sequence[int]]) -> dict[tuple[int, int], _Alignment]:
+    """(layer, kept expert) -> its `_Alignment`, for every merged layer's experts stored per expert."""
+    matrices: dict[tuple[int, int], list[str]] = {}
+    for disk_key, entry in files.entries.items():
+        kind = kinds.get(keys.module_key(disk_key) or "")
+        match = _PER_EXPERT.search(disk_key)
+        if kind is None or kind[0] != "expert" or kind[1] not in mixing or match is None or len(entry.shape) != 2:
+            continue
+        matrices.setdefault((kind[1], int(match.group(2))), []).append(disk_key)
+    axes = {key: _intermediate_axis(key, files.entries[key].shape, *widths[layer]) for (layer, _), names in
+            matrices.items() for key in names}
+    out = {}
+    for layer in mixing:
+        per = {expert: sorted(names, key=lambda k: (axes[k] != 0, k)) for (lay, expert), names in matrices.items()
+               if lay == layer}
+        for expert in keep[layer]:
+            out[(layer, expert)] = _Alignment(expert, per, {k: axes[k] for names in per.values() for k in names})
+    return out
+
+
+def _members(row: torch.Tensor, disk_key: str, start: int, end: int, expert: int
+             ) -> list[tuple[str, float, int]] | None:
+    """(member disk key, weight, member id) of one merged per-expert tensor; None when it is the expert alone."""
+    ids = torch.nonzero(row).flatten().tolist()
+    if ids == [expert] and float(row[expert]) == 1.0:
+        return None
+    return [(disk_key[:start] + str(j) + disk_key[end:], float(row[j]), j) for j in ids]
+
+
+def _is_selection(matrix: torch.Tensor, kept: Sequence[int]) -> bool:
+    """Whether the (K, E) weights only pick the kept rows (nothing merged in this layer)."""
+    selection = torch.zeros_like(matrix)
+    selection[torch.arange(len(kept)), torch.as_tensor(list(kept))] = 1.0
+    return bool(torch.equal(matrix, selection))
+
+
+def _check_mergeable(files: Any, out: _Output) -> None:
+    """Merged tensors are new values: stored-quantised inputs would need re-quantising (done through the model)."""
+    for key, _, _ in out.mix or []:
+        if key not in files.entries:
+            raise ExpertCopyUnsupported(f"merged expert tensor {key!r} is not in the checkpoint")
+        if files.is_quantized(key):
+            raise ExpertCopyUnsupported(f"{key!r} is stored quantised; merged experts are re-quantised through the "
+                                        "model")
+
+
+def merged_tensor(files: Any, out: _Output) -> torch.Tensor:
+    """A merged output tensor: sum_j w_j P_j T_j over its members (P_j: neuron alignment), in the stored dtype."""
+    assert out.mix is not None and out.alignment is not None
+    total, dtype = None, None
+    for key, weight, expert in out.mix:
+        tensor = files.tensor(key)
+        dtype = tensor.dtype
+        value = tensor.double()
+        perm = out.alignment.permutation(files, expert)
+        if perm is not None and out.axis is not None:
+            value = value.index_select(out.axis, perm)
+        total = value * weight if total is None else total + value * weight
+    assert total is not None and dtype is not None
+    return total.to(dtype).contiguous()
 
 
 def _check_sliceable(files: Any, name: str, dim: int, num_experts: int) -> None:
@@ -181,8 +327,10 @@ class PrunedTensors:
         return bool(getattr(self.files, "copies_on_read", False))
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A kept tensor: the input's (zero-copy) or its kept rows (a copy of those rows)."""
+        """A kept tensor: the input's (zero-copy), its kept rows (a copy of those rows), or a merged one."""
         out = self.outputs[name]
+        if out.merged:
+            return merged_tensor(self.files, out)
         tensor = self.files.tensor(out.source)
         if out.dim is None:
             return tensor
@@ -212,6 +360,9 @@ def write_expert_copy(files: Any, outputs: list[_Output], folder: Path, max_shar
     store = files.store
     writer = ShardWriter(folder, max_shard_bytes)
     for out in tqdm(outputs, desc="copying kept tensors", unit="tensor", disable=not progress, mininterval=1.0):
+        if out.merged:
+            writer.add(out.name, merged_tensor(files, out))
+            continue
         for part in files.parts(out.source):
             name = out.name + part[len(out.source):]  # each part is the logical name plus a suffix
             entry = store.entries[part]
@@ -238,12 +389,15 @@ def copy_side_files(source: Path, folder: Path) -> None:
 
 
 def check_copy(files: TensorFiles, adapter: MoEAdapter, config: Any, new_config: Any,
-               keep: dict[int, Sequence[int]]) -> list[_Output]:
-    """The planned output tensors, checked against `new_config`; `ExpertCopyUnsupported` when they cannot be."""
+               keep: dict[int, Sequence[int]], mixing: dict[int, torch.Tensor] | None = None) -> list[_Output]:
+    """The planned output tensors, checked against `new_config`; `ExpertCopyUnsupported` when they cannot be.
+
+    mixing: merged layers' (K, E) weights (see `plan_copy`).
+    """
     if not supports_expert_copy(adapter):
         raise ExpertCopyUnsupported(f"{config.model_type} drops experts with its own adapter code")
     skeleton = skeleton_model(config)
-    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep)
+    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep, mixing)
     check_against_config(outputs, files, new_config)
     return outputs
 

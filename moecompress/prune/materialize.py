@@ -72,6 +72,10 @@ def readme_for(plan: PrunePlan, source: Path, written_format: str) -> str:
         fraction = plan.neuron_fraction_kept() or 1.0
         what = (f"{100 * (1 - fraction):.1f}% of routed-expert neurons removed ({plan.allocation} allocation; all "
                 f"{plan.num_experts} experts per layer kept)")
+    elif plan.merge != "none":
+        what = (f"{plan.num_experts} routed experts merged into {next(iter(counts.values()))} in every MoE layer "
+                f"({plan.merge} merging: frequency-weighted averages of each group's weights, the representative's "
+                "router row)")
     elif len(set(counts.values())) == 1:
         what = f"{next(iter(counts.values()))} of {plan.num_experts} routed experts kept in every MoE layer"
     else:
@@ -102,6 +106,10 @@ def readme_for(plan: PrunePlan, source: Path, written_format: str) -> str:
                   f"beta per layer; `moecompress.load` skips the second expert when w2 < beta * w1 "
                   f"({100 * (plan.skip_fraction or 0):.1f}% of expert calls skipped on the calibration data). Plain "
                   "transformers ignores it."]
+    if plan.merged:
+        lines += ["", "`prune_plan.json` -> `merged` lists, per layer, the input experts merged into each output expert "
+                  "(aligned with `keep`: output expert i keeps the router row of input expert keep[i]), and "
+                  "`merge_weights` their weights."]
     if plan.new_top_k is not None:
         lines += ["", f"The router's top-k was changed from {plan.top_k} to {plan.new_top_k}."]
     lines += ["", "`moecompress_manifest.json` records the method, parameters, kept experts per layer, the calibration "
@@ -122,11 +130,60 @@ def save_neuron_masks(plan: PrunePlan, path: Path) -> None:
     save_file(masks, str(path), metadata={"format": "moecompress-neuron-masks"})
 
 
+def merge_in_place(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> None:
+    """Write each merged expert's weights (`PrunePlan.mixing`) into its kept slot of `model`, in place.
+
+    Through the adapter's canonical views (`expert_weights`), so every layout (fused,
+    interleaved, DBRX's flattened experts) is served: each member's neurons are first aligned
+    to the representative's (`merge.align_neurons` on gate, up and down), then output expert k's
+    gate, up, down and biases become sum_j M[k, j] P_j W_j (float64 arithmetic, cast back). All
+    merged values of a layer are computed before any is written; the later drop keeps the
+    written slots.
+    """
+    from moecompress.prune.merge import align_neurons, neuron_features
+
+    matrices = ("gate", "up", "down")
+    axes = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0, "down_bias": None}
+    for ref in adapter.moe_layers(model):
+        matrix = plan.mixing(ref.index)  # (K, E)
+        if matrix is None:
+            continue
+        canonical = [adapter.expert_weights(ref, e) for e in range(ref.num_experts)]
+
+        def features(e: int) -> torch.Tensor:
+            present = [name for name in matrices if getattr(canonical[e], name) is not None]
+            return neuron_features([getattr(canonical[e], name) for name in present], [axes[n] for n in present])
+
+        writes = []
+        with torch.no_grad():
+            for row, slot in zip(matrix, plan.keep[ref.index]):
+                members = torch.nonzero(row).flatten().tolist()
+                if members == [slot] and float(row[slot]) == 1.0:
+                    continue
+                base = features(slot)
+                perms = {j: None if j == slot else align_neurons(base, features(j)) for j in members}
+                for name, axis in axes.items():
+                    target = getattr(canonical[slot], name)
+                    if target is None:
+                        continue
+                    total = torch.zeros(target.shape, dtype=torch.float64, device=target.device)
+                    for j in members:
+                        value = getattr(canonical[j], name).detach().double()
+                        if perms[j] is not None and axis is not None:
+                            value = value.index_select(axis, perms[j].to(value.device))
+                        total += float(row[j]) * value
+                    writes.append((target, total.to(target.dtype)))
+            for target, value in writes:
+                target.copy_(value)
+
+
 def materialize(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> tuple[nn.Module, Any, Any]:
-    """(pruned model, layout or None, config to write) for `plan`; non-uniform plans modify `model` in place."""
+    """(pruned model, layout or None, config to write) for `plan`; non-uniform plans and merges modify `model` in place."""
     from moecompress.models.layout import drop_to_layout, layout_config
 
     settings = _settings(plan)
+    if plan.merged:
+        merge_in_place(model, adapter, plan)
     layers = [ref.index for ref in adapter.moe_layers(model)]
     if plan.granularity == "neuron" and plan.allocation == "uniform":
         neurons = {layer: torch.stack(list(plan.neurons[layer])) for layer in layers}
@@ -237,7 +294,8 @@ def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, confi
     from moecompress.prune.expert_copy import check_copy, prune_by_copy
 
     new_config = pruned_config(config, adapter, plan)
-    outputs = check_copy(files, adapter, config, new_config, plan.keep)
+    mixing = {layer: plan.mixing(layer) for layer in plan.merged}
+    outputs = check_copy(files, adapter, config, new_config, plan.keep, mixing)
     with atomic_output_dir(output, force=force) as tmp:
         prune_by_copy(source, files, outputs, new_config, tmp, progress=progress)
         stored = files.store is not files

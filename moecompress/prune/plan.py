@@ -37,6 +37,9 @@ class PrunePlan(BaseModel):
     widths: dict[int, list[int]] = {}  # neuron plans: layer -> kept width of each expert
     dynamic_skip: dict[int, float] = {}  # NAEE dynamic skipping: layer -> beta
     skip_fraction: float | None = None  # fraction of expert calls skipped on the calibration data
+    merge: str = "none"  # "none", "centroid" or "cluster" (moecompress.prune.merge)
+    merged: dict[int, list[list[int]]] = {}  # merge plans: layer -> experts merged into each kept expert (keep order)
+    merge_weights: dict[int, list[list[float]]] = {}  # their frequency weights, aligned with `merged`
     _neurons: dict[int, list[torch.Tensor]] = PrivateAttr(default_factory=dict)
 
     @property
@@ -55,6 +58,14 @@ class PrunePlan(BaseModel):
         same_count = len({len(v) for v in self.keep.values()}) <= 1
         same_width = len({w for per in self.widths.values() for w in per}) <= 1
         return same_count and same_width
+
+    def mixing(self, layer: int) -> torch.Tensor | None:
+        """(K, E) float64 weights of the input experts in each output expert of `layer`; None when unmerged."""
+        from moecompress.prune.merge import mixing_matrix
+
+        if layer not in self.merged:
+            return None
+        return mixing_matrix(self.keep[layer], self.merged[layer], self.merge_weights[layer], self.num_experts)
 
     def kept_counts(self) -> dict[int, int]:
         """Experts kept per layer."""

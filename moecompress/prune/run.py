@@ -22,6 +22,7 @@ from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.prune.merge import DEFAULT_MERGE, MERGE_STATISTICS, check_merge_request, plan_merges
 from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global, select_neurons_uniform
 from moecompress.prune.plan import PrunePlan
 from moecompress.prune.scorers import Scorer, ScoringContext, get_scorer
@@ -45,13 +46,14 @@ def routing_shape(adapter: MoEAdapter, config: Any) -> RoutingShape:
     )
 
 
-def required_statistics(method: str, protect_super_experts: bool, params: dict[str, Any] | None = None) -> list[str]:
-    """Statistics calibration must collect for `method` (plus max_act for super-expert protection)."""
+def required_statistics(method: str, protect_super_experts: bool, params: dict[str, Any] | None = None,
+                        merge: str = DEFAULT_MERGE) -> list[str]:
+    """Statistics calibration must collect for `method` (plus max_act for super-expert protection, mean_output
+    for merging)."""
     needs = list(get_scorer(method).statistics(params))
-    if protect_super_experts and "max_act" not in needs:
-        needs.append("max_act")
-    if "count" not in needs:
-        needs.append("count")
+    extra = ["count"] + (["max_act"] if protect_super_experts else []) + (list(MERGE_STATISTICS) if merge != "none"
+                                                                          else [])
+    needs += [name for name in extra if name not in needs]
     return needs
 
 
@@ -100,18 +102,21 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
                  protect_super_experts: bool = True, allocation: str | None = None,
                  context: ScoringContext | None = None, scores: dict[int, torch.Tensor] | None = None,
                  new_top_k: int | None = None, protected: dict[int, list[int]] | None = None,
-                 scoring: str = "one-pass") -> PrunePlan:
+                 scoring: str = "one-pass", merge: str = DEFAULT_MERGE) -> PrunePlan:
     """Score with `method` and choose what each layer keeps (experts, or neurons for neuron scorers).
 
     allocation: "uniform" (same count per layer / same width per expert) or "global" (one
     threshold across layers); default per scorer. `scores` skips scoring (precomputed).
     protected: the super experts to keep (default: found in `stats` when protection is on);
     scoring: how `stats` were observed ("one-pass" or "sequential"), recorded in the plan.
+    merge: "centroid" or "cluster" folds the removed experts into the kept ones
+    (`moecompress.prune.merge`; needs the mean_output statistic), "none" drops them.
     """
     scorer = get_scorer(method)
     parsed = scorer.parse_params(params)
     shape = routing_shape(adapter, config)
     allocation = check_allocation(allocation, scorer, shape)
+    check_merge_request(merge, scorer.granularity, allocation, scoring)
     if domain is not None and domain not in stats.header.domains:
         raise MoecompressError(f"--domain {domain!r} is not a calibration domain; have: {', '.join(stats.header.domains)}")
     if protected is None:
@@ -141,9 +146,14 @@ def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: 
         kept = select_uniform(scores, shape, count, protected)
     else:
         kept = select_global(scores, shape, count, protected)
+    merged: dict[int, list[list[int]]] = {}
+    weights: dict[int, list[list[float]]] = {}
+    if merge != "none":
+        kept, merged, weights = plan_merges(stats, merge, scores, kept, shape, count, protected, domain)
     return PrunePlan(method=method, params=parsed.model_dump(), allocation=allocation, scoring=scoring, domain=domain,
                      num_experts=shape.num_experts, top_k=shape.top_k, new_top_k=new_top_k, keep=kept,
-                     protected=protected, scores={layer: [round(float(v), 8) for v in s] for layer, s in scores.items()})
+                     protected=protected, scores={layer: [round(float(v), 8) for v in s] for layer, s in scores.items()},
+                     merge=merge, merged=merged, merge_weights=weights)
 
 
 @dataclass
@@ -225,7 +235,8 @@ def check_width_storable(info: Any, ratio: float | None) -> None:
 def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
               params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
               patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None,
-              sources: list[Any] | None, scoring: str = "one-pass") -> tuple[Any, Scorer, str]:
+              sources: list[Any] | None, scoring: str = "one-pass", merge: str = DEFAULT_MERGE
+              ) -> tuple[Any, Scorer, str]:
     """Every check that needs no model; returns (checkpoint info, scorer, allocation)."""
     from moecompress.calibration.stats import config_hash
     from moecompress.io.output import check_output_dir
@@ -252,6 +263,13 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
         count = kept_count(shape, ratio=ratio, keep=keep)
         check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
     check_scoring(scoring, scorer, scorer.parse_params(params), allocation, adapter, dynamic_skip, patterns)
+    check_merge_request(merge, scorer.granularity, allocation, scoring, dynamic_skip, patterns)
+    if merge != "none" and stats is not None:
+        missing = [name for name in MERGE_STATISTICS if not stats.has(name)]
+        if missing:
+            raise MoecompressError(f"--merge {merge} needs statistic(s) {', '.join(missing)} that --stats lack; "
+                                   "re-run calibrate with "
+                                   f"{' '.join('--statistic ' + name for name in MERGE_STATISTICS)} (or drop --stats)")
     if dynamic_skip:
         top_k = new_top_k if new_top_k is not None else shape.top_k
         if top_k != 2:
@@ -304,6 +322,7 @@ def prune_checkpoint(
     max_memory: str | int | None = None,
     resume: bool = False,
     scoring: str = DEFAULT_SCORING,
+    merge: str = DEFAULT_MERGE,
 ) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
@@ -324,10 +343,13 @@ def prune_checkpoint(
     (`moecompress.prune.sequential`; statistics-only expert scorers, uniform allocation). With
     `stats` given, sequential scoring still observes every layer again and takes only the
     super experts from `stats`.
+    merge: "centroid" or "cluster" folds each removed expert into a kept one
+    (`moecompress.prune.merge`); the calibration pass then also runs every expert on every
+    token (the mean_output statistic).
     """
     source = Path(checkpoint)
     info, scorer, allocation = _validate(source, output, method, ratio, keep, params, allocation, dynamic_skip,
-                                         new_top_k, patterns, dry_run, force, stats, domain, sources, scoring)
+                                         new_top_k, patterns, dry_run, force, stats, domain, sources, scoring, merge)
     writes = not dry_run and output is not None
     checkpoints = RunCheckpoints(output, "prune", resume=resume) if writes else RunCheckpoints.disabled()
     with checkpoints:
@@ -338,11 +360,11 @@ def prune_checkpoint(
             "batch_size": batch_size, "dtype": dtype, "protect_super_experts": protect_super_experts,
             "allocation": allocation, "dynamic_skip": dynamic_skip, "new_top_k": new_top_k,
             "patterns": None if patterns is None else str(patterns), "device": device, "max_memory": max_memory,
-            "scoring": scoring})
+            "scoring": scoring, "merge": merge})
         checkpoints.require("input checkpoint", source_fingerprint(source))
         adapter, config = info.adapter, info.config
         parsed = scorer.parse_params(params)
-        needs = required_statistics(method, protect_super_experts, params)
+        needs = required_statistics(method, protect_super_experts, params, merge)
         needs_model = scorer.uses_model(parsed) or dynamic_skip
         calibration = dict(sources=sources, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                            dtype=dtype, progress=progress, device=device, max_memory=max_memory,
@@ -356,7 +378,7 @@ def prune_checkpoint(
             model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, **calibration)
         plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
                             protect_super_experts=protect_super_experts, allocation=allocation, context=context,
-                            new_top_k=new_top_k, protected=protected, scoring=scoring)
+                            new_top_k=new_top_k, protected=protected, scoring=scoring, merge=merge)
         if chosen is not None:
             check_same_choice(chosen, plan.keep)
         if dynamic_skip:

@@ -69,7 +69,7 @@ def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None
                             protect_super_experts=not step.no_protect_super_experts, dry_run=False, force=True,
                             progress=progress, allocation=step.allocation, dynamic_skip=step.dynamic_skip,
                             new_top_k=step.top_k, patterns=step.patterns, device=step.device,
-                            max_memory=step.max_memory, resume=resume, scoring=step.scoring)
+                            max_memory=step.max_memory, resume=resume, scoring=step.scoring, merge=step.merge)
 
 
 def run_condense(step: CondenseStep, model: Path, output: Path, progress: bool = True) -> Any:

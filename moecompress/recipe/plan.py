@@ -242,10 +242,12 @@ def make_plan(loaded: LoadedRecipe, run_dir: str | Path | None = None) -> Plan:
             missing = _missing_statistics(planned, calibrate)
             if missing:
                 key = "method" if op == "prune" else "prune_method"
+                if op == "prune" and getattr(step, "merge") != "none" and "mean_output" in missing:
+                    key = "merge"
                 fix = ("set gradients: true" if set(missing) <= set(GRADIENT_STATISTICS)
                        else f"add {', '.join(missing)} to its statistic list")
                 raise plan.error(RecipeError(
-                    f"{getattr(step, key)} reads statistic(s) {', '.join(missing)} that steps[{last_calibrate}] "
+                    f"{getattr(step, key) if key != 'merge' else 'merge: ' + getattr(step, key)} reads statistic(s) {', '.join(missing)} that steps[{last_calibrate}] "
                     f"(calibrate) does not collect; {fix} on steps[{last_calibrate}]", planned.where(key)))
         if op == "prune" and getattr(step, "domain") is not None:
             source_step = plan.steps[planned.stats_step].step if planned.stats_step is not None else step
@@ -286,6 +288,7 @@ def _checked(plan: Plan, location: Location, keys: list[str], fn: Any, *args: An
 
 def _check_prune(plan: Plan, planned: PlannedStep, info: Any, shape: Any) -> Any:
     """Feasibility of a prune step for `shape` (the routers it will see); returns the shape after it (or None)."""
+    from moecompress.prune.merge import check_merge_request
     from moecompress.prune.run import check_allocation, check_new_top_k
     from moecompress.prune.neurons import check_neuron_ratio
     from moecompress.prune.scorers import get_scorer
@@ -299,6 +302,8 @@ def _check_prune(plan: Plan, planned: PlannedStep, info: Any, shape: Any) -> Any
     _checked(plan, planned.where("scoring"), keys, check_scoring, step.scoring, scorer,  # type: ignore[attr-defined]
              scorer.parse_params(step.param), allocation, info.adapter if info is not None else None,  # type: ignore[attr-defined]
              step.dynamic_skip, step.patterns)  # type: ignore[attr-defined]
+    _checked(plan, planned.where("merge"), keys, check_merge_request, step.merge, scorer.granularity,  # type: ignore[attr-defined]
+             allocation, step.scoring, step.dynamic_skip, step.patterns)  # type: ignore[attr-defined]
     count_key = "ratio" if step.ratio is not None else "keep"  # type: ignore[attr-defined]
     if scorer.granularity == "neuron":
         _checked(plan, planned.where(count_key), keys, check_neuron_ratio, step.ratio, step.keep)  # type: ignore[attr-defined]

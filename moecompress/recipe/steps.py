@@ -201,6 +201,7 @@ class PruneStep(_CalibrationData):
     keep: Annotated[int | None, Field(ge=1)] = None
     allocation: Literal["uniform", "global"] | None = None
     scoring: Literal["one-pass", "sequential"] = "one-pass"
+    merge: Literal["none", "centroid", "cluster"] = "none"
     param: Params = None
     domain: str | None = None
     stats: str | None = None
@@ -235,7 +236,7 @@ class PruneStep(_CalibrationData):
         """Statistics the method reads from reused calibration statistics."""
         from moecompress.prune.run import required_statistics
 
-        return required_statistics(self.method, not self.no_protect_super_experts, self.param)
+        return required_statistics(self.method, not self.no_protect_super_experts, self.param, self.merge)
 
 
 LOCATION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")

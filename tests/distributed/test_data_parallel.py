@@ -139,9 +139,11 @@ def _one_process_and_two_ranks(args: list[str], summary: str, tmp_path: Path, mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scoring", ["one-pass", "sequential"])
-def test_two_ranks_prune_the_same_checkpoint(scoring, checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
-    args = ["prune", str(checkpoint), "--method", "reap", "--ratio", "0.5", "--scoring", scoring, *data, *CALIBRATION]
+@pytest.mark.parametrize(("scoring", "merge"), [("one-pass", "none"), ("sequential", "none"), ("one-pass", "cluster")])
+def test_two_ranks_prune_the_same_checkpoint(scoring, merge, checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
+    """The same plan and tensors; with --merge, each rank's mean_output sums are all-reduced before clustering."""
+    args = ["prune", str(checkpoint), "--method", "reap", "--ratio", "0.5", "--scoring", scoring, "--merge", merge,
+            *data, *CALIBRATION]
     single_dir, parallel_dir = _one_process_and_two_ranks(args, "checkpoint is in", tmp_path, monkeypatch, capsys)
     for name in ("prune_plan.json", "config.json"):
         assert json.loads((single_dir / name).read_text()) == json.loads((parallel_dir / name).read_text()), name

@@ -182,6 +182,48 @@ def test_neuron_pruning_requantises_changed_matrices(fp8_qwen3: Path, tmp_path: 
         assert torch.isfinite(model(TOKENS).logits).all()
 
 
+def test_merging_requantises_the_merged_experts(fp8_qwen3: Path, tmp_path: Path, run) -> None:  # noqa: ANN001
+    """--merge writes new expert values: re-quantised in the input's FP8 blocks; what merging left alone is copied."""
+    out = tmp_path / "merged"
+    run("prune", str(fp8_qwen3), "--method", "frequency", "--ratio", "0.5", "--merge", "centroid", "--samples", "4",
+        "--seq-len", "64", "-o", str(out))
+    plan = json.loads((out / "prune_plan.json").read_text())
+    assert plan["merge"] == "centroid"
+    before, after = _stored(fp8_qwen3), _stored(out)
+    gate = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    assert after[gate] == before[gate] and after[gate + "_scale_inv"] == before[gate + "_scale_inv"]
+    attention = "model.layers.1.self_attn.q_proj.weight"
+    assert _stored_bytes(out, attention) == _stored_bytes(fp8_qwen3, attention)  # unchanged: copied
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    assert "re-quantised" in (out / "README.md").read_text()
+    # a merged expert dequantises to the frequency-weighted mean of its members' dequantised weights (neurons
+    # aligned to the representative's), up to FP8 error
+    from moecompress.prune.merge import align_neurons, neuron_features
+
+    reference = reference_state_dict(fp8_qwen3)
+    merged = load_with_transformers(out).state_dict()
+    layer = next(k for k, per in plan["merged"].items() if any(len(m) > 1 for m in per))
+    slot = next(i for i, m in enumerate(plan["merged"][layer]) if len(m) > 1)
+    members, weights = plan["merged"][layer][slot], plan["merge_weights"][layer][slot]
+    representative = plan["keep"][layer][slot]
+    gate_up = reference[f"model.layers.{layer}.mlp.experts.gate_up_proj"].double()  # (E, 2I, H)
+    down = reference[f"model.layers.{layer}.mlp.experts.down_proj"].double()  # (E, H, I)
+    width = down.shape[-1]
+
+    def features(e: int) -> torch.Tensor:
+        return neuron_features([gate_up[e, :width], gate_up[e, width:], down[e]], [0, 0, 1])
+
+    expected = 0
+    for e, w in zip(members, weights):
+        perm = torch.arange(width) if e == representative else align_neurons(features(representative), features(e))
+        expected = expected + w * torch.cat([gate_up[e, :width][perm], gate_up[e, width:][perm]])
+    got = merged[f"model.layers.{layer}.mlp.experts.gate_up_proj"][slot].double()
+    assert float((got - expected).abs().max()) <= 0.1 * float(expected.abs().max())
+    model = load_with_transformers(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(TOKENS).logits).all()
+
+
 def test_neuron_width_must_fill_whole_blocks(fp8_qwen3: Path, tmp_path: Path, cli) -> None:  # noqa: ANN001
     code, _, err = cli("prune", str(fp8_qwen3), "--method", "heapr", "--ratio", "0.4", "--allocation", "uniform",
                        "-o", str(tmp_path / "x"))

@@ -111,6 +111,21 @@ def test_step_order_and_statistics_are_checked_before_work(tmp_path) -> None:
         _fails(tmp_path, domain))
 
 
+def test_merging_steps_are_checked_before_work(tmp_path) -> None:
+    merging = GOOD.replace("    ratio: 0.5", "    ratio: 0.5\n    merge: centroid")
+    assert ("steps[1].merge: merge: centroid reads statistic(s) mean_output that steps[0] (calibrate) does not "
+            "collect; add mean_output to its statistic list on steps[0]") in str(_fails(tmp_path, merging))
+    collected = merging.replace("  - op: calibrate", "  - op: calibrate\n    statistic: [count, gated_out_norm, "
+                                "max_act, mean_output]")
+    plan = make_plan(load_recipe(write_recipe(tmp_path, collected)), tmp_path / "run")
+    check_files(plan)
+    assert plan.steps[1].step.merge == "centroid"
+    sequential = collected.replace("    merge: centroid", "    merge: centroid\n    scoring: sequential")
+    error = _fails(tmp_path, sequential, files=True)
+    assert "steps[1].merge:" in str(error) and str(error).endswith("use scoring one-pass")
+    assert "recipe.yaml:" in str(_fails(tmp_path, GOOD.replace("    ratio: 0.5", "    ratio: 0.5\n    merge: mean")))
+
+
 def test_model_dependent_problems_are_found_from_the_config_alone(tmp_path) -> None:
     too_few = GOOD.replace("    ratio: 0.5", "    keep: 1")  # the example routes to top-2
     error = _fails(tmp_path, too_few, files=True)
