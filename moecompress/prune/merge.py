@@ -21,10 +21,10 @@ Merged weights (both papers' frequency-weighted average), per cluster C with tok
 are permuted to match the representative's (M-SMoE's weight matching; an expert's function does
 not depend on the order of its neurons, so W_j is replaced by P_j W_j with P_j the
 permutation that maximises sum_k <f_r[k], f_j[P_j k]>, f[k] = neuron k's row of gate and up and
-column of down, solved exactly by `scipy.optimize.linear_sum_assignment`). On the fixtures
-alignment lowered the merged models' perplexity substantially, but merging still lost to
-dropping (benchmarks/RESULTS.md, expert merging). The merged expert takes its representative's
-router row, router bias and correction bias: the router is not re-fitted.
+column of down, solved exactly by `scipy.optimize.linear_sum_assignment`). Even so, on the fixtures merging
+lost to dropping in almost every run (benchmarks/RESULTS.md, expert merging), so it is off by
+default. The merged expert takes its representative's router row, router bias and correction
+bias: the router is not re-fitted.
 
 Constraints: group-limited routers cluster within each group (equal count per group);
 protected super experts stay single, unmerged, and no expert joins them.
