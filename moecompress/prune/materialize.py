@@ -74,8 +74,8 @@ def readme_for(plan: PrunePlan, source: Path, written_format: str) -> str:
                 f"{plan.num_experts} experts per layer kept)")
     elif plan.merge != "none":
         what = (f"{plan.num_experts} routed experts merged into {next(iter(counts.values()))} in every MoE layer "
-                f"({plan.merge} merging: frequency-weighted averages of each group's weights, the representative's "
-                "router row)")
+                f"({plan.merge} merging: frequency-weighted averages of each group's weights, neurons aligned to the "
+                "representative's, whose router row the merged expert keeps)")
     elif len(set(counts.values())) == 1:
         what = f"{next(iter(counts.values()))} of {plan.num_experts} routed experts kept in every MoE layer"
     else:
