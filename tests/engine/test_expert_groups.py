@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import collect_statistics, layer_budget
-from moecompress.calibration.observer import DEFAULT_STATISTICS
+from moecompress.calibration.observer import DEFAULT_STATISTICS, DENSE_STATISTICS
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.reader import CheckpointReader
 from moecompress.errors import MoecompressError
@@ -30,6 +30,7 @@ def _budget_for(reader: CheckpointReader, experts_per_group: int) -> int:
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_grouped_layers_give_the_ungrouped_hidden_states_and_statistics(model_type: str, tmp_path) -> None:
+    """Including mean_output, whose every-expert-on-every-token pass also runs group by group."""
     model = tiny_model(TINY_CONFIGS[model_type]())
     model.save_pretrained(tmp_path)
     ids = token_batch(model.config.vocab_size, batch=4, length=12)
@@ -39,7 +40,7 @@ def test_grouped_layers_give_the_ungrouped_hidden_states_and_statistics(model_ty
         reader = CheckpointReader(tmp_path, dtype="float32")
         engine = LayerEngine.from_reader(reader, max_layer_bytes=max_layer_bytes)
         observer = collect_statistics(reader.model, reader.adapter, ids, domain_ids, ["a", "b"],
-                                      DEFAULT_STATISTICS, batch_size=2, reader=reader,
+                                      DEFAULT_STATISTICS + DENSE_STATISTICS, batch_size=2, reader=reader,
                                       max_layer_bytes=max_layer_bytes)
         engine.prepare([("all", ids)])
         for index in range(len(engine.layers)):
