@@ -45,6 +45,7 @@ from moecompress.models.weight_conversion import KeyMap, key_map
 from moecompress.sizes import skeleton_model
 
 _PER_EXPERT = re.compile(r"(^|\.)experts\.(\d+)\.")
+Merges = list[list[tuple[int, float]]]  # one merged layer: (input expert, weight) per kept expert, keep order
 # files of a checkpoint folder that travel with the weights unchanged
 _COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "added_tokens.json",
                  "chat_template*", "generation_config.json", "*.model", "*.tiktoken")
@@ -111,13 +112,14 @@ def _slice_dim(kind: str, shape: tuple[int, ...], num_experts: int) -> int:
 
 
 def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: Any,
-              keep: dict[int, Sequence[int]], mixing: dict[int, torch.Tensor] | None = None) -> list[_Output]:
+              keep: dict[int, Sequence[int]], merges: dict[int, Merges] | None = None) -> list[_Output]:
     """Every output tensor: which input it copies and which rows it keeps.
 
-    mixing: merged layers' (K, E) weights (`PrunePlan.mixing`); their expert tensors are
-    weighted sums of the members' instead of copies (router rows still follow `keep`).
+    merges: merged layers' (member, weight) per kept expert (`PrunePlan.merges`); their expert
+    tensors are aligned weighted sums of the members' instead of copies (router rows still
+    follow `keep`).
     """
-    mixing = mixing or {}
+    merges = merges or {}
     kinds: dict[str, tuple[str, int]] = {}  # module key -> (kind, layer index)
     expert_prefixes: dict[str, int] = {}
     for ref in adapter.moe_layers(skeleton):
@@ -132,8 +134,8 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
         for path in adapter.correction_bias_paths:
             kinds[f"{ref.path}.{path}"] = ("bias", ref.index)
     num_experts = adapter.num_experts(skeleton.config)
-    widths = _widths(adapter, skeleton, mixing)
-    alignments = _alignments(files, keys, kinds, widths, mixing, keep)
+    widths = _widths(adapter, skeleton, merges)
+    alignments = _alignments(files, keys, kinds, widths, merges, keep)
     outputs: list[_Output] = []
     for disk_key, entry in files.entries.items():
         module_key = keys.module_key(disk_key)
@@ -148,14 +150,14 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
         what, layer = kind
         kept = list(keep[layer])
         match = _PER_EXPERT.search(disk_key) if what == "expert" else None
-        matrix = mixing.get(layer) if what == "expert" else None
+        layer_merges = merges.get(layer) if what == "expert" else None
         if match is not None:
             expert = int(match.group(2))
             if expert in kept:
                 start, end = match.span(2)
                 out = _Output(disk_key[:start] + str(kept.index(expert)) + disk_key[end:], disk_key)
-                if matrix is not None:
-                    out.mix = _members(matrix[kept.index(expert)], disk_key, start, end, expert)
+                if layer_merges is not None:
+                    out.mix = _members(layer_merges[kept.index(expert)], disk_key, start, end, expert)
                 if out.mix is not None:
                     _check_mergeable(files, out)
                     out.axis = _intermediate_axis(disk_key, entry.shape, *widths[layer])
@@ -164,18 +166,18 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
             continue
         dim = _slice_dim(what, entry.shape, num_experts)
         _check_sliceable(files, disk_key, dim, num_experts)
-        if matrix is not None and not _is_selection(matrix, kept):
+        if layer_merges is not None and any(members != [(e, 1.0)] for members, e in zip(layer_merges, kept)):
             raise ExpertCopyUnsupported(f"{disk_key!r} stores every expert in one tensor; merged experts are aligned "
                                         "and written through the model")
         outputs.append(_Output(disk_key, disk_key, dim, kept))
     return outputs
 
 
-def _widths(adapter: MoEAdapter, skeleton: Any, mixing: dict[int, torch.Tensor]) -> dict[int, tuple[int, int]]:
+def _widths(adapter: MoEAdapter, skeleton: Any, merges: dict[int, Merges]) -> dict[int, tuple[int, int]]:
     """Merged layers' (intermediate size, hidden size), from the skeleton's first expert."""
     out = {}
     for ref in adapter.moe_layers(skeleton):
-        if ref.index in mixing:
+        if ref.index in merges:
             first = adapter.expert_weights(ref, 0)
             out[ref.index] = (first.intermediate_size, first.down.shape[0])
     return out
@@ -194,19 +196,19 @@ def _intermediate_axis(name: str, shape: tuple[int, ...], width: int, hidden: in
 
 
 def _alignments(files: Any, keys: KeyMap, kinds: dict[str, tuple[str, int]], widths: dict[int, tuple[int, int]],
-                mixing: dict[int, torch.Tensor], keep: dict[int, Sequence[int]]) -> dict[tuple[int, int], _Alignment]:
+                merges: dict[int, Merges], keep: dict[int, Sequence[int]]) -> dict[tuple[int, int], _Alignment]:
     """(layer, kept expert) -> its `_Alignment`, for every merged layer's experts stored per expert."""
     matrices: dict[tuple[int, int], list[str]] = {}
     for disk_key, entry in files.entries.items():
         kind = kinds.get(keys.module_key(disk_key) or "")
         match = _PER_EXPERT.search(disk_key)
-        if kind is None or kind[0] != "expert" or kind[1] not in mixing or match is None or len(entry.shape) != 2:
+        if kind is None or kind[0] != "expert" or kind[1] not in merges or match is None or len(entry.shape) != 2:
             continue
         matrices.setdefault((kind[1], int(match.group(2))), []).append(disk_key)
     axes = {key: _intermediate_axis(key, files.entries[key].shape, *widths[layer]) for (layer, _), names in
             matrices.items() for key in names}
     out = {}
-    for layer in mixing:
+    for layer in merges:
         per = {expert: sorted(names, key=lambda k: (axes[k] != 0, k)) for (lay, expert), names in matrices.items()
                if lay == layer}
         for expert in keep[layer]:
@@ -214,20 +216,12 @@ def _alignments(files: Any, keys: KeyMap, kinds: dict[str, tuple[str, int]], wid
     return out
 
 
-def _members(row: torch.Tensor, disk_key: str, start: int, end: int, expert: int
+def _members(members: list[tuple[int, float]], disk_key: str, start: int, end: int, expert: int
              ) -> list[tuple[str, float, int]] | None:
     """(member disk key, weight, member id) of one merged per-expert tensor; None when it is the expert alone."""
-    ids = torch.nonzero(row).flatten().tolist()
-    if ids == [expert] and float(row[expert]) == 1.0:
+    if members == [(expert, 1.0)]:
         return None
-    return [(disk_key[:start] + str(j) + disk_key[end:], float(row[j]), j) for j in ids]
-
-
-def _is_selection(matrix: torch.Tensor, kept: Sequence[int]) -> bool:
-    """Whether the (K, E) weights only pick the kept rows (nothing merged in this layer)."""
-    selection = torch.zeros_like(matrix)
-    selection[torch.arange(len(kept)), torch.as_tensor(list(kept))] = 1.0
-    return bool(torch.equal(matrix, selection))
+    return [(disk_key[:start] + str(j) + disk_key[end:], weight, j) for j, weight in members]
 
 
 def _check_mergeable(files: Any, out: _Output) -> None:
@@ -242,18 +236,12 @@ def _check_mergeable(files: Any, out: _Output) -> None:
 
 def merged_tensor(files: Any, out: _Output) -> torch.Tensor:
     """A merged output tensor: sum_j w_j P_j T_j over its members (P_j: neuron alignment), in the stored dtype."""
+    from moecompress.prune.merge import aligned_sum
+
     assert out.mix is not None and out.alignment is not None
-    total, dtype = None, None
-    for key, weight, expert in out.mix:
-        tensor = files.tensor(key)
-        dtype = tensor.dtype
-        value = tensor.double()
-        perm = out.alignment.permutation(files, expert)
-        if perm is not None and out.axis is not None:
-            value = value.index_select(out.axis, perm)
-        total = value * weight if total is None else total + value * weight
-    assert total is not None and dtype is not None
-    return total.to(dtype).contiguous()
+    alignment = out.alignment
+    parts = [(files.tensor(key), weight, alignment.permutation(files, expert)) for key, weight, expert in out.mix]
+    return aligned_sum(parts, out.axis).to(parts[0][0].dtype).contiguous()
 
 
 def _check_sliceable(files: Any, name: str, dim: int, num_experts: int) -> None:
@@ -389,15 +377,15 @@ def copy_side_files(source: Path, folder: Path) -> None:
 
 
 def check_copy(files: TensorFiles, adapter: MoEAdapter, config: Any, new_config: Any,
-               keep: dict[int, Sequence[int]], mixing: dict[int, torch.Tensor] | None = None) -> list[_Output]:
+               keep: dict[int, Sequence[int]], merges: dict[int, Merges] | None = None) -> list[_Output]:
     """The planned output tensors, checked against `new_config`; `ExpertCopyUnsupported` when they cannot be.
 
-    mixing: merged layers' (K, E) weights (see `plan_copy`).
+    merges: merged layers' (member, weight) per kept expert (see `plan_copy`).
     """
     if not supports_expert_copy(adapter):
         raise ExpertCopyUnsupported(f"{config.model_type} drops experts with its own adapter code")
     skeleton = skeleton_model(config)
-    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep, mixing)
+    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep, merges)
     check_against_config(outputs, files, new_config)
     return outputs
 

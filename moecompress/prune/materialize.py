@@ -131,22 +131,22 @@ def save_neuron_masks(plan: PrunePlan, path: Path) -> None:
 
 
 def merge_in_place(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> None:
-    """Write each merged expert's weights (`PrunePlan.mixing`) into its kept slot of `model`, in place.
+    """Write each merged expert's weights (`PrunePlan.merges`) into its kept slot of `model`, in place.
 
     Through the adapter's canonical views (`expert_weights`), so every layout (fused,
     interleaved, DBRX's flattened experts) is served: each member's neurons are first aligned
-    to the representative's (`merge.align_neurons` on gate, up and down), then output expert k's
-    gate, up, down and biases become sum_j M[k, j] P_j W_j (float64 arithmetic, cast back). All
-    merged values of a layer are computed before any is written; the later drop keeps the
-    written slots.
+    to the representative's (`merge.align_neurons` on gate, up and down), then the kept
+    expert's gate, up, down and biases become sum_j w_j P_j W_j (`merge.aligned_sum`, cast
+    back). All merged values of a layer are computed before any is written; the later drop
+    keeps the written slots.
     """
-    from moecompress.prune.merge import align_neurons, neuron_features
+    from moecompress.prune.merge import align_neurons, aligned_sum, neuron_features
 
     matrices = ("gate", "up", "down")
     axes = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0, "down_bias": None}
     for ref in adapter.moe_layers(model):
-        matrix = plan.mixing(ref.index)  # (K, E)
-        if matrix is None:
+        merges = plan.merges(ref.index)
+        if merges is None:
             continue
         canonical = [adapter.expert_weights(ref, e) for e in range(ref.num_experts)]
 
@@ -156,23 +156,16 @@ def merge_in_place(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> No
 
         writes = []
         with torch.no_grad():
-            for row, slot in zip(matrix, plan.keep[ref.index]):
-                members = torch.nonzero(row).flatten().tolist()
-                if members == [slot] and float(row[slot]) == 1.0:
+            for members, slot in zip(merges, plan.keep[ref.index]):
+                if members == [(slot, 1.0)]:
                     continue
                 base = features(slot)
-                perms = {j: None if j == slot else align_neurons(base, features(j)) for j in members}
+                perms = {j: None if j == slot else align_neurons(base, features(j)) for j, _ in members}
                 for name, axis in axes.items():
                     target = getattr(canonical[slot], name)
-                    if target is None:
-                        continue
-                    total = torch.zeros(target.shape, dtype=torch.float64, device=target.device)
-                    for j in members:
-                        value = getattr(canonical[j], name).detach().double()
-                        if perms[j] is not None and axis is not None:
-                            value = value.index_select(axis, perms[j].to(value.device))
-                        total += float(row[j]) * value
-                    writes.append((target, total.to(target.dtype)))
+                    if target is not None:
+                        parts = [(getattr(canonical[j], name), weight, perms[j]) for j, weight in members]
+                        writes.append((target, aligned_sum(parts, axis).to(target.dtype)))
             for target, value in writes:
                 target.copy_(value)
 
@@ -294,8 +287,8 @@ def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, confi
     from moecompress.prune.expert_copy import check_copy, prune_by_copy
 
     new_config = pruned_config(config, adapter, plan)
-    mixing = {layer: plan.mixing(layer) for layer in plan.merged}
-    outputs = check_copy(files, adapter, config, new_config, plan.keep, mixing)
+    merges = {layer: plan.merges(layer) for layer in plan.merged}
+    outputs = check_copy(files, adapter, config, new_config, plan.keep, merges)
     with atomic_output_dir(output, force=force) as tmp:
         prune_by_copy(source, files, outputs, new_config, tmp, progress=progress)
         stored = files.store is not files

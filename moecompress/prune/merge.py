@@ -197,14 +197,35 @@ def align_neurons(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return perm
 
 
-def mixing_matrix(keep: Sequence[int], members: Sequence[Sequence[int]], weights: Sequence[Sequence[float]],
-                  num_experts: int) -> torch.Tensor:
-    """(K, E) float64: row k holds the weights of the experts merged into output expert k (a selection when unmerged)."""
-    matrix = torch.zeros(len(keep), num_experts, dtype=torch.float64)
-    for row, (ids, values) in enumerate(zip(members, weights)):
-        for expert, value in zip(ids, values):
-            matrix[row, expert] = value
-    return matrix
+def member_weights(members: Sequence[int], weights: Sequence[float]) -> list[tuple[int, float]]:
+    """(member, weight) of one output expert, members of weight 0 (never routed) left out."""
+    return [(expert, weight) for expert, weight in zip(members, weights) if weight != 0.0]
+
+
+def aligned_sum(parts: Sequence[tuple[torch.Tensor, float, torch.Tensor | None]], axis: int | None) -> torch.Tensor:
+    """sum_j w_j P_j T_j in float64, from (T_j, w_j, neuron permutation P_j or None) with the neurons on `axis`.
+
+    axis None: the tensor has no neuron axis (a down-projection bias) and is averaged as it is.
+    """
+    total = None
+    for tensor, weight, perm in parts:
+        value = tensor.detach().double()
+        if perm is not None and axis is not None:
+            value = value.index_select(axis, perm.to(value.device))
+        total = value * weight if total is None else total + value * weight
+    assert total is not None, "an output expert has at least one member"
+    return total
+
+
+def check_merge_statistics(stats: object, merge: str) -> None:
+    """A one-line error when `stats` lack what `merge` reads (count, mean_output), naming the calibrate flags."""
+    if merge == "none":
+        return
+    missing = [name for name in MERGE_STATISTICS if not stats.has(name)]  # type: ignore[attr-defined]
+    if missing:
+        raise MoecompressError(f"--merge {merge} needs statistic(s) {', '.join(missing)} that --stats lack; "
+                               "re-run calibrate with "
+                               f"{' '.join('--statistic ' + name for name in MERGE_STATISTICS)} (or drop --stats)")
 
 
 def plan_merges(stats: object, mode: str, scores: dict[int, torch.Tensor], kept: dict[int, list[int]],
@@ -216,10 +237,7 @@ def plan_merges(stats: object, mode: str, scores: dict[int, torch.Tensor], kept:
     scores/kept: the method's scores and its selection (the centroids of ``centroid``);
     shape: the router's `RoutingShape`; count: experts kept per layer.
     """
-    missing = [name for name in MERGE_STATISTICS if not stats.has(name)]  # type: ignore[attr-defined]
-    if missing:
-        raise MoecompressError(f"--merge {mode} needs statistic(s) {', '.join(missing)} that these stats lack; re-run "
-                               "calibrate with them (or without --stats)")
+    check_merge_statistics(stats, mode)
     keep: dict[int, list[int]] = {}
     merged: dict[int, list[list[int]]] = {}
     weights: dict[int, list[list[float]]] = {}

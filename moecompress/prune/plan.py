@@ -59,13 +59,16 @@ class PrunePlan(BaseModel):
         same_width = len({w for per in self.widths.values() for w in per}) <= 1
         return same_count and same_width
 
-    def mixing(self, layer: int) -> torch.Tensor | None:
-        """(K, E) float64 weights of the input experts in each output expert of `layer`; None when unmerged."""
-        from moecompress.prune.merge import mixing_matrix
+    def merges(self, layer: int) -> list[list[tuple[int, float]]] | None:
+        """Per kept expert of `layer` (keep order): (input expert, weight) merged into it; None when unmerged.
+
+        Members of weight 0 are left out, so an expert nothing was merged into reads [(itself, 1.0)].
+        """
+        from moecompress.prune.merge import member_weights
 
         if layer not in self.merged:
             return None
-        return mixing_matrix(self.keep[layer], self.merged[layer], self.merge_weights[layer], self.num_experts)
+        return [member_weights(ids, weights) for ids, weights in zip(self.merged[layer], self.merge_weights[layer])]
 
     def kept_counts(self) -> dict[int, int]:
         """Experts kept per layer."""

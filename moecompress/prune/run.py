@@ -22,7 +22,8 @@ from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
-from moecompress.prune.merge import DEFAULT_MERGE, MERGE_STATISTICS, check_merge_request, plan_merges
+from moecompress.prune.merge import (DEFAULT_MERGE, MERGE_STATISTICS, check_merge_request, check_merge_statistics,
+                                     plan_merges)
 from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global, select_neurons_uniform
 from moecompress.prune.plan import PrunePlan
 from moecompress.prune.scorers import Scorer, ScoringContext, get_scorer
@@ -264,12 +265,8 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
         check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
     check_scoring(scoring, scorer, scorer.parse_params(params), allocation, adapter, dynamic_skip, patterns)
     check_merge_request(merge, scorer.granularity, allocation, scoring, dynamic_skip, patterns)
-    if merge != "none" and stats is not None:
-        missing = [name for name in MERGE_STATISTICS if not stats.has(name)]
-        if missing:
-            raise MoecompressError(f"--merge {merge} needs statistic(s) {', '.join(missing)} that --stats lack; "
-                                   "re-run calibrate with "
-                                   f"{' '.join('--statistic ' + name for name in MERGE_STATISTICS)} (or drop --stats)")
+    if stats is not None:
+        check_merge_statistics(stats, merge)
     if dynamic_skip:
         top_k = new_top_k if new_top_k is not None else shape.top_k
         if top_k != 2:

@@ -10,15 +10,17 @@ import torch
 from moecompress.errors import MoecompressError
 from moecompress.prune.merge import (
     align_neurons,
+    aligned_sum,
     assign_to_centroids,
     average_linkage,
     check_merge_request,
     cluster_layer,
     cosine_distances,
     merge_weights,
-    mixing_matrix,
+    member_weights,
     neuron_features,
 )
+from moecompress.prune.plan import PrunePlan
 
 
 def _three_directions(noise: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -86,14 +88,18 @@ def test_assign_to_centroids_nearest_within_group_and_not_into_protected() -> No
     assert all({e // 4 for e in members} == {rep // 4} for rep, members in got.items())
 
 
-def test_merge_weights_are_frequencies_and_mixing_rows_sum_to_one() -> None:
+def test_merge_weights_are_frequencies_and_sum_to_one_per_output_expert() -> None:
     counts = torch.tensor([3.0, 1.0, 0.0, 0.0, 4.0])
     weights = merge_weights({0: [0, 1], 2: [2, 3], 4: [4]}, counts)
     assert weights == {0: [0.75, 0.25], 2: [0.5, 0.5], 4: [1.0]}
-    matrix = mixing_matrix([0, 2, 4], [[0, 1], [2, 3], [4]], [weights[0], weights[2], weights[4]], 5)
-    assert matrix.shape == (3, 5)
-    assert torch.allclose(matrix.sum(dim=1), torch.ones(3, dtype=torch.float64))
-    assert matrix[2].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    plan = PrunePlan(method="frequency", num_experts=5, top_k=1, keep={0: [0, 2, 4]}, merge="centroid",
+                     merged={0: [[0, 1], [2, 3], [4]]}, merge_weights={0: [weights[0], weights[2], weights[4]]})
+    merges = plan.merges(0)
+    assert len(merges) == 3
+    assert all(sum(w for _, w in members) == pytest.approx(1.0) for members in merges)
+    assert merges[2] == [(4, 1.0)]  # nothing merged into expert 4: itself alone
+    assert member_weights([5, 6], [1.0, 0.0]) == [(5, 1.0)]  # a never-routed member adds nothing
+    assert plan.merges(1) is None
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -128,3 +134,13 @@ def test_align_neurons_undoes_a_permutation_and_beats_every_other_order() -> Non
     best = max(sum(float(base[k] @ noise[p[k]]) for k in range(6)) for p in itertools.permutations(range(6)))
     assert sorted(perm.tolist()) == list(range(6))
     assert sum(float(base[k] @ noise[perm[k]]) for k in range(6)) == pytest.approx(best)
+
+
+def test_aligned_sum_reorders_neurons_before_weighting() -> None:
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # (I=2, H=2), neurons on axis 0
+    b = torch.tensor([[30.0, 40.0], [10.0, 20.0]])  # a's neurons x10, in the other order
+    got = aligned_sum([(a, 0.5, None), (b, 0.5, torch.tensor([1, 0]))], axis=0)
+    assert got.dtype == torch.float64 and torch.equal(got, a.double() * 5.5)
+    bias = aligned_sum([(torch.tensor([1.0, 3.0]), 0.25, torch.tensor([1, 0])), (torch.tensor([5.0, 7.0]), 0.75, None)],
+                       axis=None)  # no neuron axis: averaged as stored
+    assert torch.equal(bias, torch.tensor([4.0, 6.0], dtype=torch.float64))
