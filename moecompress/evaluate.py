@@ -18,10 +18,8 @@ logit scaling), so the checkpoint is read once whatever the number of windows.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +115,7 @@ def streamed_window_nll(reader: CheckpointReader, windows: torch.Tensor, batch_s
     """`window_nll` for a checkpoint read one decoder layer at a time (each layer read once for all windows)."""
     from tqdm.auto import tqdm
 
+    from moecompress.engine.backward import head_in_its_dtype, replay_decoder
     from moecompress.engine.layers import LayerEngine
 
     if windows.dim() != 2 or windows.shape[1] < 2:
@@ -129,54 +128,14 @@ def streamed_window_nll(reader: CheckpointReader, windows: torch.Tensor, batch_s
     for index in tqdm(range(len(engine.layers)), desc=desc, unit="layer", disable=not progress, leave=False):
         engine.run_layer(index)
     total, tokens = 0.0, 0
-    with engine.outside_layers_loaded(include_head=True), _head_in_its_dtype(reader.model):
+    with engine.outside_layers_loaded(include_head=True), head_in_its_dtype(reader.model):
         for (_, ids), batch in zip(batches, engine.batches):
-            logits = _logits_from_last_hidden(reader.model, engine.layers, ids.to(engine.device),
-                                              batch.hidden.to(engine.device))
+            logits = replay_decoder(reader.model, engine.layers, batch.hidden.to(engine.device),
+                                    input_ids=ids.to(engine.device)).logits  # (B, S, V)
             batch_total, batch_tokens = _add_window_losses(logits, ids)
             total += batch_total
             tokens += batch_tokens
     return total, tokens
-
-
-def _logits_from_last_hidden(model: nn.Module, layers: list[nn.Module], ids: torch.Tensor,
-                             hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own forward on `ids` with its decoder replaced by `hidden`, the last layer's output (B, S, H).
-
-    The first decoder layer returns `hidden`, the others pass it on; everything after the
-    decoder (final norm, head, soft-capping) is the model's code.
-    """
-    saved = [layer.__dict__.get("forward") for layer in layers]
-    calls = {"count": 0}
-
-    def replay(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls["count"] += 1
-        return hidden if calls["count"] == 1 else (args[0] if args else kwargs["hidden_states"])
-
-    for layer in layers:
-        layer.forward = replay
-    try:
-        return model(input_ids=ids, use_cache=False).logits  # (B, S, V)
-    finally:
-        for layer, original in zip(layers, saved):
-            if original is None:
-                del layer.forward
-            else:
-                layer.forward = original
-
-
-@contextlib.contextmanager
-def _head_in_its_dtype(model: nn.Module) -> Iterator[None]:
-    """Feed the output head its own dtype (the reader may keep it narrower than the activations)."""
-    head = model.get_output_embeddings()
-    handle = None
-    if head is not None:
-        handle = head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 @dataclass

@@ -6,10 +6,13 @@ Two equivalent modes:
   (`LayerEngine`), each layer read from the checkpoint files only while it runs
   (`CheckpointReader`), in the checkpoint's dtype unless told otherwise, so peak memory is
   one layer plus activations;
-* ``whole-model``: an ordinary forward per batch with the whole model in memory; required
-  for the gradient statistic (HEAPr's neuron_grad_proj needs a backward pass from the loss).
+* ``whole-model``: an ordinary forward per batch with the whole model in memory.
 
-Both give the same statistics (tested).
+Both give the same statistics (tested). The gradient statistic (HEAPr's neuron_grad_proj)
+needs the loss's backward pass: layer by layer it runs through `moecompress.engine.backward`
+(a forward that keeps every layer's input, then each layer recomputed and backpropagated,
+last layer first, observed while it is), so it too holds one layer at a time; that pass
+starts over when resumed.
 
 Sequential calibration (``choose_experts``, layer by layer only): as soon as MoE layer L has
 been observed, a callback chooses the experts it keeps from L's statistics, and L runs again
@@ -130,8 +133,9 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
     statistics = validate_statistics(statistics)
     needs_grad = any(name in GRADIENT_STATISTICS for name in statistics)
-    if needs_grad and mode != "whole-model":
-        raise MoecompressError("gradient statistics (neuron_grad_proj) need mode 'whole-model' (a backward pass)")
+    if needs_grad and choose_experts is not None:
+        raise MoecompressError("gradient statistics (neuron_grad_proj) come from a backward pass over the whole "
+                               "decoder, which sequential calibration cannot interleave; calibrate in one pass")
     if mode == "layerwise" and not adapter.layerwise_supported:
         raise MoecompressError(f"{model.config.model_type} cannot run one layer at a time; use mode 'whole-model'")
     if reader is not None and mode != "layerwise":
@@ -158,6 +162,8 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
     try:
         if mode == "whole-model":
             _whole_model_pass(model, observer, batches, needs_grad, progress)
+        elif needs_grad:
+            _layerwise_backward_pass(engine, observer, batches, progress)
         else:
             _layerwise_pass(engine, observer, batches, progress, checkpoints, choose_experts)
     finally:
@@ -202,6 +208,20 @@ def _layerwise_pass(runner: LayerEngine, observer: Observer, batches: list[tuple
             checkpoints.save(runner, index, observer.layer_tensors(index) if index in moe_indices else None,
                              {"tokens": observer.token_counts()})
             bar.update(1)
+
+
+def _layerwise_backward_pass(engine: LayerEngine, observer: Observer, batches: list[tuple[str, torch.Tensor]],
+                             progress: bool) -> None:
+    """Observe every MoE layer while the loss's backward pass recomputes it (forward and gradient statistics)."""
+    from moecompress.engine.backward import stream_backward
+
+    moe_indices = {ref.index for ref in observer.layers}
+
+    def observed(index: int) -> contextlib.AbstractContextManager:
+        return observer.active(layers=[index]) if index in moe_indices else contextlib.nullcontext()
+
+    stream_backward(engine, batches, observed, before_batch=observer.set_domain, progress=progress,
+                    desc="calibrating with gradients")
 
 
 def _sequential_layer(runner: LayerEngine, observer: Observer, index: int, choose_experts: ExpertChoice) -> None:
@@ -328,16 +348,18 @@ SPILL_SHARE = 0.5  # cached hidden states taking more of the budget than this go
 
 
 def plan_activations(reader: CheckpointReader, input_shape: tuple[int, ...], batch_size: int,
-                     max_memory: str | int | None, processes: int = 1) -> tuple[int | None, bool]:
+                     max_memory: str | int | None, processes: int = 1, copies: int = 1) -> tuple[int | None, bool]:
     """(bytes one decoder layer may occupy, whether the cached hidden states are spilled to files).
 
     The cached states stay in memory while they take at most `SPILL_SHARE` of the budget;
     beyond, they are memory-mapped files (`moecompress.engine.spill`) and only a batch's
-    worth of activations is planned in memory (`layer_budget` for one batch).
+    worth of activations is planned in memory (`layer_budget` for one batch). copies: how many
+    sets of cached states the pass holds (the backward pass keeps every layer's input and the
+    gradients: layers + 1).
     """
     budget = host_budget(max_memory, processes)
     samples, seq_len = int(input_shape[0]), int(input_shape[1])
-    cached = cached_bytes(reader, samples, seq_len)
+    cached = copies * cached_bytes(reader, samples, seq_len)
     if budget is None or cached <= SPILL_SHARE * budget:  # unknown budget: nothing to plan with
         return layer_budget(reader, input_shape, max_memory, processes, budget), False
     log.warning("the cached hidden states (%s) exceed half the memory budget (%s): they are kept in memory-mapped "
@@ -386,7 +408,8 @@ def calibrate(
     num_samples: windows of seq_len tokens per domain, chosen with `seed`.
     dtype: compute dtype (`auto`: the checkpoint's); device: cpu, cuda, cuda:N or auto.
     Layer by layer (the default mode) the model is read from the checkpoint one decoder
-    layer at a time; whole-model mode (gradient statistics) loads it whole.
+    layer at a time (gradient statistics too, through the layer-streamed backward pass);
+    whole-model mode loads it whole.
     max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 85% of
     what is still available; see `layer_budget`.
     data_parallel: when launched by torchrun (``WORLD_SIZE`` > 1) join the process group
@@ -482,8 +505,6 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
     from moecompress.models.load import load_model, load_tokenizer
 
     statistics = validate_statistics(statistics)
-    if any(name in GRADIENT_STATISTICS for name in statistics):
-        mode = "whole-model"
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_path)
     sources = list(sources) if sources else default_calibration_sources()
@@ -507,7 +528,10 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
             mine = distributed.shard(_batches(calib.input_ids, calib.domain_ids, calib.domains, batch_size))
             shape = (sum(ids.shape[0] for _, ids in mine), shape[1])
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
-        max_layer_bytes, spill = plan_activations(reader, shape, batch_size, max_memory, processes=local_ranks)
+        backward = any(name in GRADIENT_STATISTICS for name in statistics)  # keeps every layer's input
+        copies = len(reader.adapter.decoder_layers(reader.model)) + 1 if backward else 1
+        max_layer_bytes, spill = plan_activations(reader, shape, batch_size, max_memory, processes=local_ranks,
+                                                  copies=copies)
         if dtype == "auto" and reader.mixed_precision and max_layer_bytes is not None \
                 and widest_dense_bytes(reader) > max_layer_bytes:
             # float32 copies of the weights outside the routed experts do not fit: compute in the stored dtype

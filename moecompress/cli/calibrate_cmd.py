@@ -49,7 +49,7 @@ def calibrate_command(
     max_memory: MaxMemoryOption = None,
     statistic: StatisticsOption = None,
     gradients: Annotated[bool, typer.Option("--gradients", help="Also collect HEAPr's gradient statistic "
-                                            "(needs a backward pass over the whole model in memory).")] = False,
+                                            "(the loss's backward pass, one decoder layer at a time).")] = False,
     whole_model: Annotated[bool, typer.Option("--whole-model", help="Run the whole model per batch instead of one "
                                               "decoder layer at a time (more memory, same statistics).")] = False,
     force: ForceOption = False,
@@ -88,7 +88,7 @@ def calibrate_command(
         names = validate_statistics(statistic or DEFAULT_STATISTICS)
         if gradients:
             names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
-    mode = "whole-model" if (whole_model or gradients) else "layerwise"
+    mode = "whole-model" if whole_model else "layerwise"
     stats = calibrate_to_folder(model, output, sources, num_samples=samples, seq_len=seq_len, seed=seed,
                                 batch_size=batch_size, dtype=dtype, statistics=names, mode=mode, device=device,
                                 max_memory=max_memory, force=force, resume=resume)

@@ -59,7 +59,7 @@ def compress_command(
     param: Annotated[list[str] | None, typer.Option("--param", help="Pruning-method parameter key=value "
                                                     "(repeatable).", show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="Quantisation costs: mc-moe (block-output "
-                                        "errors) or gemq (gradient-weighted; whole model in memory).")] = "mc-moe",
+                                        "errors) or gemq (gradient-weighted, from a layer-streamed backward pass).")] = "mc-moe",
     candidates: CandidatesOption = None,
     require_top: Annotated[int, typer.Option("--require-top", min=0, help="Each MoE layer keeps at least one "
                                              "expert at each of this many widest widths.")] = 1,

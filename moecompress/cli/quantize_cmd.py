@@ -54,8 +54,8 @@ def quantize_command(
     bits: BitsOption = None,
     size: SizeOption = None,
     method: Annotated[str, typer.Option("--method", "-m", help="mc-moe (block-output errors, per-layer programs), "
-                                        "gemq (gradient-weighted errors, one global program; whole model in "
-                                        "memory) or uniform.")] = "mc-moe",
+                                        "gemq (gradient-weighted errors from a backward pass streamed one "
+                                        "layer at a time, one global program) or uniform.")] = "mc-moe",
     allocation: Annotated[str | None, typer.Option("--allocation", help="layer or global program (default: layer "
                                                    "for mc-moe, global for gemq).", show_default=False)] = None,
     candidates: CandidatesOption = None,
@@ -86,8 +86,8 @@ def quantize_command(
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
     streaming: Annotated[bool, typer.Option("--streaming", help="Insist on reading the checkpoint one decoder layer "
-                                            "at a time (already the default for mc-moe and uniform; refused with "
-                                            "gemq, whose backward pass needs the whole model).")] = False,
+                                            "at a time (already the default; refused for architectures whose layers "
+                                            "pass state between them).")] = False,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "cpu",
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds the integer program may run; a "
@@ -102,8 +102,9 @@ def quantize_command(
 
     Attention, shared experts and dense MLPs get their own fixed widths (default 4 bits); routers,
     norms and embeddings stay unquantised. GPTQ runs one decoder layer at a time on cached
-    calibration activations, reading the checkpoint one layer at a time (GEMQ, which needs a
-    backward pass, loads the whole model). Accepts checkpoints `moecompress prune` wrote.
+    calibration activations, reading the checkpoint one layer at a time (GEMQ's backward pass
+    too: each layer is recomputed and backpropagated in turn). Accepts checkpoints `moecompress
+    prune` wrote.
 
     Example:
 

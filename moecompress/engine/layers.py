@@ -274,8 +274,11 @@ class LayerEngine:
             return self.spill.keep(slot, hidden)
         return hidden if self.device.type == "cpu" else self._to_host(hidden)
 
-    def layer_call(self, index: int, batch: _Batch, layer: nn.Module) -> Any:
+    def layer_call(self, index: int, batch: _Batch, layer: nn.Module, hidden: torch.Tensor | None = None) -> Any:
         """Decoder layer `index`'s raw output for one cached batch (inputs moved to the device).
+
+        hidden: the layer's input in place of the batch's cached states (the backward pass
+        recomputes a layer on the input it kept, `moecompress.engine.backward`).
 
         When the reader keeps routed experts narrower than the activations, a MoE layer that no
         stage instruments computes its experts through the adapter's `run_experts`, which
@@ -283,8 +286,14 @@ class LayerEngine:
         """
         kwargs = to_device(dict(batch.layer_kwargs[index]), self.device)
         extra = kwargs.pop("__args__", ())
+        source = batch.hidden if hidden is None else hidden
         with self._mixed_precision_experts(index):
-            return layer(batch.hidden.to(self.device, non_blocking=True), *extra, **kwargs)
+            return layer(source.to(self.device, non_blocking=True), *extra, **kwargs)
+
+    def experts_in_groups(self, index: int) -> bool:
+        """Whether MoE layer `index`, as loaded now, computes its routed experts a group at a time."""
+        ref = self._moe.get(index)
+        return ref is not None and serving_groups(ref.experts) is not None
 
     @contextlib.contextmanager
     def _mixed_precision_experts(self, index: int) -> Iterator[None]:

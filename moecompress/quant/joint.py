@@ -15,8 +15,8 @@ expert count), K >= top_k and equal per group for group-limited routers; super e
 never dropped. Dropped experts are removed (router rows and config patched) and the rest
 quantised layer by layer.
 
-Except with GEMQ (a backward pass through the whole model), every pass reads the checkpoint
-one decoder layer at a time (`CheckpointReader`): statistics, sensitivity, and the
+Every pass reads the checkpoint one decoder layer at a time (`CheckpointReader`): statistics,
+sensitivity (GEMQ's backward pass too, `moecompress.engine.backward`), and the
 quantisation of the kept experts, which are served from the input's shards with the dropped
 ones left out (`CheckpointReader.with_experts`), so no pruned copy is written first.
 """
@@ -95,9 +95,6 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
     from moecompress.sizes import checkpoint_dtype
 
     distributed.initialise(request.device)  # under torchrun: data parallel passes, rank 0 writes
-    if distributed.active() and request.method == "gemq":
-        raise MoecompressError("--method gemq needs a backward pass through the whole model in one process; run it "
-                               "without torchrun, or use --method mc-moe")
     check_output_dir(output, force, inputs=(source,))
     if request.method == "uniform" or request.uniform_per_layer:
         raise MoecompressError("compress chooses a width per expert: use --method mc-moe or gemq, "

@@ -5,8 +5,8 @@ input checkpoint is never modified; the output is built in a temporary sibling f
 renamed into place when complete.
 
 Methods: ``mc-moe`` (block-output errors, one program per layer), ``gemq`` (Fisher-weighted
-errors from one backward pass, one global program; needs the whole model in memory),
-``uniform`` (every routed expert at --bits, no sensitivity pass).
+errors from the loss's backward pass, streamed one decoder layer at a time, one global
+program), ``uniform`` (every routed expert at --bits, no sensitivity pass).
 """
 
 from __future__ import annotations
@@ -87,8 +87,6 @@ class QuantizeRequest(BaseModel):
             raise ValueError(f"--sensitivity-quantizer gptq applies to --method mc-moe only (--method {self.method} "
                              f"{'measures no sensitivity' if self.method == 'uniform' else 'simulates widths with round-to-nearest'}); "
                              "drop the option")
-        if self.method == "gemq" and self.streaming:
-            raise ValueError("--method gemq needs a backward pass through the whole model; drop --streaming")
         if self.size is not None:
             parse_size(self.size)
         return self
@@ -111,8 +109,9 @@ class QuantizeRequest(BaseModel):
 def check_model_support(adapter: Any, model_type: str, request: QuantizeRequest) -> bool:
     """Raise when the model cannot run the layer-at-a-time passes the request needs; returns whether to stream.
 
-    Every method but GEMQ (a backward pass through the whole model) reads the checkpoint one
-    decoder layer at a time; `--streaming` insists on it (and is refused with GEMQ).
+    Every method reads the checkpoint one decoder layer at a time (GEMQ's backward pass too,
+    `moecompress.engine.backward`); `--streaming` insists on it. Architectures whose layers
+    cannot be replayed one at a time keep the model in memory for RTN and GEMQ.
     """
     needs_layers = request.method == "mc-moe" or request.settings.method == "gptq"
     if needs_layers and not getattr(adapter, "layerwise_supported", True):
@@ -120,7 +119,11 @@ def check_model_support(adapter: Any, model_type: str, request: QuantizeRequest)
             f"{model_type} layers pass state between layers, so GPTQ and MC-MoE cannot run one layer at a time; "
             "quantise it with --rtn and --method uniform or gemq"
         )
-    streams = request.streaming or request.method != "gemq"
+    layerwise = getattr(adapter, "layerwise_supported", True)
+    if request.streaming and not layerwise:
+        raise MoecompressError(f"{model_type} layers pass state between layers, so its checkpoint cannot be read one "
+                               "layer at a time; drop --streaming")
+    streams = request.streaming or layerwise or request.method != "gemq"
     if streams and not getattr(adapter, "streaming_supported", True):
         log.warning("%s cannot be read one layer at a time; quantising with the model in memory", model_type)
         return False
@@ -193,7 +196,7 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
     """Per-expert costs of every candidate width: GEMQ's Fisher-weighted errors or MC-MoE's block errors.
 
     checkpoints: MC-MoE's layer pass saves its progress there and resumes from it (GEMQ's
-    backward pass through the whole model starts over).
+    backward pass starts over).
     """
     from moecompress.engine.layers import resolve_device
     from moecompress.quant.sensitivity import block_errors, fisher_errors
@@ -202,7 +205,8 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
     assert base is not None
     if request.method == "gemq":
         return fisher_errors(model, adapter, batches, widths, base, progress=progress,
-                             expert_memory=request.expert_memory)
+                             expert_memory=request.expert_memory, reader=reader,
+                             device=resolve_device(request.device))
     return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
                         weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
                         expert_memory=request.expert_memory, reader=reader, device=resolve_device(request.device),
@@ -309,9 +313,6 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
 
     source = Path(checkpoint)
     distributed.initialise(request.device)  # under torchrun: join the other ranks (data parallel, rank 0 writes)
-    if distributed.active() and request.method == "gemq":
-        raise MoecompressError("--method gemq needs a backward pass through the whole model in one process; run it "
-                               "without torchrun, or use --method mc-moe")
     check_output_dir(output, force, inputs=(source,))
     device = resolve_device(request.device)  # a one-line error before any work when there is no such device
     info = inspect_checkpoint(source)

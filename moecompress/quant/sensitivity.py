@@ -14,9 +14,9 @@ computed from cached layer inputs, never by re-running the model per candidate:
 * GEMQ (Global Expert-Level Mixed-Precision Quantization for MoE LLMs):
       cost_{l,i,b} = sum_{t->i} sum_h G_{t,h}^2 (g_{i,t} (f_i(x_t) - f^b_i(x_t)))_h^2
   with G = dLoss/d(MoE block output), the gradient at the layer output (the residual adds the
-  block output unchanged): a Fisher-weighted output error, comparable across layers. Needs one
-  forward + backward pass over the calibration data with the whole model in memory
-  (`fisher_errors`, opt-in).
+  block output unchanged): a Fisher-weighted output error, comparable across layers. Needs the
+  loss's backward pass over the calibration data, streamed one decoder layer at a time
+  (`fisher_errors`, `moecompress.engine.backward`).
 
 f^b_i is expert i with its three projections quantised to b bits (round-to-nearest by
 default, or GPTQ on the expert's own tokens). Width 0 ("drop") is measured too: the error of
@@ -38,6 +38,7 @@ from moecompress.engine.layers import LayerEngine
 from moecompress.engine.memory import return_freed_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints
+from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import CanonicalExpert, MoEAdapter, MoELayerRef
 from moecompress.quant.data_parallel import all_reduce_gptq, all_reduce_sums
 from moecompress.quant.layer_pass import (
@@ -280,13 +281,48 @@ def _gradient_capture(model: nn.Module, adapter: MoEAdapter, layers: dict[int, L
 
 def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
                   widths: Sequence[int], base: QuantSpec, progress: bool = True,
-                  expert_memory: int = DEFAULT_EXPERT_MEMORY) -> Sensitivity:
-    """GEMQ Fisher-weighted errors: one forward + backward per batch, whole model in memory."""
+                  expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None,
+                  device: torch.device | str | None = None) -> Sensitivity:
+    """GEMQ Fisher-weighted errors from the loss's backward pass, one decoder layer at a time.
+
+    The backward pass streams through the layer engine (`moecompress.engine.backward`): each
+    layer is recomputed on its kept input and backpropagated, and its experts' candidate
+    errors are measured, weighted by the squared gradient at its MoE block's output, while its
+    weights are loaded. reader: the checkpoint `model` (a meta-device skeleton) is read from;
+    device: where the layers compute. Architectures whose layers cannot run one at a time
+    (`layerwise_supported` False) take one whole-model backward per batch instead (the model
+    must be in memory). Data parallel: each rank backpropagates its own batches and the
+    errors are all-reduced, so every rank holds the single-process sums.
+    """
+    from moecompress.engine.backward import stream_backward
+
     layers = {ref.index: LayerErrors.zeros(ref.num_experts, widths) for ref in adapter.moe_layers(model)}
+    if adapter.layerwise_supported:
+        engine = LayerEngine(model, adapter, reader=reader, device=device)
+
+        def hooks(index: int) -> contextlib.AbstractContextManager:
+            measured = {index: layers[index]} if index in layers else {}
+            return _gradient_capture(model, adapter, measured, widths, base, expert_memory)
+
+        stream_backward(engine, batches, hooks, progress=progress, desc="gradients (GEMQ)")
+    else:
+        if reader is not None:
+            raise MoecompressError(f"{model.config.model_type} layers pass state between layers: GEMQ needs the "
+                                   "whole model in memory for them")
+        whole_model_fisher_errors(model, adapter, batches, layers, widths, base, progress, expert_memory)
+    for index in sorted(layers):  # data parallel: every rank's batches (the same layers, in the same order)
+        errors = layers[index]
+        all_reduce_sums([errors.error, errors.drop_error, errors.count, errors.gate_sum])
+    return Sensitivity("fisher", list(widths), layers)
+
+
+def whole_model_fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
+                              layers: dict[int, LayerErrors], widths: Sequence[int], base: QuantSpec,
+                              progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY) -> None:
+    """Add GEMQ's Fisher-weighted errors to `layers` from one forward + backward of the whole model per batch."""
     with activation_gradients(model), _gradient_capture(model, adapter, layers, widths, base, expert_memory):
         for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
             with torch.enable_grad():
                 ids = ids.to(next(model.parameters()).device)  # the model's device (--device)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
-    return Sensitivity("fisher", list(widths), layers)

@@ -50,7 +50,7 @@ def run_calibrate(step: CalibrateStep, model: Path, output: Path, progress: bool
 
     check_output_dir(output, True, inputs=(model,))
     inspect_checkpoint(model)
-    mode = "whole-model" if (step.whole_model or step.gradients) else "layerwise"
+    mode = "whole-model" if step.whole_model else "layerwise"
     return calibrate_to_folder(model, output, _sources(step), num_samples=step.samples, seq_len=step.seq_len,
                                seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
                                statistics=step.statistics(), mode=mode, device=step.device,

@@ -173,10 +173,11 @@ def _assert_same_quantised(single: dict[str, torch.Tensor], parallel: dict[str, 
             assert float((got != expected).float().mean()) <= 1e-3, name
 
 
-@pytest.mark.parametrize("command", [["quantize", "--bits", "2.5"], ["compress", "--size", "60%"]],
-                         ids=["quantize", "compress"])
+@pytest.mark.parametrize("command", [["quantize", "--bits", "2.5"], ["quantize", "--bits", "2.5", "--method", "gemq"],
+                                     ["compress", "--size", "60%"]], ids=["quantize", "quantize-gemq", "compress"])
 def test_two_ranks_quantize_like_one_process(command, checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
-    """MC-MoE sensitivity, GPTQ (and compress's statistics) on each rank's share: the same plan, the same tensors."""
+    """MC-MoE or GEMQ sensitivity (GEMQ's layer-streamed backward on each rank's batches), GPTQ (and compress's
+    statistics) on each rank's share: the same plan, the same tensors."""
     args = [command[0], str(checkpoint), *command[1:], *data, *CALIBRATION]
     single_dir, parallel_dir = _one_process_and_two_ranks(args, "written to", tmp_path, monkeypatch, capsys)
     one, two = read_manifest(single_dir), read_manifest(parallel_dir)

@@ -87,7 +87,7 @@ def test_uniform_rtn_reads_no_data_and_gemq_runs(checkpoint, data, tmp_path, mon
     assert all(e.spec.method == "rtn" for e in plan.entries.values() if e.spec is not None)
     out = tmp_path / "gemq"
     code, stdout, err = run_cli(["quantize", str(checkpoint), "--method", "gemq", "--bits", "3", "--candidates",
-                                 "2,4", *data, *CALIB, "-o", str(out)], monkeypatch, capsys)
+                                 "2,4", "--streaming", *data, *CALIB, "-o", str(out)], monkeypatch, capsys)
     assert code == 0, err
     assert "allocation: global program" in stdout
     assert manifest_of(out)["achieved_average_bits"] <= 3.0 + 1e-9
@@ -110,7 +110,6 @@ def test_quantize_accepts_a_pruned_checkpoint(checkpoint, data, tmp_path, monkey
     (["--bits", "2.5", "--size", "4GB"], "exactly one budget"),
     (["--bits", "1.5", "--candidates", "1,2"], "cannot store 1-bit"),
     (["--size", "lots"], "is not a size"),
-    (["--bits", "2.5", "--method", "gemq", "--streaming"], "drop --streaming"),
     (["--bits", "2.5", "--method", "gemq", "--sensitivity-quantizer", "gptq"], "applies to --method mc-moe only"),
 ])
 def test_options_are_checked_before_any_work(checkpoint, tmp_path, monkeypatch, capsys, args, message) -> None:

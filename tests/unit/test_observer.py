@@ -115,6 +115,28 @@ def test_checkpoint_read_layer_by_layer_matches_in_memory(setup, tmp_path) -> No
     assert all(p.device.type == "meta" for p in reader.model.parameters())
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"])
+def test_gradient_statistics_layer_by_layer_equal_the_whole_model_backward(model_type: str, tmp_path) -> None:
+    """HEAPr's statistics from a checkpoint read one layer at a time (the backward pass streamed) = whole-model ones."""
+    model = tiny_model(TINY_CONFIGS[model_type](), seed=0).float()
+    adapter = get_adapter(model)
+    ids = token_batch(model.config.vocab_size, batch=4, length=16, seed=2)
+    domain_ids = torch.tensor([0, 0, 1, 1])
+    names = [*DEFAULT_STATISTICS, "neuron_grad_proj"]
+    whole = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, names, mode="whole-model", batch_size=2,
+                               progress=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    reader = CheckpointReader(tmp_path / "ckpt", dtype="float32")
+    streamed = collect_statistics(reader.model, reader.adapter, ids, domain_ids, DOMAINS, names, batch_size=2,
+                                  progress=False, reader=reader)
+    a, b = whole.tensors(), streamed.tensors()
+    assert a.keys() == b.keys() and any("neuron_grad_proj" in key for key in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-9, msg=key)
+    assert whole.token_counts() == streamed.token_counts()
+    assert all(p.device.type == "meta" for p in reader.model.parameters())
+
+
 def test_gradient_statistic_uses_exact_identity(setup) -> None:
     """neuron_grad_proj equals sum_t (g'_t . w_k)^2 computed from autograd on a dense per-token path."""
     model, adapter, ids, _ = setup

@@ -9,7 +9,8 @@ import torch
 
 from moecompress.models.adapters import get_adapter
 from moecompress.quant.rtn import quantize_rtn
-from moecompress.quant.sensitivity import block_errors, fisher_errors
+from moecompress.engine.reader import CheckpointReader
+from moecompress.quant.sensitivity import LayerErrors, block_errors, fisher_errors, whole_model_fisher_errors
 from moecompress.quant.solve import Solved, write_expert
 from moecompress.quant.spec import QuantSpec
 from tests.adapters.tiny_configs import TINY_CONFIGS
@@ -111,3 +112,25 @@ def test_block_errors_in_several_passes_are_unchanged() -> None:
     for layer, errors in one.layers.items():
         torch.testing.assert_close(errors.error, many.layers[layer].error, rtol=1e-6, atol=1e-12)
         assert torch.equal(errors.count, many.layers[layer].count)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"])
+def test_layer_streamed_fisher_errors_equal_the_whole_model_backward(arch: str, tmp_path) -> None:
+    """GEMQ from a checkpoint read one layer at a time (backward streamed) = one whole-model backward per batch."""
+    model = tiny_model(TINY_CONFIGS[arch](), seed=0).float()
+    model.save_pretrained(tmp_path)
+    adapter = get_adapter(model)
+    ids = token_batch(model.config.vocab_size, batch=4, length=12)
+    batches = [("a", ids[:2]), ("b", ids[2:])]
+    expected = {ref.index: LayerErrors.zeros(ref.num_experts, [2, 4]) for ref in adapter.moe_layers(model)}
+    whole_model_fisher_errors(model, adapter, batches, expected, [2, 4], BASE, progress=False)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    streamed = fisher_errors(reader.model, reader.adapter, batches, [2, 4], BASE, progress=False, reader=reader)
+    assert streamed.kind == "fisher" and sorted(streamed.layers) == sorted(expected)
+    for index, errors in expected.items():
+        got = streamed.layers[index]
+        assert float(errors.error.sum()) > 0
+        torch.testing.assert_close(got.error, errors.error, rtol=1e-4, atol=1e-12, msg=f"layer {index}")
+        torch.testing.assert_close(got.drop_error, errors.drop_error, rtol=1e-4, atol=1e-12)
+        assert torch.equal(got.count, errors.count)
+    assert all(p.device.type == "meta" for p in reader.model.parameters())

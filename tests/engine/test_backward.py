@@ -1,0 +1,119 @@
+"""The backward pass one decoder layer at a time gives the whole-model backward's gradients."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from moecompress.engine.backward import stream_backward
+from moecompress.engine.layers import LayerEngine
+from moecompress.engine.reader import CheckpointReader
+from moecompress.engine.spill import SpilledActivations
+from moecompress.errors import MoecompressError
+from moecompress.models.adapters import get_adapter
+from tests.adapters.tiny_configs import TINY_CONFIGS
+from tests.engine.test_expert_groups import _budget_for
+from tests.helpers import tiny_model, token_batch
+
+LAYERWISE = sorted(name for name in TINY_CONFIGS
+                   if get_adapter(tiny_model(TINY_CONFIGS[name]())).layerwise_supported)
+
+
+@contextlib.contextmanager
+def output_gradients(layer: torch.nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
+    """Append dLoss/d(the layer's output) to `store` each time the layer's output is backpropagated."""
+    def hook(module, args, output):  # noqa: ANN001, ANN202
+        out = output[0] if isinstance(output, tuple) else output
+        if out.requires_grad:
+            out.register_hook(lambda grad: store.append(grad.detach().clone()))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def whole_model_gradients(model: torch.nn.Module, batches: list[tuple[str, torch.Tensor]]
+                          ) -> tuple[list[float], dict[int, list[torch.Tensor]]]:
+    """(loss per batch, per decoder layer its output's gradient per batch) from ordinary backward passes."""
+    layers = get_adapter(model).decoder_layers(model)
+    grads: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    losses = []
+    with contextlib.ExitStack() as stack:
+        for i, layer in enumerate(layers):
+            stack.enter_context(output_gradients(layer, grads[i]))
+        emb = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        stack.callback(emb.remove)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, ids in batches:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            losses.append(float(loss.detach()))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return losses, grads
+
+
+def streamed_gradients(engine: LayerEngine, batches: list[tuple[str, torch.Tensor]]
+                       ) -> tuple[float, dict[int, list[torch.Tensor]]]:
+    grads: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(engine.layers))}
+    seen_order = []
+
+    def hooks(index: int):  # noqa: ANN202
+        seen_order.append(index)
+        return output_gradients(engine.layers[index], grads[index])
+
+    loss = stream_backward(engine, batches, hooks, progress=False)
+    assert seen_order == list(reversed(range(len(engine.layers))))  # last layer first
+    return loss, grads
+
+
+@pytest.mark.parametrize("model_type", LAYERWISE)
+def test_streamed_gradients_equal_the_whole_model_backward(model_type: str) -> None:
+    model = tiny_model(TINY_CONFIGS[model_type](), seed=0).float()
+    ids = token_batch(model.config.vocab_size, batch=4, length=12)
+    batches = [("a", ids[:2]), ("b", ids[2:])]
+    losses, expected = whole_model_gradients(model, batches)
+    loss, got = streamed_gradients(LayerEngine(model, get_adapter(model)), batches)
+    assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    for index, grads in expected.items():
+        assert len(got[index]) == len(grads) == 2, index
+        for mine, theirs in zip(got[index], grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7, msg=f"decoder layer {index}")
+    assert all(p.requires_grad for p in model.parameters())  # parameters unfrozen afterwards
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient was computed
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_checkpoint_read_layer_by_layer_gives_the_same_gradients(tmp_path, spill: bool) -> None:
+    model = tiny_model(TINY_CONFIGS["deepseek_v3"](), seed=0).float()
+    model.save_pretrained(tmp_path / "model")
+    ids = token_batch(model.config.vocab_size, batch=4, length=12)
+    batches = [("a", ids[:2]), ("b", ids[2:])]
+    _, expected = whole_model_gradients(model, batches)
+    reader = CheckpointReader(tmp_path / "model", dtype="float32")
+    files = SpilledActivations(tmp_path / "spill") if spill else None
+    engine = LayerEngine(reader.model, reader.adapter, reader=reader, spill=files)
+    _, got = streamed_gradients(engine, batches)
+    for index, grads in expected.items():
+        for mine, theirs in zip(got[index], grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7, msg=f"decoder layer {index}")
+    assert all(p.device.type == "meta" for p in reader.model.parameters())  # every layer released
+    if files is not None:
+        assert [p.name for p in (tmp_path / "spill").iterdir()] == [files.folder.name]  # the kept inputs' files went
+        files.close()
+
+
+def test_a_layer_served_in_expert_groups_is_refused(tmp_path) -> None:
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    engine = LayerEngine(reader.model, reader.adapter, reader=reader, max_layer_bytes=_budget_for(reader, 3))
+    ids = token_batch(model.config.vocab_size, batch=2, length=8)
+    with pytest.raises(MoecompressError, match="group of experts at a time.*raise --max-memory"):
+        stream_backward(engine, [("a", ids)], progress=False)
