@@ -9,7 +9,8 @@ unquantised model's next-token distribution, top-1 agreement; `quant_agreement`)
 * uniform RTN and uniform GPTQ at 4, 3 and 2 bits (`quantize_checkpoint`, method "uniform");
 * MC-MoE (per-layer programs) and GEMQ (one global Fisher-weighted program) at 3.0, 2.5 and
   2.0 average bits, GPTQ on the chosen widths; candidates {2, 3, 4}, and {1, 2, 3, 4} at 2.0
-  (`lp_candidates`);
+  (`lp_candidates`); GEMQ also with its candidates simulated by GPTQ on each expert's own
+  tokens instead of round-to-nearest (`--sensitivity-quantizer gptq`) at 2.5 bits;
 * a random 2/3-bit assignment with the same average bits as MC-MoE at 2.5 (seeded, one run per
   seed in options["seeds"], averaged), GPTQ on the chosen widths: the null model of allocation;
 * joint REAP pruning + MC-MoE quantisation (`compress_checkpoint`) with the size on disk of the
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "ordering_bits": (3, 2),  # uniform GPTQ also without reordering here, to measure what the column order buys
     "lp_methods": ("mc-moe", "gemq"),
     "lp_bits": (3.0, 2.5, 2.0),
+    "gptq_candidate_bits": (2.5,),  # GEMQ also with GPTQ candidates (--sensitivity-quantizer gptq) at these budgets
     "random_bits": 2.5,  # the LP budget the random 2/3-bit assignment is matched to
     "joint": True,
     "gptqmodel": True,
@@ -63,8 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "gptqmodel_loader_check": True,
     "gptqmodel_timeout": 1200,
 }
+DEFAULT_METHOD = "gemq"  # `quantize`'s default method (QuantizeRequest.method)
 PPL_MATCH = 0.01  # "our GPTQ matches GPTQModel": mean perplexity at most 1% above GPTQModel's
 INCREASE_RATIO = 1.5  # LP at 2.5 bits: perplexity increase at most 1.5x uniform 3-bit GPTQ's
+DEFAULT_KL_RATIO = 1.0  # the default quantize method at 2.5 bits: KL divergence at most uniform 3-bit GPTQ's
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "I32": 4, "U32": 4, "I64": 8, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1}
 
@@ -421,6 +425,12 @@ def fixture_rows(fixture: Fixture, options: dict[str, Any], progress: Any) -> tu
                 rows.append(row)
                 lp[(method, bits)] = row
                 progress.update()
+        for bits in options.get("gptq_candidate_bits", ()):
+            candidates = lp_candidates(bits)
+            rows.append(quantise_row(run, "gemq-gptq", f"GEMQ LP {{{', '.join(map(str, candidates))}}}, GPTQ "
+                                     "candidates", bits, method="gemq", bits=bits, candidate_bits=candidates,
+                                     sensitivity_quantizer="gptq", format="gptq" if min(candidates) > 1 else "fake"))
+            progress.update()
         anchor = lp.get((options["lp_methods"][0], options["random_bits"])) if options["lp_methods"] else None
         if anchor is None:
             skipped.append({"what": "random 2/3-bit and joint rows",
@@ -456,6 +466,7 @@ def fixture_rows(fixture: Fixture, options: dict[str, Any], progress: Any) -> tu
 
 def _job_count(options: dict[str, Any]) -> int:
     count = 1 + 2 * len(options["uniform_bits"]) + len(options["lp_methods"]) * len(options["lp_bits"])
+    count += len(options.get("gptq_candidate_bits", ()))
     count += len(options.get("ordering_bits", ())) if options.get("group_aware", False) else 0
     count += (1 + bool(options["joint"])) if options["lp_methods"] else 0
     return count + bool(options["gptqmodel"])
@@ -522,6 +533,21 @@ def fixture_checks(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list
             checks.append(
                 f"{name} at {bits} bits raises mean perplexity by {rise:+.3f}, uniform 3-bit GPTQ by {ref_rise:+.3f}: "
                 f"{ratio} (target <= {INCREASE_RATIO}x; KL ratio {kl_ratio}): **{'met' if met else 'not met'}**")
+    default = _by(rows, DEFAULT_METHOD, bits)
+    if default is not None and gptq3 is not None and gptq3["kl"] > 0:
+        ratio = default["kl"] / gptq3["kl"]
+        checks.append(
+            f"the default method ({DEFAULT_METHOD}) at {bits} bits: KL {default['kl']:.4f} vs uniform 3-bit GPTQ's "
+            f"{gptq3['kl']:.4f}: {ratio:.2f}x (target <= {DEFAULT_KL_RATIO:.1f}x): "
+            f"**{'met' if ratio <= DEFAULT_KL_RATIO else 'not met'}**")
+    variant = _by(rows, "gemq-gptq", bits)
+    gemq = _by(rows, "gemq", bits)
+    if variant is not None and gemq is not None:
+        ratio = f", {variant['kl'] / gptq3['kl']:.2f}x uniform 3-bit GPTQ's" if gptq3 is not None and gptq3["kl"] else ""
+        checks.append(
+            f"GEMQ at {bits} bits with GPTQ candidates vs round-to-nearest candidates: KL {variant['kl']:.4f} vs "
+            f"{gemq['kl']:.4f}{ratio}; mean perplexity {_fmt(variant['mean_perplexity'])} vs "
+            f"{_fmt(gemq['mean_perplexity'])} (informative)")
     for row in rows:
         ordered = _by(rows, "gptq", row["target_bits"]) if row["method"] == "gptq-no-reorder" else None
         if ordered is not None:

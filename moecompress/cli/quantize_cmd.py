@@ -55,7 +55,8 @@ def quantize_command(
     size: SizeOption = None,
     method: Annotated[str, typer.Option("--method", "-m", help="mc-moe (block-output errors, per-layer programs), "
                                         "gemq (gradient-weighted errors from a backward pass streamed one "
-                                        "layer at a time, one global program) or uniform.")] = "mc-moe",
+                                        "layer at a time, one global program; the default: the best measured) "
+                                        "or uniform.")] = "gemq",
     allocation: Annotated[str | None, typer.Option("--allocation", help="layer or global program (default: layer "
                                                    "for mc-moe, global for gemq).", show_default=False)] = None,
     candidates: CandidatesOption = None,

@@ -44,7 +44,7 @@ class QuantizeRequest(BaseModel):
 
     bits: float | None = None
     size: str | None = None
-    method: Literal["mc-moe", "gemq", "uniform"] = "mc-moe"
+    method: Literal["mc-moe", "gemq", "uniform"] = "gemq"  # the measured best (benchmarks/RESULTS.md)
     allocation: Literal["layer", "global"] | None = None  # default: layer for mc-moe, global for gemq
     candidate_bits: list[int] | None = None  # default {2,3,4}; {4,8} with uniform_per_layer
     require_top: int = 1
@@ -83,10 +83,9 @@ class QuantizeRequest(BaseModel):
         one_bit = 1 in widths or (self.method == "uniform" and self.bits == 1)
         if self.format == "gptq" and one_bit:
             raise ValueError("the GPTQ format cannot store 1-bit weights; use --format fake for 1-bit candidates")
-        if self.sensitivity_quantizer == "gptq" and self.method != "mc-moe":
-            raise ValueError(f"--sensitivity-quantizer gptq applies to --method mc-moe only (--method {self.method} "
-                             f"{'measures no sensitivity' if self.method == 'uniform' else 'simulates widths with round-to-nearest'}); "
-                             "drop the option")
+        if self.sensitivity_quantizer == "gptq" and self.method == "uniform":
+            raise ValueError("--sensitivity-quantizer gptq applies to --method mc-moe and gemq (--method uniform "
+                             "measures no sensitivity); drop the option")
         if self.size is not None:
             parse_size(self.size)
         return self
@@ -199,13 +198,15 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
     backward pass starts over).
     """
     from moecompress.engine.layers import resolve_device
-    from moecompress.quant.sensitivity import block_errors, fisher_errors
+    from moecompress.quant.sensitivity import FisherSettings, block_errors, fisher_errors
 
     base = request.settings.spec(max(widths))
     assert base is not None
     if request.method == "gemq":
-        return fisher_errors(model, adapter, batches, widths, base, progress=progress,
-                             expert_memory=request.expert_memory, reader=reader,
+        settings = FisherSettings(list(widths), base, quantizer=request.sensitivity_quantizer,
+                                  weighted=request.weighted_hessian, min_tokens=request.min_tokens,
+                                  expert_memory=request.expert_memory)
+        return fisher_errors(model, adapter, batches, settings, progress=progress, reader=reader,
                              device=resolve_device(request.device))
     return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
                         weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,

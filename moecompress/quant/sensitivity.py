@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -177,8 +178,13 @@ def _bytes_per_expert(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[
 
 
 def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: LayerErrors, chunk: list[int],
-                   widths: Sequence[int], base: QuantSpec, quantizer: str, weighted: bool, min_tokens: int) -> None:
-    """Add one group of experts' candidate errors to `errors`; its copies and Hessians die on return."""
+                   widths: Sequence[int], base: QuantSpec, quantizer: str, weighted: bool, min_tokens: int,
+                   fisher: Sequence[torch.Tensor] | None = None) -> None:
+    """Add one group of experts' candidate errors to `errors`; its copies and Hessians die on return.
+
+    fisher: per recorded batch, the squared loss gradient at the MoE block's output (T, H) that
+    weights the errors (GEMQ); None: unweighted (MC-MoE).
+    """
     hessians = None
     if quantizer == "gptq":
         probe = adapter.expert_weights(ref, 0)
@@ -187,7 +193,13 @@ def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: 
         visit_recorded(adapter, ref, inputs, hessians, chunk)
         all_reduce_gptq([*hessians.inputs.values(), *hessians.activations.values()])  # data parallel: every rank's
     reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
-    visit_recorded(adapter, ref, inputs, ErrorVisitor(errors, reference, candidates), chunk)
+    visitor = ErrorVisitor(errors, reference, candidates)
+    if fisher is None:
+        visit_recorded(adapter, ref, inputs, visitor, chunk)
+        return
+    for recorded, weight in zip(inputs, fisher):
+        visitor.fisher = weight
+        visit_recorded(adapter, ref, [recorded], visitor, chunk)
 
 
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
@@ -235,94 +247,116 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
     return Sensitivity("block-error", list(widths), layers)
 
 
+@dataclass
+class FisherSettings:
+    """How GEMQ measures a layer's candidates: widths, base spec, the candidate quantiser, per-expert memory."""
+
+    widths: list[int]
+    base: QuantSpec
+    quantizer: str = "rtn"  # "rtn", or "gptq" on each expert's own tokens
+    weighted: bool = False  # GPTQ candidates: gate-weighted Hessians
+    min_tokens: int = 0
+    expert_memory: int = DEFAULT_EXPERT_MEMORY
+
+
 @contextlib.contextmanager
-def _gradient_capture(model: nn.Module, adapter: MoEAdapter, layers: dict[int, LayerErrors], widths: Sequence[int],
-                      base: QuantSpec, expert_memory: int) -> Iterator[None]:
-    """Hooks that, for each MoE block, measure expert errors weighted by the block output's squared gradient.
+def fisher_recorder(adapter: MoEAdapter, ref: MoELayerRef, errors: LayerErrors, settings: FisherSettings
+                    ) -> Iterator[None]:
+    """Record MoE layer `ref`'s block inputs, routing and squared output gradients; measure GEMQ's errors on exit.
 
-    The candidate copies of a layer's experts exist only while its gradient is processed
-    (backward visits one layer at a time), a group of experts within `expert_memory` at a time.
+    Inside the block, every forward of the block whose output is backpropagated adds one
+    recorded batch: the block's input (T, H), the layer's own routing of it, and, when the
+    gradient arrives, G^2 (T, H) with G = dLoss/d(block output). On a normal exit, with the
+    layer's weights still loaded, every expert's candidates are built once (a group within
+    `expert_memory` at a time, RTN or GPTQ on the recorded tokens as for MC-MoE) and their
+    output errors on the recorded tokens, weighted by G^2, are added to `errors`.
     """
-    handles = []
-    moe = {ref.index: ref for ref in adapter.moe_layers(model)}
+    inputs: list[tuple[torch.Tensor, Any]] = []
+    fisher: list[torch.Tensor | None] = []
 
-    def make_hook(ref: MoELayerRef):  # noqa: ANN202
-        chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, widths, "rtn"), expert_memory)
+    def forward_hook(module: nn.Module, args: tuple, output: object) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return
+        hidden = args[0].detach()
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+        with torch.no_grad():
+            inputs.append((flat, adapter.route(ref, flat)))
+        slot = len(fisher)
+        fisher.append(None)
 
-        def forward_hook(module: nn.Module, args: tuple, output: object) -> None:
-            hidden = args[0].detach()
-            out = output[0] if isinstance(output, tuple) else output
-            if not isinstance(out, torch.Tensor) or not out.requires_grad:
-                return
+        def on_grad(grad: torch.Tensor) -> None:
+            fisher[slot] = grad.detach().reshape(-1, grad.shape[-1]).float() ** 2  # (T, H)
 
-            def on_grad(grad: torch.Tensor) -> None:
-                flat = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
-                with torch.no_grad():
-                    routed = adapter.route(ref, flat)
-                    for chunk in chunks:
-                        reference, candidates = candidate_experts(adapter, ref, chunk, widths, base)
-                        visitor = ErrorVisitor(layers[ref.index], reference, candidates)
-                        visitor.fisher = grad.detach().reshape(-1, grad.shape[-1]).float() ** 2  # (T, H)
-                        adapter.run_experts(ref, flat, routed.index, routed.weights, visitor)
+        out.register_hook(on_grad)
 
-            out.register_hook(on_grad)
-
-        return forward_hook
-
+    handle = ref.block.register_forward_hook(forward_hook)
     try:
-        for index, ref in moe.items():
-            if index in layers:
-                handles.append(ref.block.register_forward_hook(make_hook(ref)))
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+    kept = [(recorded, weight) for recorded, weight in zip(inputs, fisher) if weight is not None]
+    recorded_inputs = [recorded for recorded, _ in kept]
+    weights = [weight for _, weight in kept]
+    chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, settings.widths,
+                                                                     settings.quantizer), settings.expert_memory)
+    for chunk in chunks:
+        _measure_chunk(adapter, ref, recorded_inputs, errors, chunk, settings.widths, settings.base,
+                       settings.quantizer, settings.weighted, settings.min_tokens, fisher=weights)
+        return_freed_memory()
 
 
 def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
-                  widths: Sequence[int], base: QuantSpec, progress: bool = True,
-                  expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None,
+                  settings: FisherSettings, progress: bool = True, reader: CheckpointReader | None = None,
                   device: torch.device | str | None = None) -> Sensitivity:
     """GEMQ Fisher-weighted errors from the loss's backward pass, one decoder layer at a time.
 
     The backward pass streams through the layer engine (`moecompress.engine.backward`): each
-    layer is recomputed on its kept input and backpropagated, and its experts' candidate
-    errors are measured, weighted by the squared gradient at its MoE block's output, while its
-    weights are loaded. reader: the checkpoint `model` (a meta-device skeleton) is read from;
-    device: where the layers compute. Architectures whose layers cannot run one at a time
+    layer is recomputed on its kept input and backpropagated while `fisher_recorder` records
+    its MoE block; the layer's candidate errors are then measured with its weights still
+    loaded. reader: the checkpoint `model` (a meta-device skeleton) is read from; device: where
+    the layers compute. Architectures whose layers cannot run one at a time
     (`layerwise_supported` False) take one whole-model backward per batch instead (the model
-    must be in memory). Data parallel: each rank backpropagates its own batches and the
-    errors are all-reduced, so every rank holds the single-process sums.
+    must be in memory). Data parallel: each rank backpropagates its own batches and the errors
+    (and GPTQ candidates' Hessians) are all-reduced, so every rank holds the single-process sums.
     """
     from moecompress.engine.backward import stream_backward
 
-    layers = {ref.index: LayerErrors.zeros(ref.num_experts, widths) for ref in adapter.moe_layers(model)}
+    refs = {ref.index: ref for ref in adapter.moe_layers(model)}
+    layers = {index: LayerErrors.zeros(ref.num_experts, settings.widths) for index, ref in refs.items()}
     if adapter.layerwise_supported:
         engine = LayerEngine(model, adapter, reader=reader, device=device)
 
         def hooks(index: int) -> contextlib.AbstractContextManager:
-            measured = {index: layers[index]} if index in layers else {}
-            return _gradient_capture(model, adapter, measured, widths, base, expert_memory)
+            if index not in refs:
+                return contextlib.nullcontext()
+            return fisher_recorder(adapter, refs[index], layers[index], settings)
 
         stream_backward(engine, batches, hooks, progress=progress, desc="gradients (GEMQ)")
     else:
         if reader is not None:
             raise MoecompressError(f"{model.config.model_type} layers pass state between layers: GEMQ needs the "
                                    "whole model in memory for them")
-        whole_model_fisher_errors(model, adapter, batches, layers, widths, base, progress, expert_memory)
+        whole_model_fisher_errors(model, adapter, batches, layers, settings, progress)
     for index in sorted(layers):  # data parallel: every rank's batches (the same layers, in the same order)
         errors = layers[index]
         all_reduce_sums([errors.error, errors.drop_error, errors.count, errors.gate_sum])
-    return Sensitivity("fisher", list(widths), layers)
+    return Sensitivity("fisher", list(settings.widths), layers)
 
 
 def whole_model_fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
-                              layers: dict[int, LayerErrors], widths: Sequence[int], base: QuantSpec,
-                              progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY) -> None:
-    """Add GEMQ's Fisher-weighted errors to `layers` from one forward + backward of the whole model per batch."""
-    with activation_gradients(model), _gradient_capture(model, adapter, layers, widths, base, expert_memory):
-        for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
-            with torch.enable_grad():
-                ids = ids.to(next(model.parameters()).device)  # the model's device (--device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+                              layers: dict[int, LayerErrors], settings: FisherSettings, progress: bool = True) -> None:
+    """Add GEMQ's Fisher-weighted errors to `layers` from one forward + backward of the whole model per batch.
+
+    Every MoE layer's recorder holds its recorded batches until the last batch is done.
+    """
+    with contextlib.ExitStack() as stack:
+        for ref in adapter.moe_layers(model):
+            if ref.index in layers:
+                stack.enter_context(fisher_recorder(adapter, ref, layers[ref.index], settings))
+        with activation_gradients(model):
+            for _, ids in tqdm(batches, desc="gradients (GEMQ)", unit="batch", disable=not progress):
+                with torch.enable_grad():
+                    ids = ids.to(next(model.parameters()).device)  # the model's device (--device)
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()

@@ -310,7 +310,7 @@ class QuantizeStep(_QuantOptions, _CalibrationData):
     op: Literal["quantize"]
     bits: Bits = None
     size: str | None = None
-    method: Literal["mc-moe", "gemq", "uniform"] = "mc-moe"
+    method: Literal["mc-moe", "gemq", "uniform"] = "gemq"
     allocation: Literal["layer", "global"] | None = None
     uniform_per_layer: bool = False
     sensitivity_quantizer: Literal["rtn", "gptq"] = "rtn"

@@ -22,7 +22,8 @@ def test_suite_rows_tables_and_checks(mini_fixture: Fixture) -> None:
     data = quantisation([mini_fixture], SMALL_GRID)
     json.dumps(data)  # stored as raw JSON
     rows = {row["method"]: row for row in data["rows"]}
-    assert list(rows) == ["unquantised", "rtn", "gptq", "gptq-no-reorder", "mc-moe", "gemq", "random", "joint"]
+    assert list(rows) == ["unquantised", "rtn", "gptq", "gptq-no-reorder", "mc-moe", "gemq", "gemq-gptq", "random",
+                          "joint"]
     base = rows["unquantised"]
     assert base["kl"] < 1e-4 and base["top1"] == 1.0  # the reference against itself (float16 storage)
     for method, row in rows.items():
@@ -34,7 +35,7 @@ def test_suite_rows_tables_and_checks(mini_fixture: Fixture) -> None:
         assert row["format"] == "gptq", method
         assert 0 <= row["size_model_bytes"] - row["bytes"] <= 0.05 * row["bytes"], method  # size model: generous
     assert rows["rtn"]["expert_bits"] == rows["gptq"]["expert_bits"] == rows["gptq-no-reorder"]["expert_bits"] == 3
-    for method in ("mc-moe", "gemq"):
+    for method in ("mc-moe", "gemq", "gemq-gptq"):
         assert rows[method]["expert_bits"] <= 2.5 + 1e-9
     assert rows["random"]["expert_bits"] == pytest.approx(rows["mc-moe"]["expert_bits"])
     assert [entry["seed"] for entry in rows["random"]["per_seed"]] == [0, 1]
@@ -42,15 +43,19 @@ def test_suite_rows_tables_and_checks(mini_fixture: Fixture) -> None:
     assert rows["joint"]["kept_per_layer"] <= rows["joint"]["experts_per_layer"]
 
     checks = fixture_checks(data["rows"], data["settings"])
-    assert len(checks) == 6  # random and 1.5x targets for both LPs, the column-order and joint comparisons
-    assert checks[4].startswith("group-aware column order at 3 bits vs no reordering (uniform GPTQ): KL ")
+    # random and 1.5x targets for both LPs, the default's KL target, GPTQ vs RTN candidates, column order, joint
+    assert len(checks) == 8
+    assert checks[4].startswith("the default method (gemq) at 2.5 bits: KL ")
+    assert ("**met**" in checks[4]) == (rows["gemq"]["kl"] <= rows["gptq"]["kl"])
+    assert checks[5].startswith("GEMQ at 2.5 bits with GPTQ candidates vs round-to-nearest candidates: KL ")
+    assert checks[6].startswith("group-aware column order at 3 bits vs no reordering (uniform GPTQ): KL ")
     random_check = checks[0]
     assert ("**met**" in random_check) == (rows["mc-moe"]["mean_perplexity"] < rows["random"]["mean_perplexity"])
     lines = render_quantisation(data)
     table = [line for line in lines if line.startswith("| ")]
     assert len(table) == 1 + len(rows)  # header + one line per row
     assert any(line.startswith("### mini") for line in lines)
-    assert sum("**met**" in line or "**not met**" in line for line in lines) == 4
+    assert sum("**met**" in line or "**not met**" in line for line in lines) == 5
 
 
 def test_random_widths_match_the_average(mini_fixture: Fixture) -> None:
@@ -117,3 +122,10 @@ def test_gptqmodel_failures_are_recorded_with_their_reason(tmp_path: Path) -> No
     outcome = results["runs"]["broken"]
     assert outcome["ok"] is False and outcome["error"]
     assert results["import_seconds"] > 0  # the worker itself ran; only the run failed
+
+
+def test_the_suite_checks_the_default_method() -> None:
+    from benchmarks.harness.quantisation import DEFAULT_METHOD
+    from moecompress.quant.run import QuantizeRequest
+
+    assert QuantizeRequest(bits=2.5).method == DEFAULT_METHOD

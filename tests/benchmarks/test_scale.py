@@ -186,7 +186,8 @@ def test_commands_are_data():
     assert labels[:4] == ["calibrate", "prune frequency", "prune reap", "prune easy_ep"]
     assert all(c.enabled for c in COMMANDS)
     slow = {c.label: (c.timing_depths, c.cap_fractions) for c in COMMANDS if c.cap_fractions}
-    assert slow == {"quantize 2.5 bits": ((2, 4), (0.4,)), "compress 40%": ((2, 4), (0.4,))}
+    assert slow == {"quantize 2.5 bits": ((2, 4), (0.4,)), "quantize 2.5 bits, gemq": ((2,), (0.4,)),
+                    "compress 40%": ((2, 4), (0.4,))}
     argv = COMMANDS[1].argv(Path("/ck"), Path("/out"))
     assert argv[:3] == [sys.executable, "-m", "moecompress"]
     assert argv[3:] == ["prune", "/ck", "--method", "frequency", "--ratio", "0.5", "--samples", "8", "--seq-len",

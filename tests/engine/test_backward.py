@@ -117,3 +117,22 @@ def test_a_layer_served_in_expert_groups_is_refused(tmp_path) -> None:
     ids = token_batch(model.config.vocab_size, batch=2, length=8)
     with pytest.raises(MoecompressError, match="group of experts at a time.*raise --max-memory"):
         stream_backward(engine, [("a", ids)], progress=False)
+
+
+def test_experts_kept_in_bfloat16_give_the_float32_gradients(tmp_path) -> None:
+    """`auto` on the CPU: bfloat16 experts widened one at a time (run_experts), activations in float32."""
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model")
+    model = model.float()  # the same values in float32: the whole-model reference
+    ids = token_batch(model.config.vocab_size, batch=4, length=12)
+    batches = [("a", ids[:2]), ("b", ids[2:])]
+    _, expected = whole_model_gradients(model, batches)
+    reader = CheckpointReader(tmp_path / "model", dtype="auto")
+    assert reader.mixed_precision  # experts stay in bfloat16
+    _, got = streamed_gradients(LayerEngine(reader.model, reader.adapter, reader=reader), batches)
+    # the decoder's activations equal the float32 model's exactly; the reader keeps the output head in bfloat16
+    # (it computes the logits in it, as eval does), which moves every gradient by well under 1% of its largest entry
+    for index, grads in expected.items():
+        for mine, theirs in zip(got[index], grads):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-2 * float(theirs.abs().max()),
+                                       msg=f"decoder layer {index}")

@@ -48,8 +48,8 @@ def test_quantize_bits_writes_gptq_and_fake_that_agree(checkpoint, data, tmp_pat
         code, stdout, err = run_cli(["quantize", str(checkpoint), "--bits", "2.5", "--format", fmt, *data, *CALIB,
                                      "-o", str(out)], monkeypatch, capsys)
         assert code == 0, err
-        for expected in ("mc-moe: routed-expert bits per MoE layer", "achieved average: 2.500", "effective bits",
-                         "allocation: layer program", "optimal", "bytes on disk:"):
+        for expected in ("gemq: routed-expert bits per MoE layer", "achieved average: 2.500", "effective bits",
+                         "allocation: global program", "optimal", "bytes on disk:"):  # GEMQ: the default
             assert expected in stdout
         outputs[fmt] = out
     manifest = manifest_of(outputs["gptq"])
@@ -110,7 +110,7 @@ def test_quantize_accepts_a_pruned_checkpoint(checkpoint, data, tmp_path, monkey
     (["--bits", "2.5", "--size", "4GB"], "exactly one budget"),
     (["--bits", "1.5", "--candidates", "1,2"], "cannot store 1-bit"),
     (["--size", "lots"], "is not a size"),
-    (["--bits", "2.5", "--method", "gemq", "--sensitivity-quantizer", "gptq"], "applies to --method mc-moe only"),
+    (["--bits", "3", "--method", "uniform", "--sensitivity-quantizer", "gptq"], "applies to --method mc-moe and gemq"),
 ])
 def test_options_are_checked_before_any_work(checkpoint, tmp_path, monkeypatch, capsys, args, message) -> None:
     code, _, err = run_cli(["quantize", str(checkpoint), *args, "-o", str(tmp_path / "x")], monkeypatch, capsys)

@@ -32,18 +32,21 @@ COMMANDS = {
     "calibrate": ["calibrate", *CALIB],
     "prune": ["prune", "--method", "frequency", "--ratio", "0.5", *CALIB],
     "prune-sequential": ["prune", "--method", "reap", "--ratio", "0.5", "--scoring", "sequential", *CALIB],
-    "quantize": ["quantize", "--bits", "2.5", *CALIB],
+    "quantize": ["quantize", "--bits", "2.5", *CALIB],  # GEMQ, the default: its backward pass starts over
+    "quantize-mc-moe": ["quantize", "--bits", "2.5", "--method", "mc-moe", *CALIB],
     "compress": ["compress", "--size", "60%", *CALIB],
 }
 # (command, where it is killed, what the resumed run says). Each pass's resume is covered once: the calibration pass by
-# calibrate, the quantisation pass by compress and by `run` (below), prune's own step (its kept statistics) by a kill
-# while it writes, quantize's by its sensitivity pass and by a kill after every file was written.
+# calibrate, the quantisation pass by compress, by quantize (GEMQ, whose backward pass is redone) and by `run` (below),
+# prune's own step (its kept statistics) by a kill while it writes, quantize's by MC-MoE's sensitivity pass and by a
+# kill after every file was written.
 KILLS = [
     ("calibrate", "layer-checkpointed:calibrating:1", "resuming calibrating at decoder layer 2 of 3"),
     ("prune", "shard-written", "reusing the statistics"),  # killed while writing: calibration is not repeated
     # killed in the sequential pass: the super experts found by the pass before it are kept, the pass resumes
     ("prune-sequential", "layer-checkpointed:calibrating:1", "resuming calibrating at decoder layer 2 of 3"),
-    ("quantize", "layer-checkpointed:sensitivity:1", "resuming sensitivity at decoder layer 2 of 3"),
+    ("quantize-mc-moe", "layer-checkpointed:sensitivity:1", "resuming sensitivity at decoder layer 2 of 3"),
+    ("quantize", "layer-checkpointed:quantizing:1", "resuming quantizing at decoder layer 2 of 3"),
     ("compress", "layer-checkpointed:quantizing:1", "resuming quantizing at decoder layer 2 of 3"),
     ("quantize", "before-rename", "quantizing: the pass had finished"),  # every file written, the folder not renamed
 ]

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from moecompress.errors import MoecompressError
 from moecompress.models.tensors import get_tensor, set_tensor
+from moecompress.models.widened_matmul import widened_matmul
 
 # Visitor called by `run_experts` once per expert that received tokens:
 # visit(expert, token_idx (N_e,), slot (N_e,), x (N_e, H), act (N_e, I), out (N_e, H), gate (N_e,))
@@ -497,16 +498,16 @@ class MoEAdapter:
             slot = rows % top_k
             x = hidden[token_idx]  # (N_e, H)
             # weights kept in a narrower dtype than the activations are widened one expert at a time
-            w_in = (ex.gate_up_proj[expert] if has_gate else ex.up_proj[expert]).to(x.dtype)
+            # (under autograd the narrow weight is what backward keeps: `moecompress.models.widened_matmul`)
+            w_in = ex.gate_up_proj[expert] if has_gate else ex.up_proj[expert]
             b_in = None
             if has_bias:
                 b_in = (ex.gate_up_proj_bias[expert] if has_gate else ex.up_proj_bias[expert]).to(x.dtype)
-            proj = x @ w_in if transposed else nn.functional.linear(x, w_in)
+            proj = widened_matmul(x, w_in, transposed)
             if b_in is not None:
                 proj = proj + b_in
             act = ex._apply_gate(proj) if has_gate else ex.act_fn(proj)  # (N_e, I)
-            w_out = ex.down_proj[expert].to(x.dtype)
-            y = act @ w_out if transposed else nn.functional.linear(act, w_out)
+            y = widened_matmul(act, ex.down_proj[expert], transposed)
             if has_bias:
                 y = y + ex.down_proj_bias[expert].to(x.dtype)
             if getattr(ex, "has_post_expert_norm", False):

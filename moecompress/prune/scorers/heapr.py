@@ -13,7 +13,8 @@ w_k^T M_e w_k = (1/N_e) sum_t (g'_t . w_k)^2, accumulated per token by the obser
     S_{e,k} = (neuron_act_sq_{e,k} / N_e) * (neuron_grad_proj_{e,k} / N_e).
 
 Scores are in loss units, comparable across layers: ranking is global across layers by
-default. The gradient statistic needs a backward pass (calibration mode whole-model).
+default. The gradient statistic needs the loss's backward pass (`calibrate --gradients` streams
+it one decoder layer at a time, `moecompress.engine.backward`).
 """
 
 from __future__ import annotations

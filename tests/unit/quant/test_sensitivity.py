@@ -10,7 +10,13 @@ import torch
 from moecompress.models.adapters import get_adapter
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.engine.reader import CheckpointReader
-from moecompress.quant.sensitivity import LayerErrors, block_errors, fisher_errors, whole_model_fisher_errors
+from moecompress.quant.sensitivity import (
+    FisherSettings,
+    LayerErrors,
+    block_errors,
+    fisher_errors,
+    whole_model_fisher_errors,
+)
 from moecompress.quant.solve import Solved, write_expert
 from moecompress.quant.spec import QuantSpec
 from tests.adapters.tiny_configs import TINY_CONFIGS
@@ -76,7 +82,7 @@ def test_fisher_errors_weight_the_error_by_squared_gradients() -> None:
     model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=1, length=12)
-    sens = fisher_errors(model, adapter, [("d", ids)], widths=[2], base=BASE, progress=False)
+    sens = fisher_errors(model, adapter, [("d", ids)], FisherSettings([2], BASE), progress=False)
     ref = adapter.moe_layers(model)[0]
     # direct: gradient of the loss at the block output, then the error of quantising expert 2
     grads = {}
@@ -114,18 +120,20 @@ def test_block_errors_in_several_passes_are_unchanged() -> None:
         assert torch.equal(errors.count, many.layers[layer].count)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"])
-def test_layer_streamed_fisher_errors_equal_the_whole_model_backward(arch: str, tmp_path) -> None:
+@pytest.mark.parametrize("arch,quantizer", [("qwen3_moe", "rtn"), ("deepseek_v3", "rtn"), ("mixtral", "gptq"),
+                                            ("gpt_oss", "rtn"), ("qwen3_moe", "gptq")])
+def test_layer_streamed_fisher_errors_equal_the_whole_model_backward(arch: str, quantizer: str, tmp_path) -> None:
     """GEMQ from a checkpoint read one layer at a time (backward streamed) = one whole-model backward per batch."""
     model = tiny_model(TINY_CONFIGS[arch](), seed=0).float()
     model.save_pretrained(tmp_path)
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=4, length=12)
     batches = [("a", ids[:2]), ("b", ids[2:])]
+    settings = FisherSettings([2, 4], BASE, quantizer=quantizer, min_tokens=2)
     expected = {ref.index: LayerErrors.zeros(ref.num_experts, [2, 4]) for ref in adapter.moe_layers(model)}
-    whole_model_fisher_errors(model, adapter, batches, expected, [2, 4], BASE, progress=False)
+    whole_model_fisher_errors(model, adapter, batches, expected, settings, progress=False)
     reader = CheckpointReader(tmp_path, dtype="float32")
-    streamed = fisher_errors(reader.model, reader.adapter, batches, [2, 4], BASE, progress=False, reader=reader)
+    streamed = fisher_errors(reader.model, reader.adapter, batches, settings, progress=False, reader=reader)
     assert streamed.kind == "fisher" and sorted(streamed.layers) == sorted(expected)
     for index, errors in expected.items():
         got = streamed.layers[index]
@@ -134,3 +142,20 @@ def test_layer_streamed_fisher_errors_equal_the_whole_model_backward(arch: str, 
         torch.testing.assert_close(got.drop_error, errors.drop_error, rtol=1e-4, atol=1e-12)
         assert torch.equal(got.count, errors.count)
     assert all(p.device.type == "meta" for p in reader.model.parameters())
+
+
+def test_fisher_errors_with_gptq_candidates_weight_the_gptq_error_by_squared_gradients() -> None:
+    """GEMQ with --sensitivity-quantizer gptq: the Fisher-weighted error of each expert's GPTQ solve on its tokens."""
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
+    adapter = get_adapter(model)
+    ids = token_batch(model.config.vocab_size, batch=2, length=16)
+    gptq = fisher_errors(model, adapter, [("d", ids)], FisherSettings([2], BASE, quantizer="gptq"), progress=False)
+    rtn = fisher_errors(model, adapter, [("d", ids)], FisherSettings([2], BASE), progress=False)
+    for index, errors in gptq.layers.items():
+        routed = errors.count > 16  # experts with enough tokens for a well-posed GPTQ solve
+        assert routed.any()
+        assert torch.equal(errors.count, rtn.layers[index].count)
+        torch.testing.assert_close(errors.drop_error, rtn.layers[index].drop_error)  # the same gradients
+        # GPTQ minimises the error on the expert's own tokens: below round-to-nearest's for most experts
+        better = (errors.error[routed, 0] < rtn.layers[index].error[routed, 0]).float().mean()
+        assert float(better) >= 0.75, index
