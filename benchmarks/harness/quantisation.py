@@ -317,7 +317,7 @@ def random_row(run: FixtureRun, average: float, seeds: list[int]) -> dict[str, A
 
 def joint_row(run: FixtureRun, size_bytes: int, reference_label: str) -> dict[str, Any]:
     """REAP pruning + MC-MoE quantisation in one program, within `size_bytes` on disk."""
-    from moecompress.quant.joint import compress_checkpoint
+    from moecompress.compress.joint import compress_checkpoint
 
     out = run.output("joint")
     request = run.request(method="mc-moe", size=f"{size_bytes}B")

@@ -50,7 +50,8 @@ from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints, source_fingerprint
 from moecompress.engine.spill import SpilledActivations
 from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
-from moecompress.calibration.stats import RoutingStats, StatsHeader, config_hash, library_versions
+from moecompress.calibration.stats import RoutingStats, StatsHeader
+from moecompress.io.provenance import config_hash, library_versions
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.models.load import text_config

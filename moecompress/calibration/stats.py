@@ -9,8 +9,6 @@ calibration data digest, token counts and library versions.
 from __future__ import annotations
 
 import hashlib
-import json
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from moecompress.errors import MoecompressError
+from moecompress.io.provenance import config_hash
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "stats.safetensors"
@@ -26,40 +25,6 @@ HEADER_FILE = "stats.json"
 
 # Statistics combined across domains by max instead of sum.
 MAX_STATISTICS = frozenset({"max_act"})
-
-# Config keys that do not change what the weights compute.
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "use_cache", "_commit_hash",
-     "_experts_implementation", "_attn_implementation", "output_router_logits", "quantization_config",
-     "moecompress"}
-)
-
-
-def config_hash(config: Any) -> str:
-    """sha256 over the config's semantic fields (dtype, version and runtime flags excluded)."""
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    clean = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_")}
-    blob = json.dumps(clean, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that determine the numbers (recorded in every artifact)."""
-    import accelerate
-    import safetensors
-    import transformers
-
-    import moecompress
-
-    return {
-        "moecompress": moecompress.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
-
 
 class StatsHeader(BaseModel):
     """Everything needed to trust and reuse a statistics file."""

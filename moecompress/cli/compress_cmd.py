@@ -113,7 +113,7 @@ def compress_command(
     from moecompress.calibration.stats import RoutingStats
     from moecompress.cli.prune_cmd import parse_params
     from moecompress.models.load import load_config
-    from moecompress.quant.joint import compress_checkpoint
+    from moecompress.compress.joint import compress_checkpoint
     from moecompress.quant.run import parse_request
 
     request = parse_request(

@@ -101,7 +101,7 @@ class CheckpointReader:
 
         The kept experts' tensors are served from the input's shards (no pruned copy is written).
         """
-        from moecompress.prune.expert_copy import PrunedTensors, check_copy
+        from moecompress.io.expert_copy import PrunedTensors, check_copy
 
         if not isinstance(self.files, (TensorFiles, StoredTensors)):
             raise MoecompressError("internal error: experts can be dropped from a checkpoint read as stored only")

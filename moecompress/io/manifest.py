@@ -18,7 +18,7 @@ MANIFEST_VERSION = 1
 def build_manifest(operation: str, method: str, params: dict[str, Any], seed: int | None, source: str | Path,
                    source_config: Any, stats: Any | None = None, **extra: Any) -> dict[str, Any]:
     """The manifest dict for an output made from `source` by `operation` with `method`."""
-    from moecompress.calibration.stats import config_hash, library_versions
+    from moecompress.io.provenance import config_hash, library_versions
 
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,

@@ -135,12 +135,12 @@ def merge_in_place(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> No
 
     Through the adapter's canonical views (`expert_weights`), so every layout (fused,
     interleaved, DBRX's flattened experts) is served: each member's neurons are first aligned
-    to the representative's (`merge.align_neurons` on gate, up and down), then the kept
-    expert's gate, up, down and biases become sum_j w_j P_j W_j (`merge.aligned_sum`, cast
+    to the representative's (`neuron_alignment.align_neurons` on gate, up and down), then the kept
+    expert's gate, up, down and biases become sum_j w_j P_j W_j (`neuron_alignment.aligned_sum`, cast
     back). All merged values of a layer are computed before any is written; the later drop
     keeps the written slots.
     """
-    from moecompress.prune.merge import align_neurons, aligned_sum, neuron_features
+    from moecompress.models.neuron_alignment import align_neurons, aligned_sum, neuron_features
 
     matrices = ("gate", "up", "down")
     axes = {"gate": 0, "up": 0, "down": 1, "gate_bias": 0, "up_bias": 0, "down_bias": None}
@@ -284,7 +284,7 @@ def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, confi
     Raises `ExpertCopyUnsupported` before writing anything when the layout needs the model.
     """
     from moecompress.io.output import atomic_output_dir
-    from moecompress.prune.expert_copy import check_copy, prune_by_copy
+    from moecompress.io.expert_copy import check_copy, prune_by_copy
 
     new_config = pruned_config(config, adapter, plan)
     merges = {layer: plan.merges(layer) for layer in plan.merged}

@@ -21,7 +21,7 @@ Merged weights (both papers' frequency-weighted average), per cluster C with tok
 are permuted to match the representative's (M-SMoE's weight matching; an expert's function does
 not depend on the order of its neurons, so W_j is replaced by P_j W_j with P_j the
 permutation that maximises sum_k <f_r[k], f_j[P_j k]>, f[k] = neuron k's row of gate and up and
-column of down, solved exactly by `scipy.optimize.linear_sum_assignment`). Even so, on the fixtures merging
+column of down, solved exactly by `scipy.optimize.linear_sum_assignment`; `moecompress.models.neuron_alignment`). Even so, on the fixtures merging
 lost to dropping in almost every run (benchmarks/RESULTS.md, expert merging), so it is off by
 default. The merged expert takes its representative's router row, router bias and correction
 bias: the router is not re-fitted.
@@ -177,44 +177,9 @@ def merge_weights(clusters: dict[int, list[int]], counts: torch.Tensor) -> dict[
     return out
 
 
-def neuron_features(tensors: Sequence[torch.Tensor], axes: Sequence[int]) -> torch.Tensor:
-    """(I, F) float64: each neuron's weights across an expert's matrices, the intermediate axis of each first."""
-    parts = [t.detach().double().movedim(axis, 0).reshape(t.shape[axis], -1) for t, axis in zip(tensors, axes)]
-    return torch.cat(parts, dim=1)
-
-
-def align_neurons(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """(I,) permutation p maximising sum_k <base[k], other[p[k]]>: other's neuron p[k] takes place k.
-
-    base, other: (I, F) `neuron_features` of the representative and of one member.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    similarity = (base @ other.T).cpu().numpy()  # (I, I)
-    rows, cols = linear_sum_assignment(similarity, maximize=True)
-    perm = torch.empty(base.shape[0], dtype=torch.long)
-    perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
-    return perm
-
-
 def member_weights(members: Sequence[int], weights: Sequence[float]) -> list[tuple[int, float]]:
     """(member, weight) of one output expert, members of weight 0 (never routed) left out."""
     return [(expert, weight) for expert, weight in zip(members, weights) if weight != 0.0]
-
-
-def aligned_sum(parts: Sequence[tuple[torch.Tensor, float, torch.Tensor | None]], axis: int | None) -> torch.Tensor:
-    """sum_j w_j P_j T_j in float64, from (T_j, w_j, neuron permutation P_j or None) with the neurons on `axis`.
-
-    axis None: the tensor has no neuron axis (a down-projection bias) and is averaged as it is.
-    """
-    total = None
-    for tensor, weight, perm in parts:
-        value = tensor.detach().double()
-        if perm is not None and axis is not None:
-            value = value.index_select(axis, perm.to(value.device))
-        total = value * weight if total is None else total + value * weight
-    assert total is not None, "an output expert has at least one member"
-    return total
 
 
 def check_merge_statistics(stats: object, merge: str) -> None:

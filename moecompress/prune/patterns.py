@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from moecompress.calibration.stats import RoutingStats, config_hash
+from moecompress.calibration.stats import RoutingStats
+from moecompress.io.provenance import config_hash
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.prune.scorers import ScoringContext, get_scorer

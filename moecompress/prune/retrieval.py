@@ -71,7 +71,7 @@ def route_task(prompts: str | Path, patterns_path: str | Path, output: str | Pat
                model_path: str | Path | None = None, text_field: str = "text", dtype: str = "float32",
                force: bool = False, progress: bool = True) -> RouteResult:
     """Choose the nearest stored pattern for the prompts and write its pruned checkpoint to `output`."""
-    from moecompress.calibration.stats import config_hash
+    from moecompress.io.provenance import config_hash
     from moecompress.io.manifest import build_manifest
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer

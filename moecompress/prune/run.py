@@ -239,7 +239,7 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
               sources: list[Any] | None, scoring: str = "one-pass", merge: str = DEFAULT_MERGE
               ) -> tuple[Any, Scorer, str]:
     """Every check that needs no model; returns (checkpoint info, scorer, allocation)."""
-    from moecompress.calibration.stats import config_hash
+    from moecompress.io.provenance import config_hash
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint
 
@@ -525,7 +525,7 @@ def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str |
     """
     from moecompress.io.manifest import build_manifest
     from moecompress.io.stored_formats import open_tensors
-    from moecompress.prune.expert_copy import ExpertCopyUnsupported
+    from moecompress.io.expert_copy import ExpertCopyUnsupported
     from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
 
     adapter, config = info.adapter, info.config

@@ -114,7 +114,7 @@ def expert_sizes(adapter: MoEAdapter, targets: ModelTargets, widths: list[int], 
 def fixed_bytes(model: nn.Module, adapter: MoEAdapter, targets: ModelTargets, settings: QuantSettings,
                 element_size: int) -> float:
     """Bytes of everything but the routed experts under `settings` (quantised linears packed)."""
-    from moecompress.io.fake_quant import tied_keys
+    from moecompress.quant.fake_quant import tied_keys
     from moecompress.sizes import tensor_roles
 
     roles = tensor_roles(model, adapter)

@@ -381,8 +381,8 @@ def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batch
     checkpoints = checkpoints or RunCheckpoints.disabled()
     from moecompress.engine.layers import resolve_device
     from moecompress.io.checkpoint import folder_bytes
-    from moecompress.io.fake_quant import FakeQuantWriter
-    from moecompress.io.gptq_writer import GPTQWriter
+    from moecompress.quant.fake_quant import FakeQuantWriter
+    from moecompress.quant.gptq_writer import GPTQWriter
     from moecompress.io.manifest import build_manifest, write_manifest
     from moecompress.io.output import atomic_output_dir
     from moecompress.quant.apply import quantize_model

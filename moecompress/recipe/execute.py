@@ -102,7 +102,7 @@ def run_quantize(step: QuantizeStep, model: Path, output: Path, progress: bool =
 def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True,
                  resume: bool = False) -> Any:
     """`moecompress compress`: returns the `QuantizeResult`."""
-    from moecompress.quant.joint import compress_checkpoint
+    from moecompress.compress.joint import compress_checkpoint
 
     request = _request(step)
     loaded_stats = _stats(stats_dir, model)

@@ -211,7 +211,7 @@ def run_plan(plan: Plan, resume: bool = False, force: bool = False, progress: bo
         "status": "running",
         "steps": [],
     }
-    from moecompress.calibration.stats import library_versions
+    from moecompress.io.provenance import library_versions
 
     manifest["versions"] = library_versions()
     _write_run(plan.run_dir, manifest)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moecompress.calibration.stats import RoutingStats, config_hash
+from moecompress.calibration.stats import RoutingStats
+from moecompress.io.provenance import config_hash
 from moecompress.io.manifest import read_manifest
 from moecompress.models.load import load_config
 from tests.cli_helpers import make_checkpoint, run_cli, write_two_domains

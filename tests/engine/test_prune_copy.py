@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from moecompress.io.safetensors_stream import TensorFiles
 from moecompress.models.load import inspect_checkpoint
-from moecompress.prune.expert_copy import ExpertCopyUnsupported, supports_expert_copy
+from moecompress.io.expert_copy import ExpertCopyUnsupported, supports_expert_copy
 from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
 from moecompress.prune.plan import PrunePlan
 from tests.adapters.tiny_configs import TINY_CONFIGS

@@ -198,7 +198,7 @@ def test_merging_requantises_the_merged_experts(fp8_qwen3: Path, tmp_path: Path,
     assert "re-quantised" in (out / "README.md").read_text()
     # a merged expert dequantises to the frequency-weighted mean of its members' dequantised weights (neurons
     # aligned to the representative's), up to FP8 error
-    from moecompress.prune.merge import align_neurons, neuron_features
+    from moecompress.models.neuron_alignment import align_neurons, neuron_features
 
     reference = reference_state_dict(fp8_qwen3)
     merged = load_with_transformers(out).state_dict()

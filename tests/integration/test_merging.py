@@ -22,7 +22,7 @@ from moecompress.calibration.data import parse_data_specs
 from moecompress.models.load import load_model
 from moecompress.models.tensors import get_tensor
 from moecompress.prune.materialize import merge_in_place, write_pruned
-from moecompress.prune.merge import align_neurons, neuron_features
+from moecompress.models.neuron_alignment import align_neurons, neuron_features
 from moecompress.prune.run import prune_checkpoint
 from tests.cli_helpers import error_lines, make_checkpoint, run_cli, two_domain_specs
 from tests.helpers import token_batch

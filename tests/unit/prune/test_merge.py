@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from moecompress.errors import MoecompressError
+from moecompress.models.neuron_alignment import align_neurons, aligned_sum, neuron_features
 from moecompress.prune.merge import (
-    align_neurons,
-    aligned_sum,
     assign_to_centroids,
     average_linkage,
     check_merge_request,
@@ -18,7 +17,6 @@ from moecompress.prune.merge import (
     cosine_distances,
     merge_weights,
     member_weights,
-    neuron_features,
 )
 from moecompress.prune.plan import PrunePlan
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moecompress.quant.joint import drop_costs, joint_costs
+from moecompress.compress.joint import drop_costs, joint_costs
 
 
 def test_drop_costs_follow_scores_and_sum_to_the_measured_cost() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from moecompress.io.fake_quant import FakeQuantWriter
-from moecompress.io.gptq_writer import GPTQWriter
+from moecompress.quant.fake_quant import FakeQuantWriter
+from moecompress.quant.gptq_writer import GPTQWriter
 from moecompress.models.adapters import get_adapter
 from moecompress.quant.apply import quantize_model
 from moecompress.quant.load import load_quantized

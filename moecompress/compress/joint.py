@@ -81,7 +81,7 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
               ) -> tuple[QuantizeResult, Allocation]:
     """`compress_checkpoint` inside the run's checkpoints."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics, keep_statistics, resumed_statistics
-    from moecompress.calibration.stats import config_hash
+    from moecompress.io.provenance import config_hash
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint, load_tokenizer
     from moecompress.prune.run import required_statistics, routing_shape
@@ -191,7 +191,7 @@ def _drop_experts(model: torch.nn.Module, adapter: Any, reader: Any, keep: dict[
     architecture whose adapter drops experts with its own code is loaded and dropped whole.
     """
     from moecompress.models.load import load_model
-    from moecompress.prune.expert_copy import ExpertCopyUnsupported
+    from moecompress.io.expert_copy import ExpertCopyUnsupported
 
     if reader is not None:
         count = len(next(iter(keep.values())))

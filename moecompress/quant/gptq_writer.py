@@ -31,7 +31,7 @@ from torch import nn
 
 from moecompress import __version__ as moecompress_version
 from moecompress.errors import MoecompressError
-from moecompress.io.fake_quant import non_layer_state
+from moecompress.quant.fake_quant import non_layer_state
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.quant.apply import LayerResult
 from moecompress.quant.layout import interleaved_gate_up, tensor_halves, to_checkpoint_halves

@@ -75,7 +75,7 @@ class _Output:
 class _Alignment:
     """One merged expert's neuron alignment: every member's matrices and their intermediate axes.
 
-    The permutation of a member (`merge.align_neurons` on all its matrices at once) is shared by
+    The permutation of a member (`neuron_alignment.align_neurons` on all its matrices at once) is shared by
     the expert's output tensors and computed once, when the first of them is written.
     """
 
@@ -86,7 +86,7 @@ class _Alignment:
 
     def permutation(self, files: Any, expert: int) -> torch.Tensor | None:
         """Member `expert`'s neuron permutation onto the representative (None for the representative)."""
-        from moecompress.prune.merge import align_neurons, neuron_features
+        from moecompress.models.neuron_alignment import align_neurons, neuron_features
 
         if expert == self.representative:
             return None
@@ -236,7 +236,7 @@ def _check_mergeable(files: Any, out: _Output) -> None:
 
 def merged_tensor(files: Any, out: _Output) -> torch.Tensor:
     """A merged output tensor: sum_j w_j P_j T_j over its members (P_j: neuron alignment), in the stored dtype."""
-    from moecompress.prune.merge import aligned_sum
+    from moecompress.models.neuron_alignment import aligned_sum
 
     assert out.mix is not None and out.alignment is not None
     alignment = out.alignment
