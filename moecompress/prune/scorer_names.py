@@ -13,8 +13,8 @@ from pathlib import Path
 SCORERS_DIR = Path(__file__).resolve().parent / "scorers"
 
 # `prune`'s method when none is given: the expert method with the lowest mean perplexity increase at 50% of routed
-# experts removed over the fixtures (benchmarks/RESULTS.md, pruning methods); HEAPr does better but needs a backward
-# pass through the whole model, and removes neurons rather than experts
+# experts removed over the fixtures (benchmarks/RESULTS.md, pruning methods); HEAPr does better on two of them but
+# removes neurons rather than experts (and writes its plan through the whole model)
 DEFAULT_PRUNE_METHOD = "easy_ep"
 
 

@@ -136,3 +136,24 @@ def test_experts_kept_in_bfloat16_give_the_float32_gradients(tmp_path) -> None:
         for mine, theirs in zip(got[index], grads):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-2 * float(theirs.abs().max()),
                                        msg=f"decoder layer {index}")
+
+
+def test_calibrate_gradients_streams_and_equals_the_whole_model_statistics(tmp_path, monkeypatch, capsys) -> None:
+    """`moecompress calibrate --gradients` reads the checkpoint layer by layer (header mode) with the same statistics."""
+    from moecompress.calibration.stats import RoutingStats
+    from tests.cli_helpers import make_checkpoint, run_cli
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    calib = ["--samples", "2", "--seq-len", "16", "--gradients", "--dtype", "float32"]
+    code, _, err = run_cli(["calibrate", str(checkpoint), *calib, "-o", str(tmp_path / "streamed")], monkeypatch,
+                           capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["calibrate", str(checkpoint), *calib, "--whole-model", "-o", str(tmp_path / "whole")],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    streamed, whole = RoutingStats.load(tmp_path / "streamed"), RoutingStats.load(tmp_path / "whole")
+    assert streamed.header.mode == "layerwise" and whole.header.mode == "whole-model"
+    assert "neuron_grad_proj" in streamed.header.statistics
+    assert streamed.tensors.keys() == whole.tensors.keys()
+    for key, tensor in whole.tensors.items():
+        torch.testing.assert_close(streamed.tensors[key], tensor, rtol=1e-5, atol=1e-9, msg=key)
