@@ -198,19 +198,17 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
     backward pass starts over).
     """
     from moecompress.engine.layers import resolve_device
-    from moecompress.quant.sensitivity import FisherSettings, block_errors, fisher_errors
+    from moecompress.quant.sensitivity import CandidateSettings, block_errors, fisher_errors
 
     base = request.settings.spec(max(widths))
     assert base is not None
+    settings = CandidateSettings(list(widths), base, quantizer=request.sensitivity_quantizer,
+                                 weighted=request.weighted_hessian, min_tokens=request.min_tokens,
+                                 expert_memory=request.expert_memory)
+    device = resolve_device(request.device)
     if request.method == "gemq":
-        settings = FisherSettings(list(widths), base, quantizer=request.sensitivity_quantizer,
-                                  weighted=request.weighted_hessian, min_tokens=request.min_tokens,
-                                  expert_memory=request.expert_memory)
-        return fisher_errors(model, adapter, batches, settings, progress=progress, reader=reader,
-                             device=resolve_device(request.device))
-    return block_errors(model, adapter, batches, widths, base, quantizer=request.sensitivity_quantizer,
-                        weighted=request.weighted_hessian, min_tokens=request.min_tokens, progress=progress,
-                        expert_memory=request.expert_memory, reader=reader, device=resolve_device(request.device),
+        return fisher_errors(model, adapter, batches, settings, progress=progress, reader=reader, device=device)
+    return block_errors(model, adapter, batches, settings, progress=progress, reader=reader, device=device,
                         checkpoints=(checkpoints or RunCheckpoints.disabled()).layer_pass("sensitivity"))
 
 

@@ -177,22 +177,34 @@ def _bytes_per_expert(adapter: MoEAdapter, layer: MoELayerRef, widths: Sequence[
     return 4 * params * (len(widths) + 1) + extra
 
 
+@dataclass
+class CandidateSettings:
+    """How a sensitivity pass simulates and measures each expert's candidate widths (MC-MoE and GEMQ alike)."""
+
+    widths: list[int]
+    base: QuantSpec
+    quantizer: str = "rtn"  # "rtn", or "gptq" on each expert's own tokens
+    weighted: bool = False  # GPTQ candidates: gate-weighted Hessians
+    min_tokens: int = 0
+    expert_memory: int = DEFAULT_EXPERT_MEMORY
+
+
 def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: LayerErrors, chunk: list[int],
-                   widths: Sequence[int], base: QuantSpec, quantizer: str, weighted: bool, min_tokens: int,
-                   fisher: Sequence[torch.Tensor] | None = None) -> None:
+                   settings: CandidateSettings, fisher: Sequence[torch.Tensor] | None = None) -> None:
     """Add one group of experts' candidate errors to `errors`; its copies and Hessians die on return.
 
     fisher: per recorded batch, the squared loss gradient at the MoE block's output (T, H) that
     weights the errors (GEMQ); None: unweighted (MC-MoE).
     """
     hessians = None
-    if quantizer == "gptq":
+    if settings.quantizer == "gptq":
         probe = adapter.expert_weights(ref, 0)
         hessians = ExpertHessians(ref.num_experts, probe.up.shape[1], probe.up.shape[0], experts=chunk,
-                                  weighted=weighted)
+                                  weighted=settings.weighted)
         visit_recorded(adapter, ref, inputs, hessians, chunk)
         all_reduce_gptq([*hessians.inputs.values(), *hessians.activations.values()])  # data parallel: every rank's
-    reference, candidates = candidate_experts(adapter, ref, chunk, widths, base, hessians, min_tokens)
+    reference, candidates = candidate_experts(adapter, ref, chunk, settings.widths, settings.base, hessians,
+                                              settings.min_tokens)
     visitor = ErrorVisitor(errors, reference, candidates)
     if fisher is None:
         visit_recorded(adapter, ref, inputs, visitor, chunk)
@@ -202,11 +214,19 @@ def _measure_chunk(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: 
         visit_recorded(adapter, ref, [recorded], visitor, chunk)
 
 
+def _measure_layer(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, errors: LayerErrors,
+                   settings: CandidateSettings, fisher: Sequence[torch.Tensor] | None = None) -> None:
+    """Every expert's candidate errors on one MoE layer's recorded inputs, a group within `expert_memory` at a time."""
+    per_expert = _bytes_per_expert(adapter, ref, settings.widths, settings.quantizer)
+    for chunk in expert_chunks(range(ref.num_experts), per_expert, settings.expert_memory):
+        _measure_chunk(adapter, ref, inputs, errors, chunk, settings, fisher)
+        return_freed_memory()  # the group's copies are gone: hand their pages back before the next group
+
+
 def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
-                 widths: Sequence[int], base: QuantSpec, quantizer: str = "rtn", weighted: bool = False,
-                 min_tokens: int = 0, progress: bool = True, expert_memory: int = DEFAULT_EXPERT_MEMORY,
-                 reader: CheckpointReader | None = None, device: torch.device | str | None = None,
-                 checkpoints: LayerPassCheckpoints | None = None) -> Sensitivity:
+                 settings: CandidateSettings, progress: bool = True, reader: CheckpointReader | None = None,
+                 device: torch.device | str | None = None, checkpoints: LayerPassCheckpoints | None = None
+                 ) -> Sensitivity:
     """MC-MoE block-output errors of every expert at every width, one decoder layer at a time.
 
     Each MoE layer runs once on its cached inputs, recording what its MoE block receives; the
@@ -224,6 +244,7 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
     total = len(runner.layers)
     restored = checkpoints.restore(runner, total)
+    widths = settings.widths
     layers = {index: LayerErrors(list(widths), **saved) for index, saved in restored.layers.items()}
     for index in tqdm(range(restored.next_layer, total), total=total, initial=restored.next_layer,
                       desc="sensitivity", unit="layer", disable=not progress):
@@ -235,11 +256,7 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
             ref = moe[index]
             inputs = record_block_inputs(runner, ref, index, advance=True)
             errors = LayerErrors.zeros(ref.num_experts, widths)
-            chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, widths, quantizer),
-                                   expert_memory)
-            for chunk in chunks:
-                _measure_chunk(adapter, ref, inputs, errors, chunk, widths, base, quantizer, weighted, min_tokens)
-                return_freed_memory()  # the group's copies are gone: hand their pages back before the next group
+            _measure_layer(adapter, ref, inputs, errors, settings)
             all_reduce_sums([errors.error, errors.drop_error, errors.count, errors.gate_sum])  # data parallel
             layers[index] = errors
         checkpoints.save(runner, index, {"error": errors.error, "drop_error": errors.drop_error,
@@ -247,20 +264,8 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[
     return Sensitivity("block-error", list(widths), layers)
 
 
-@dataclass
-class FisherSettings:
-    """How GEMQ measures a layer's candidates: widths, base spec, the candidate quantiser, per-expert memory."""
-
-    widths: list[int]
-    base: QuantSpec
-    quantizer: str = "rtn"  # "rtn", or "gptq" on each expert's own tokens
-    weighted: bool = False  # GPTQ candidates: gate-weighted Hessians
-    min_tokens: int = 0
-    expert_memory: int = DEFAULT_EXPERT_MEMORY
-
-
 @contextlib.contextmanager
-def fisher_recorder(adapter: MoEAdapter, ref: MoELayerRef, errors: LayerErrors, settings: FisherSettings
+def fisher_recorder(adapter: MoEAdapter, ref: MoELayerRef, errors: LayerErrors, settings: CandidateSettings
                     ) -> Iterator[None]:
     """Record MoE layer `ref`'s block inputs, routing and squared output gradients; measure GEMQ's errors on exit.
 
@@ -296,18 +301,12 @@ def fisher_recorder(adapter: MoEAdapter, ref: MoELayerRef, errors: LayerErrors, 
     finally:
         handle.remove()
     kept = [(recorded, weight) for recorded, weight in zip(inputs, fisher) if weight is not None]
-    recorded_inputs = [recorded for recorded, _ in kept]
-    weights = [weight for _, weight in kept]
-    chunks = expert_chunks(range(ref.num_experts), _bytes_per_expert(adapter, ref, settings.widths,
-                                                                     settings.quantizer), settings.expert_memory)
-    for chunk in chunks:
-        _measure_chunk(adapter, ref, recorded_inputs, errors, chunk, settings.widths, settings.base,
-                       settings.quantizer, settings.weighted, settings.min_tokens, fisher=weights)
-        return_freed_memory()
+    _measure_layer(adapter, ref, [recorded for recorded, _ in kept], errors, settings,
+                   fisher=[weight for _, weight in kept])
 
 
 def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
-                  settings: FisherSettings, progress: bool = True, reader: CheckpointReader | None = None,
+                  settings: CandidateSettings, progress: bool = True, reader: CheckpointReader | None = None,
                   device: torch.device | str | None = None) -> Sensitivity:
     """GEMQ Fisher-weighted errors from the loss's backward pass, one decoder layer at a time.
 
@@ -345,7 +344,7 @@ def fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple
 
 
 def whole_model_fisher_errors(model: nn.Module, adapter: MoEAdapter, batches: Sequence[tuple[str, torch.Tensor]],
-                              layers: dict[int, LayerErrors], settings: FisherSettings, progress: bool = True) -> None:
+                              layers: dict[int, LayerErrors], settings: CandidateSettings, progress: bool = True) -> None:
     """Add GEMQ's Fisher-weighted errors to `layers` from one forward + backward of the whole model per batch.
 
     Every MoE layer's recorder holds its recorded batches until the last batch is done.

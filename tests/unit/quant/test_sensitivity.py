@@ -11,7 +11,7 @@ from moecompress.models.adapters import get_adapter
 from moecompress.quant.rtn import quantize_rtn
 from moecompress.engine.reader import CheckpointReader
 from moecompress.quant.sensitivity import (
-    FisherSettings,
+    CandidateSettings,
     LayerErrors,
     block_errors,
     fisher_errors,
@@ -59,7 +59,7 @@ def test_block_errors_equal_measured_block_output_error(arch: str) -> None:
     model = tiny_model(TINY_CONFIGS[arch](), seed=0)
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=2, length=16)
-    sens = block_errors(copy.deepcopy(model), adapter, [("d", ids)], widths=[2, 4], base=BASE, progress=False)
+    sens = block_errors(copy.deepcopy(model), adapter, [("d", ids)], CandidateSettings([2, 4], BASE), progress=False)
     ref = adapter.moe_layers(model)[0]
     errors = sens.layers[ref.index]
     assert int(errors.count.sum()) == ids.numel() * ref.top_k
@@ -82,7 +82,7 @@ def test_fisher_errors_weight_the_error_by_squared_gradients() -> None:
     model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=1, length=12)
-    sens = fisher_errors(model, adapter, [("d", ids)], FisherSettings([2], BASE), progress=False)
+    sens = fisher_errors(model, adapter, [("d", ids)], CandidateSettings([2], BASE), progress=False)
     ref = adapter.moe_layers(model)[0]
     # direct: gradient of the loss at the block output, then the error of quantising expert 2
     grads = {}
@@ -112,9 +112,10 @@ def test_block_errors_in_several_passes_are_unchanged() -> None:
     model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=2, length=16)
-    one = block_errors(copy.deepcopy(model), adapter, [("d", ids)], [2, 3], BASE, quantizer="gptq", progress=False)
-    many = block_errors(copy.deepcopy(model), adapter, [("d", ids)], [2, 3], BASE, quantizer="gptq", progress=False,
-                        expert_memory=1)
+    one = block_errors(copy.deepcopy(model), adapter, [("d", ids)], CandidateSettings([2, 3], BASE, quantizer="gptq"),
+                       progress=False)
+    many = block_errors(copy.deepcopy(model), adapter, [("d", ids)],
+                        CandidateSettings([2, 3], BASE, quantizer="gptq", expert_memory=1), progress=False)
     for layer, errors in one.layers.items():
         torch.testing.assert_close(errors.error, many.layers[layer].error, rtol=1e-6, atol=1e-12)
         assert torch.equal(errors.count, many.layers[layer].count)
@@ -129,7 +130,7 @@ def test_layer_streamed_fisher_errors_equal_the_whole_model_backward(arch: str, 
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=4, length=12)
     batches = [("a", ids[:2]), ("b", ids[2:])]
-    settings = FisherSettings([2, 4], BASE, quantizer=quantizer, min_tokens=2)
+    settings = CandidateSettings([2, 4], BASE, quantizer=quantizer, min_tokens=2)
     expected = {ref.index: LayerErrors.zeros(ref.num_experts, [2, 4]) for ref in adapter.moe_layers(model)}
     whole_model_fisher_errors(model, adapter, batches, expected, settings, progress=False)
     reader = CheckpointReader(tmp_path, dtype="float32")
@@ -149,8 +150,8 @@ def test_fisher_errors_with_gptq_candidates_weight_the_gptq_error_by_squared_gra
     model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0)
     adapter = get_adapter(model)
     ids = token_batch(model.config.vocab_size, batch=2, length=16)
-    gptq = fisher_errors(model, adapter, [("d", ids)], FisherSettings([2], BASE, quantizer="gptq"), progress=False)
-    rtn = fisher_errors(model, adapter, [("d", ids)], FisherSettings([2], BASE), progress=False)
+    gptq = fisher_errors(model, adapter, [("d", ids)], CandidateSettings([2], BASE, quantizer="gptq"), progress=False)
+    rtn = fisher_errors(model, adapter, [("d", ids)], CandidateSettings([2], BASE), progress=False)
     for index, errors in gptq.layers.items():
         routed = errors.count > 16  # experts with enough tokens for a well-posed GPTQ solve
         assert routed.any()
