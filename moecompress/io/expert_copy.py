@@ -22,6 +22,12 @@ one of the experts' width. Merging fused expert tensors, tensors whose intermedi
 ambiguous (width = hidden size) or experts stored quantised (FP8, MXFP4, which need
 re-quantising) raises `ExpertCopyUnsupported`, so the caller writes through the model.
 
+A uniform neuron plan (HEAPr with every expert at the same width) keeps every expert and, of
+each per-expert matrix, the kept neurons' entries along its intermediate axis (rows of gate
+and up, columns of down), in ascending id order: a gathered copy whose values are the input's.
+Fused expert tensors and experts stored quantised (whose blocks would be cut) raise
+`ExpertCopyUnsupported`.
+
 Before anything is written, the output's tensor names and shapes are checked against the
 model the patched config declares (its meta skeleton): a layout this copy cannot express
 raises `ExpertCopyUnsupported`, and the caller writes through the model instead.
@@ -64,6 +70,7 @@ class _Output:
     mix: list[tuple[str, float, int]] | None = None  # merged tensor: (member's input disk key, weight, member id)
     axis: int | None = None  # merged tensor: its intermediate (neuron) axis, None when it has none
     alignment: _Alignment | None = None  # merged tensor: the neuron permutations of its expert's members
+    neurons: torch.Tensor | None = None  # neuron plan: the expert's kept neuron ids along `axis` (ascending)
 
     @property
     def merged(self) -> bool:
@@ -112,14 +119,17 @@ def _slice_dim(kind: str, shape: tuple[int, ...], num_experts: int) -> int:
 
 
 def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: Any,
-              keep: dict[int, Sequence[int]], merges: dict[int, Merges] | None = None) -> list[_Output]:
+              keep: dict[int, Sequence[int]], merges: dict[int, Merges] | None = None,
+              neurons: dict[int, list[torch.Tensor]] | None = None) -> list[_Output]:
     """Every output tensor: which input it copies and which rows it keeps.
 
     merges: merged layers' (member, weight) per kept expert (`PrunePlan.merges`); their expert
     tensors are aligned weighted sums of the members' instead of copies (router rows still
-    follow `keep`).
+    follow `keep`). neurons: a uniform neuron plan's kept neuron ids per expert
+    (`PrunePlan.neurons`); each per-expert matrix keeps those entries of its intermediate axis.
     """
     merges = merges or {}
+    neurons = neurons or {}
     kinds: dict[str, tuple[str, int]] = {}  # module key -> (kind, layer index)
     expert_prefixes: dict[str, int] = {}
     for ref in adapter.moe_layers(skeleton):
@@ -134,7 +144,7 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
         for path in adapter.correction_bias_paths:
             kinds[f"{ref.path}.{path}"] = ("bias", ref.index)
     num_experts = adapter.num_experts(skeleton.config)
-    widths = _widths(adapter, skeleton, merges)
+    widths = _widths(adapter, skeleton, set(merges) | set(neurons))
     alignments = _alignments(files, keys, kinds, widths, merges, keep)
     outputs: list[_Output] = []
     for disk_key, entry in files.entries.items():
@@ -162,8 +172,13 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
                     _check_mergeable(files, out)
                     out.axis = _intermediate_axis(disk_key, entry.shape, *widths[layer])
                     out.alignment = alignments[(layer, expert)]
+                if layer in neurons:
+                    _select_neurons(files, out, entry, widths[layer], neurons[layer][expert])
                 outputs.append(out)
             continue
+        if what == "expert" and layer in neurons:
+            raise ExpertCopyUnsupported(f"{disk_key!r} stores every expert in one tensor; neuron plans of such "
+                                        "layouts are written through the model")
         dim = _slice_dim(what, entry.shape, num_experts)
         _check_sliceable(files, disk_key, dim, num_experts)
         if layer_merges is not None and any(members != [(e, 1.0)] for members, e in zip(layer_merges, kept)):
@@ -173,11 +188,11 @@ def plan_copy(files: TensorFiles, keys: KeyMap, adapter: MoEAdapter, skeleton: A
     return outputs
 
 
-def _widths(adapter: MoEAdapter, skeleton: Any, merges: dict[int, Merges]) -> dict[int, tuple[int, int]]:
-    """Merged layers' (intermediate size, hidden size), from the skeleton's first expert."""
+def _widths(adapter: MoEAdapter, skeleton: Any, layers: set[int]) -> dict[int, tuple[int, int]]:
+    """These MoE layers' (intermediate size, hidden size), from the skeleton's first expert."""
     out = {}
     for ref in adapter.moe_layers(skeleton):
-        if ref.index in merges:
+        if ref.index in layers:
             first = adapter.expert_weights(ref, 0)
             out[ref.index] = (first.intermediate_size, first.down.shape[0])
     return out
@@ -214,6 +229,19 @@ def _alignments(files: Any, keys: KeyMap, kinds: dict[str, tuple[str, int]], wid
         for expert in keep[layer]:
             out[(layer, expert)] = _Alignment(expert, per, {k: axes[k] for names in per.values() for k in names})
     return out
+
+
+def _select_neurons(files: Any, out: _Output, entry: TensorEntry, widths: tuple[int, int],
+                    kept: torch.Tensor) -> None:
+    """Make `out` keep the neurons `kept` of its per-expert tensor (a hidden-size bias stays a plain copy)."""
+    axis = _intermediate_axis(out.source, entry.shape, *widths)
+    if axis is None:
+        return
+    if files.is_quantized(out.source):
+        raise ExpertCopyUnsupported(f"{out.source!r} is stored quantised in blocks; fewer neurons are re-quantised "
+                                    "through the model")
+    out.axis = axis
+    out.neurons = torch.as_tensor(kept, dtype=torch.long)
 
 
 def _members(members: list[tuple[int, float]], disk_key: str, start: int, end: int, expert: int
@@ -260,6 +288,10 @@ def _check_sliceable(files: Any, name: str, dim: int, num_experts: int) -> None:
 
 
 def _output_shape(entry: TensorEntry, out: _Output) -> tuple[int, ...]:
+    if out.neurons is not None and out.axis is not None:
+        shape = list(entry.shape)
+        shape[out.axis] = int(out.neurons.numel())
+        return tuple(shape)
     if out.dim is None:
         return entry.shape
     shape = list(entry.shape)
@@ -320,6 +352,8 @@ class PrunedTensors:
         if out.merged:
             return merged_tensor(self.files, out)
         tensor = self.files.tensor(out.source)
+        if out.neurons is not None:
+            return tensor.index_select(out.axis, out.neurons)
         if out.dim is None:
             return tensor
         return tensor.index_select(out.dim, torch.as_tensor(out.rows or [], dtype=torch.long))
@@ -351,6 +385,9 @@ def write_expert_copy(files: Any, outputs: list[_Output], folder: Path, max_shar
         if out.merged:
             writer.add(out.name, merged_tensor(files, out))
             continue
+        if out.neurons is not None:  # the expert's kept neurons: a gathered copy, values unchanged
+            writer.add(out.name, files.tensor(out.source).index_select(out.axis, out.neurons).contiguous())
+            continue
         for part in files.parts(out.source):
             name = out.name + part[len(out.source):]  # each part is the logical name plus a suffix
             entry = store.entries[part]
@@ -377,15 +414,17 @@ def copy_side_files(source: Path, folder: Path) -> None:
 
 
 def check_copy(files: TensorFiles, adapter: MoEAdapter, config: Any, new_config: Any,
-               keep: dict[int, Sequence[int]], merges: dict[int, Merges] | None = None) -> list[_Output]:
+               keep: dict[int, Sequence[int]], merges: dict[int, Merges] | None = None,
+               neurons: dict[int, list[torch.Tensor]] | None = None) -> list[_Output]:
     """The planned output tensors, checked against `new_config`; `ExpertCopyUnsupported` when they cannot be.
 
-    merges: merged layers' (member, weight) per kept expert (see `plan_copy`).
+    merges: merged layers' (member, weight) per kept expert; neurons: a uniform neuron plan's
+    kept neuron ids per expert (see `plan_copy`).
     """
     if not supports_expert_copy(adapter):
         raise ExpertCopyUnsupported(f"{config.model_type} drops experts with its own adapter code")
     skeleton = skeleton_model(config)
-    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep, merges)
+    outputs = plan_copy(files, key_map(skeleton), adapter, skeleton, keep, merges, neurons)
     check_against_config(outputs, files, new_config)
     return outputs
 

@@ -202,12 +202,17 @@ def materialize(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> tuple
 
 
 def pruned_config(config: Any, adapter: MoEAdapter, plan: PrunePlan) -> Any:
-    """The config of a uniform expert plan's output: expert count, top-k and moecompress settings patched."""
+    """The config of a uniform plan's output: expert count (or expert width), top-k and moecompress settings patched."""
     counts = set(plan.kept_counts().values())
-    if plan.granularity != "expert" or len(counts) != 1:
-        raise MoecompressError("internal error: pruned_config needs a uniform expert plan")
+    if not plan.uniform or len(counts) != 1:
+        raise MoecompressError("internal error: pruned_config needs a uniform plan")
     count = counts.pop()
-    new = config if count == plan.num_experts else adapter.patched_config(config, num_experts=count)
+    if plan.granularity == "neuron":
+        adapter.check_width_patchable(config)
+        (width,) = {w for per in plan.widths.values() for w in per}
+        new = adapter.patched_config(config, intermediate_size=width)
+    else:
+        new = config if count == plan.num_experts else adapter.patched_config(config, num_experts=count)
     new = copy.deepcopy(new)
     if plan.new_top_k is not None:
         set_top_k(new, adapter, plan.new_top_k)
@@ -279,7 +284,7 @@ def _stored_tensors(info: Any) -> Any:
 
 def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, config: Any, output: str | Path,
                          manifest: dict[str, Any], source: Path, force: bool = False, progress: bool = True) -> Written:
-    """Write a uniform expert plan by copying the kept tensors from the input shards (no model built).
+    """Write a uniform expert or neuron plan by copying the kept tensors from the input shards (no model built).
 
     Raises `ExpertCopyUnsupported` before writing anything when the layout needs the model.
     """
@@ -288,7 +293,8 @@ def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, confi
 
     new_config = pruned_config(config, adapter, plan)
     merges = {layer: plan.merges(layer) for layer in plan.merged}
-    outputs = check_copy(files, adapter, config, new_config, plan.keep, merges)
+    neurons = plan.neurons if plan.granularity == "neuron" else None
+    outputs = check_copy(files, adapter, config, new_config, plan.keep, merges, neurons)
     with atomic_output_dir(output, force=force) as tmp:
         prune_by_copy(source, files, outputs, new_config, tmp, progress=progress)
         stored = files.store is not files

@@ -519,9 +519,9 @@ def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str |
            stats: RoutingStats, seed: int, force: bool, dtype: str, progress: bool) -> Any:
     """Write the pruned checkpoint (`materialize.Written`).
 
-    A uniform expert plan is written by copying the kept tensors from the input shards (no
-    model in memory); other plans (per-layer counts, neuron widths) and layouts the copy cannot
-    express are materialised on the whole model.
+    A uniform expert plan, or a neuron plan with every expert at one width, is written by
+    copying the kept tensors from the input shards (no model in memory); other plans (per-layer
+    counts or widths) and layouts the copy cannot express are materialised on the whole model.
     """
     from moecompress.io.manifest import build_manifest
     from moecompress.io.stored_formats import open_tensors
@@ -531,7 +531,8 @@ def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str |
     adapter, config = info.adapter, info.config
     manifest = build_manifest("prune", plan.method, plan.params, seed, source, config, stats,
                               plan=plan.model_dump(exclude={"scores"}))
-    if plan.granularity == "expert" and plan.uniform:
+    copyable = plan.uniform if plan.granularity == "expert" else plan.allocation == "uniform"
+    if copyable:
         try:
             return write_pruned_by_copy(open_tensors(info.weight_files, config), adapter, plan, config, output, manifest,
                                         source, force=force, progress=progress)
