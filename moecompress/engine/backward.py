@@ -35,6 +35,10 @@ from moecompress.errors import MoecompressError
 # layer index -> context manager active while that layer is recomputed and backpropagated
 LayerHooks = Callable[[int], contextlib.AbstractContextManager]
 
+# float32 logits (and their softmax and gradient) held at once by the head's backward: a vocabulary of 151936 over
+# 8 windows of 256 tokens would take 3.7 GB in one piece, so positions go through the head a slice at a time
+LOGIT_BYTES = 256 * 2**20
+
 
 @contextlib.contextmanager
 def frozen_parameters(module: nn.Module) -> Iterator[None]:
@@ -164,18 +168,49 @@ def stream_backward(engine: LayerEngine, batches: Sequence[tuple[str, torch.Tens
 
 def _loss_gradients(engine: LayerEngine, batches: Sequence[tuple[str, torch.Tensor]],
                     losses: list[float]) -> list[torch.Tensor]:
-    """dLoss/d(last layer's output) per batch (host memory), each batch's loss appended to `losses`."""
+    """dLoss/d(last layer's output) per batch (host memory), each batch's loss appended to `losses`.
+
+    The loss is the batch's mean next-token cross entropy over its B x (S - 1) predicted tokens,
+    as `model(..., labels=ids).loss` computes it. Everything after the decoder acts on each
+    position alone, so the positions go through the model's final norm and head a slice at a
+    time (at most `LOGIT_BYTES` of float32 logits), each slice's share of the loss
+    backpropagated on its own: the same gradient in bounded memory.
+    """
     grads = []
     model = engine.model
     with engine.outside_layers_loaded(include_head=True), head_in_its_dtype(model), torch.enable_grad():
         for (_, ids), batch in zip(batches, engine.batches):
-            hidden = batch.hidden.to(engine.device).detach().requires_grad_(True)
-            ids = ids.to(engine.device)
-            loss = replay_decoder(model, engine.layers, hidden, input_ids=ids, labels=ids).loss
-            (grad,) = torch.autograd.grad(loss, hidden)
-            losses.append(float(loss.detach()))
+            ids = ids.to(engine.device)  # (B, S)
+            loss, grad = _sliced_loss_gradient(model, engine.layers, batch.hidden.to(engine.device), ids)
+            losses.append(loss)
             grads.append(_to_host(grad, engine))
     return grads
+
+
+def _sliced_loss_gradient(model: nn.Module, layers: Sequence[nn.Module], hidden: torch.Tensor,
+                          ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(mean next-token loss, dLoss/d hidden (B, S, H)) for one batch, the head run on slices of positions."""
+    batch, length = ids.shape
+    predicted = batch * (length - 1)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    step = max(1, LOGIT_BYTES // (3 * 4 * vocab * batch))  # positions per slice: logits, softmax and their gradient
+    grad = torch.zeros_like(hidden, dtype=hidden.dtype)
+    total = 0.0
+    for start in range(0, length, step):
+        end = min(length, start + step)
+        targets = ids[:, start + 1 : end + 1]  # (B, n): the last position predicts nothing
+        if targets.shape[1] == 0:
+            continue
+        part = hidden[:, start:end].detach().requires_grad_(True)  # (B, s, H)
+        logits = replay_decoder(model, layers, part, input_ids=ids[:, start:end]).logits  # (B, s, V)
+        used = logits[:, : targets.shape[1]].float()
+        loss = nn.functional.cross_entropy(used.reshape(-1, used.shape[-1]), targets.reshape(-1),
+                                           reduction="sum") / predicted
+        (part_grad,) = torch.autograd.grad(loss, part)
+        grad[:, start:end] = part_grad
+        total += float(loss.detach())
+        del logits, used, loss
+    return total, grad
 
 
 def _to_host(tensor: torch.Tensor, engine: LayerEngine) -> torch.Tensor:

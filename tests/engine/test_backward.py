@@ -89,6 +89,23 @@ def test_streamed_gradients_equal_the_whole_model_backward(model_type: str) -> N
     assert all(p.grad is None for p in model.parameters())  # no weight gradient was computed
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "cohere2_moe", "granitemoe", "deepseek_v3"])
+def test_the_head_in_slices_of_positions_gives_the_same_gradients(model_type: str, monkeypatch) -> None:
+    """One position per slice through the final norm and head (scaled or not): the whole batch's loss and gradients."""
+    from moecompress.engine import backward
+
+    monkeypatch.setattr(backward, "LOGIT_BYTES", 1)
+    model = tiny_model(TINY_CONFIGS[model_type](), seed=0).float()
+    ids = token_batch(model.config.vocab_size, batch=4, length=12)
+    batches = [("a", ids[:2]), ("b", ids[2:])]
+    losses, expected = whole_model_gradients(model, batches)
+    loss, got = streamed_gradients(LayerEngine(model, get_adapter(model)), batches)
+    assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    for index, grads in expected.items():
+        for mine, theirs in zip(got[index], grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7, msg=f"decoder layer {index}")
+
+
 @pytest.mark.parametrize("spill", [False, True])
 def test_a_checkpoint_read_layer_by_layer_gives_the_same_gradients(tmp_path, spill: bool) -> None:
     model = tiny_model(TINY_CONFIGS["deepseek_v3"](), seed=0).float()
