@@ -178,7 +178,9 @@ def _loss_gradients(engine: LayerEngine, batches: Sequence[tuple[str, torch.Tens
     """
     grads = []
     model = engine.model
-    with engine.outside_layers_loaded(include_head=True), head_in_its_dtype(model), torch.enable_grad():
+    # (loaded weights may come back from the checkpoint requiring grad: frozen again while they are in use)
+    with engine.outside_layers_loaded(include_head=True), frozen_parameters(model), head_in_its_dtype(model), \
+            torch.enable_grad():
         for (_, ids), batch in zip(batches, engine.batches):
             ids = ids.to(engine.device)  # (B, S)
             loss, grad = _sliced_loss_gradient(model, engine.layers, batch.hidden.to(engine.device), ids)
@@ -221,7 +223,7 @@ def _layer_backward(engine: LayerEngine, index: int, kept: _KeptInputs, grads: l
                     layer_hooks: LayerHooks | None, before_batch: Callable[[str], None] | None) -> list[torch.Tensor]:
     """Recompute decoder layer `index` on each batch's kept input and backpropagate; returns dLoss/d(its input)."""
     new_grads = []
-    with engine.layer_loaded(index) as layer:
+    with engine.layer_loaded(index) as layer, frozen_parameters(layer):  # no weight of the layer gets a gradient
         _check_not_grouped(engine, index)
         hooks = layer_hooks(index) if layer_hooks is not None else contextlib.nullcontext()
         with hooks, torch.enable_grad():

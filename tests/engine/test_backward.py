@@ -174,3 +174,28 @@ def test_calibrate_gradients_streams_and_equals_the_whole_model_statistics(tmp_p
     assert streamed.tensors.keys() == whole.tensors.keys()
     for key, tensor in whole.tensors.items():
         torch.testing.assert_close(streamed.tensors[key], tensor, rtol=1e-5, atol=1e-9, msg=key)
+
+
+def test_no_weight_is_kept_or_differentiated_even_when_loaded_requiring_grad(tmp_path, monkeypatch) -> None:
+    """Weights the checkpoint hands back as parameters requiring grad are frozen while each layer is backpropagated,
+    so bfloat16 experts go through the product that keeps them narrow for backward (no float32 copy kept)."""
+    import torch.nn as nn
+
+    from moecompress.models import widened_matmul
+
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"](), seed=0).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model")
+    reader = CheckpointReader(tmp_path / "model", dtype="auto")  # bfloat16 experts, float32 activations
+    real_set = CheckpointReader._set
+
+    def set_requiring_grad(self, name, value):  # noqa: ANN001, ANN202
+        real_set(self, name, nn.Parameter(value.detach(), requires_grad=True) if value.is_floating_point() else value)
+
+    monkeypatch.setattr(CheckpointReader, "_set", set_requiring_grad)
+    calls = []
+    real_apply = widened_matmul._WidenedMatmul.apply
+    monkeypatch.setattr(widened_matmul._WidenedMatmul, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    ids = token_batch(model.config.vocab_size, batch=2, length=8)
+    stream_backward(LayerEngine(reader.model, reader.adapter, reader=reader), [("a", ids)], progress=False)
+    assert calls  # the experts' products kept their bfloat16 weights for backward
+    assert all(p.grad is None for p in reader.model.parameters())
