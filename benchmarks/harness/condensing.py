@@ -3,8 +3,8 @@
 Condense, Don't Just Prune (Cao et al., arXiv 2412.00069): a condensed MoE layer routes every
 token through the same few experts with fixed weights (their mean gate wbar_e) plus the shared
 experts, y = sum_{e in S} wbar_e f_e(x) + shared(x). moecompress chooses S greedily per layer
-and which layers to condense greedily by the effect on the last hidden states (METHODS.md
-section 3, `moecompress.condense`).
+and which layers to condense greedily by the effect on the last hidden states
+(docs/methods/condensing.md, `moecompress.condense`).
 
 Per fixture, a small grid: condense 1 layer and half of the MoE layers (rounded up), chosen by
 the greedy layer search, keeping top_k / 2 and top_k experts per condensed layer. Where the

@@ -1,6 +1,6 @@
 """Suite ``quantisation``: uniform, mixed-precision and joint prune+quant checkpoints of each fixture.
 
-Rows per fixture (issue 5), every one quantised by moecompress's own library, written as a GPTQ
+Rows per fixture, every one quantised by moecompress's own library, written as a GPTQ
 checkpoint into a temporary folder (fake-quant where 1-bit experts are allowed), reopened with
 `moecompress.load` and scored on the test windows (perplexity per domain, KL divergence to the
 unquantised model's next-token distribution, top-1 agreement; `quant_agreement`):

@@ -19,7 +19,7 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 RESULTS_MD = Path(__file__).resolve().parents[1] / "RESULTS.md"
 SUITE_ORDER = (
-    "unpruned", "pruning-baselines", "domain-pruning",  # issue 3: fixtures and baselines
+    "unpruned", "pruning-baselines", "domain-pruning",  # fixtures and baselines
     "pruning-methods", "scoring-order", "expert-merging", "domain-methods", "heapr-memory",  # pruning methods
     "quantisation",  # mixed-precision quantisation
     "condensing",  # CD-MoE

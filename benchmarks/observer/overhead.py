@@ -1,6 +1,6 @@
 """Observer overhead: (observed pass time) / (plain forward time) over the same tokens.
 
-Target (issue 2): at most 1.3. One plain forward is the floor; an observer that ran every
+Target: at most 1.3. One plain forward is the floor; an observer that ran every
 expert on every token would cost about E/k.
 
     python -m benchmarks.observer.overhead [--model DIR] [--json-out FILE]

@@ -1,4 +1,4 @@
-"""Solve time of the bit-allocation programs on synthetic costs (issue 5: "solves in seconds").
+"""Solve time of the bit-allocation programs on synthetic costs (target: "solves in seconds").
 
     python -m benchmarks.quant.lp_solve_time [--layers 48] [--experts 128] [--json-out FILE]
 

@@ -1,4 +1,4 @@
-"""One-pass routing observer: every statistic of METHODS.md section 1 from one forward pass.
+"""One-pass routing observer: every statistic the methods read (docs/concepts.md), from one forward pass.
 
 Per MoE layer l, expert j, domain d, over the tokens routed to j only (X_j), in float64:
 

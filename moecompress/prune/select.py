@@ -1,6 +1,6 @@
 """Turn per-expert scores into kept-expert sets, with every feasibility rule checked up front.
 
-Rules (METHODS.md section 2): keep >= top_k experts per layer; for group-limited routers drop
+Rules (docs/methods/pruning.md): keep >= top_k experts per layer; for group-limited routers drop
 the same number in every group, keep at least `min_kept_per_group` per group and
 topk_group x kept_per_group >= top_k; protected (super) experts are always kept.
 Uniform allocation keeps the same count in every layer (loads in stock transformers);

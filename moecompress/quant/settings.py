@@ -1,6 +1,6 @@
 """User settings for everything that is not a routed expert, and building the plan from them.
 
-Defaults (issue 5): attention, shared experts and dense MLPs at 4 bits; routers, norms and
+Defaults (docs/methods/quantisation.md): attention, shared experts and dense MLPs at 4 bits; routers, norms and
 embeddings unquantised; the output head unquantised (16). Each role's bits are overridable
 (16 keeps the role in the original dtype). Group size, symmetry, act-order, damping and the
 method (GPTQ or RTN) apply to every quantised map, routed experts included.
