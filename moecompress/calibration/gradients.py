@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from moecompress.engine.backward import frozen_parameters
+
 
 @contextlib.contextmanager
 def activation_gradients(model: nn.Module, enabled: bool = True) -> Iterator[None]:
@@ -17,17 +19,12 @@ def activation_gradients(model: nn.Module, enabled: bool = True) -> Iterator[Non
     read) without allocating a gradient per weight. The parameters' `requires_grad` flags are
     restored on exit. With `enabled=False` only the freezing applies.
     """
-    params = list(model.parameters())
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
     handle = None
-    if enabled:
-        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
+    with frozen_parameters(model):
+        if enabled:
+            handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()

@@ -196,7 +196,7 @@ def _sliced_loss_gradient(model: nn.Module, layers: Sequence[nn.Module], hidden:
     predicted = batch * (length - 1)
     vocab = model.get_output_embeddings().weight.shape[0]
     step = max(1, LOGIT_BYTES // (3 * 4 * vocab * batch))  # positions per slice: logits, softmax and their gradient
-    grad = torch.zeros_like(hidden, dtype=hidden.dtype)
+    grad = torch.zeros_like(hidden)
     total = 0.0
     for start in range(0, length, step):
         end = min(length, start + step)

@@ -73,8 +73,9 @@ def streamed_gradients(engine: LayerEngine, batches: list[tuple[str, torch.Tenso
     return loss, grads
 
 
-@pytest.mark.parametrize("model_type", LAYERWISE)
-def test_streamed_gradients_equal_the_whole_model_backward(model_type: str) -> None:
+def assert_streamed_equals_whole_model(model_type: str) -> torch.nn.Module:
+    """Two batches through a tiny float32 model of `model_type`: the streamed loss and gradients equal the whole
+    model's at every decoder layer; returns the model."""
     model = tiny_model(TINY_CONFIGS[model_type](), seed=0).float()
     ids = token_batch(model.config.vocab_size, batch=4, length=12)
     batches = [("a", ids[:2]), ("b", ids[2:])]
@@ -85,6 +86,12 @@ def test_streamed_gradients_equal_the_whole_model_backward(model_type: str) -> N
         assert len(got[index]) == len(grads) == 2, index
         for mine, theirs in zip(got[index], grads):
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7, msg=f"decoder layer {index}")
+    return model
+
+
+@pytest.mark.parametrize("model_type", LAYERWISE)
+def test_streamed_gradients_equal_the_whole_model_backward(model_type: str) -> None:
+    model = assert_streamed_equals_whole_model(model_type)
     assert all(p.requires_grad for p in model.parameters())  # parameters unfrozen afterwards
     assert all(p.grad is None for p in model.parameters())  # no weight gradient was computed
 
@@ -95,15 +102,7 @@ def test_the_head_in_slices_of_positions_gives_the_same_gradients(model_type: st
     from moecompress.engine import backward
 
     monkeypatch.setattr(backward, "LOGIT_BYTES", 1)
-    model = tiny_model(TINY_CONFIGS[model_type](), seed=0).float()
-    ids = token_batch(model.config.vocab_size, batch=4, length=12)
-    batches = [("a", ids[:2]), ("b", ids[2:])]
-    losses, expected = whole_model_gradients(model, batches)
-    loss, got = streamed_gradients(LayerEngine(model, get_adapter(model)), batches)
-    assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
-    for index, grads in expected.items():
-        for mine, theirs in zip(got[index], grads):
-            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7, msg=f"decoder layer {index}")
+    assert_streamed_equals_whole_model(model_type)
 
 
 @pytest.mark.parametrize("spill", [False, True])

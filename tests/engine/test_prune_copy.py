@@ -10,6 +10,7 @@ other experts masked in its router.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,23 @@ def _plan(adapter, model) -> PrunePlan:
                      protected={})
 
 
+def _assert_same_checkpoint(copy: Path, whole: Path, vocab_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Both folders reopened with `from_pretrained` hold the same tensors bit for bit and give the same logits.
+
+    Returns the copy's model and the token ids its logits were compared on.
+    """
+    copied = AutoModelForCausalLM.from_pretrained(copy).eval()
+    reference = AutoModelForCausalLM.from_pretrained(whole).eval()
+    a, b = copied.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    ids = token_batch(vocab_size, batch=2, length=12)
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, reference(ids).logits)
+    return copied, ids
+
+
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
 def test_copy_equals_whole_model(model_type, tmp_path) -> None:
     model = tiny_model(TINY_CONFIGS[model_type]())
@@ -57,16 +75,9 @@ def test_copy_equals_whole_model(model_type, tmp_path) -> None:
     reference, _ = AutoModelForCausalLM.from_pretrained(source).eval(), None
     write_pruned(reference, adapter, plan, None, tmp_path / "whole", {}, source)
 
-    copied = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval()
-    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").eval()
-    a, b = copied.state_dict(), whole.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    ids = token_batch(model.config.vocab_size, batch=2, length=12)
+    copied, ids = _assert_same_checkpoint(tmp_path / "copy", tmp_path / "whole", model.config.vocab_size)
     with torch.no_grad():
         got = copied(ids).logits
-        assert torch.equal(got, whole(ids).logits)
         original = AutoModelForCausalLM.from_pretrained(source).eval()
         with adapter.mask_experts(original, plan.keep):
             masked = original(ids).logits
@@ -147,15 +158,7 @@ def test_neuron_copy_equals_whole_model(model_type, tmp_path) -> None:
         assert model_type not in PER_EXPERT_ON_DISK
         assert not (tmp_path / "copy").exists()
         return
-    copied = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval()
-    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").eval()
-    a, b = copied.state_dict(), whole.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    ids = token_batch(model.config.vocab_size, batch=2, length=12)
-    with torch.no_grad():
-        assert torch.equal(copied(ids).logits, whole(ids).logits)
+    _assert_same_checkpoint(tmp_path / "copy", tmp_path / "whole", model.config.vocab_size)
 
 
 def test_heapr_uniform_prune_streams_end_to_end(tmp_path) -> None:
