@@ -91,24 +91,31 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return value
 
 
-def _load_gptq(folder: Path, dtype: str | torch.dtype) -> torch.nn.Module:
+def _load_gptq(folder: Path, dtype: str | torch.dtype, dequantize: str) -> torch.nn.Module:
     from moecompress.quant.load import load_quantized
 
-    model, _ = load_quantized(folder, dtype)
+    model, _ = load_quantized(folder, dtype, dequantize=dequantize)
     return model
 
 
-def load(path: str | Path, dtype: str | torch.dtype = "float32") -> torch.nn.Module:
+def load(path: str | Path, dtype: str | torch.dtype = "float32", dequantize: str = "load") -> torch.nn.Module:
     """Open a checkpoint folder written by moecompress (or any supported original) in eval mode.
 
     dtype: "float32", "bfloat16", "float16", "auto" or a torch dtype.
+    dequantize (GPTQ folders): "load" dequantises every weight once; "use" keeps the weights
+    packed and dequantises a layer's linears while it runs and only the routed experts (about
+    the packed size in memory plus one layer; `moecompress.quant.load`).
     """
     from transformers import AutoModelForCausalLM
 
+    from moecompress.quant.load import DEQUANTIZE_MODES
+
+    if dequantize not in DEQUANTIZE_MODES:
+        raise MoecompressError(f"dequantize must be one of {', '.join(DEQUANTIZE_MODES)}, got {dequantize!r}")
     folder = Path(path)
     kind = checkpoint_kind(folder)
     if kind == "gptq":
-        model = _load_gptq(folder, dtype)
+        model = _load_gptq(folder, dtype, dequantize)
     elif kind == "condensed":
         from moecompress.condense.apply import load_condensed
 
@@ -142,7 +149,8 @@ def open_for_evaluation(model: str | Path, dtype: str, streaming: bool) -> tuple
     """(model, reader) as `moecompress eval` opens them; GPTQ and moecompress-layout folders through `moecompress.load`.
 
     streaming: read a stock checkpoint one decoder layer at a time (the model is then a meta
-    skeleton and the reader, a `CheckpointReader`, serves its layers); otherwise reader is None.
+    skeleton and the reader, a `CheckpointReader`, serves its layers); a GPTQ folder stays packed
+    and is dequantised at use (`load(..., dequantize="use")`). Otherwise reader is None.
     """
     from moecompress.models.load import inspect_checkpoint, load_model
 
@@ -159,7 +167,9 @@ def open_for_evaluation(model: str | Path, dtype: str, streaming: bool) -> tuple
             return reader.model, reader
         loaded, _ = load_model(model, dtype=dtype)
         return loaded, None
+    if kind == "gptq":  # streaming: the weights stay packed, dequantised a layer (and its routed experts) at use
+        return load(model, dtype=dtype, dequantize="use" if streaming else "load"), None
     if streaming:
-        raise MoecompressError(f"streaming evaluation reads stock checkpoints only; {model} is a {kind} checkpoint, "
-                               "evaluate it without streaming")
+        raise MoecompressError(f"streaming evaluation reads stock and GPTQ checkpoints only; {model} is a {kind} "
+                               "checkpoint, evaluate it without streaming")
     return load(model, dtype=dtype), None

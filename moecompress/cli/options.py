@@ -100,7 +100,8 @@ StreamingOption = Annotated[
     bool,
     typer.Option(
         "--streaming",
-        help="Keep decoder layers on disk and read each one only while it runs (low memory, slower).",
+        help="Keep decoder layers on disk and read each one only while it runs (low memory, slower); "
+        "a GPTQ folder stays packed and is dequantised a layer and its routed experts at a time.",
     ),
 ]
 

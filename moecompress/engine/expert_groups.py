@@ -18,7 +18,7 @@ another order, so outputs equal the ungrouped ones up to float rounding.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,26 +66,42 @@ class ExpertGroups:
         with reader.loaded(ref.experts, self.device):
             yield ref
 
-    @torch.no_grad()
     def run(self, adapter: MoEAdapter, layer: MoELayerRef, hidden: torch.Tensor, index: torch.Tensor,
             weights: torch.Tensor, visit: ExpertVisitor | None, only: set[int] | None) -> torch.Tensor:
         """`run_experts` of the whole layer, one group at a time: hidden (T, H), index/weights (T, k) -> (T, H)."""
-        total = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-        routed = set(torch.unique(index).tolist())
-        for group in self.groups:
-            wanted = [e for e in group if e in routed and (only is None or e in only)]
-            if not wanted:
-                continue
-            local = torch.full((layer.num_experts,), len(group), dtype=index.dtype, device=index.device)
-            local[torch.as_tensor(group, device=index.device)] = torch.arange(len(group), dtype=index.dtype,
-                                                                              device=index.device)
-            local_index = local[index]  # (T, k); experts outside the group -> len(group), never computed
-            local_visit = None if visit is None else _remapped(visit, group)
-            with self.loaded(layer.index, group) as group_ref:
-                out = MoEAdapter.run_experts(adapter, group_ref, hidden, local_index, weights, local_visit,
-                                             only={group.index(e) for e in wanted})
-            total += out.float()
-        return total.to(hidden.dtype)
+        return run_in_groups(adapter, layer, hidden, index, weights, visit, only, self.groups,
+                             lambda group: self.loaded(layer.index, group))
+
+
+GroupLoader = Callable[[list[int]], contextlib.AbstractContextManager[MoELayerRef]]
+
+
+@torch.no_grad()
+def run_in_groups(adapter: MoEAdapter, layer: MoELayerRef, hidden: torch.Tensor, index: torch.Tensor,
+                  weights: torch.Tensor, visit: ExpertVisitor | None, only: set[int] | None,
+                  groups: Sequence[list[int]], load_group: GroupLoader) -> torch.Tensor:
+    """The routed experts' combined output, computed one group of experts at a time -> (T, H).
+
+    hidden (T, H), index/weights (T, k) as `MoEAdapter.run_experts` takes them. `load_group(group)`
+    enters a context holding an experts module of at least len(group) experts whose local expert
+    i is the layer's expert group[i]; groups with no routed (or `only`) expert are not loaded.
+    """
+    total = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    routed = set(torch.unique(index).tolist())
+    for group in groups:
+        wanted = [e for e in group if e in routed and (only is None or e in only)]
+        if not wanted:
+            continue
+        local = torch.full((layer.num_experts,), len(group), dtype=index.dtype, device=index.device)
+        local[torch.as_tensor(group, device=index.device)] = torch.arange(len(group), dtype=index.dtype,
+                                                                          device=index.device)
+        local_index = local[index]  # (T, k); experts outside the group -> len(group), never computed
+        local_visit = None if visit is None else _remapped(visit, group)
+        with load_group(group) as group_ref:
+            out = MoEAdapter.run_experts(adapter, group_ref, hidden, local_index, weights, local_visit,
+                                         only={group.index(e) for e in wanted})
+        total += out.float()
+    return total.to(hidden.dtype)
 
 
 def _remapped(visit: ExpertVisitor, group: list[int]) -> ExpertVisitor:

@@ -11,16 +11,19 @@ transformers classes and fills every weight from the folder:
 * routed experts, written unfused (`{experts_path}.{e}.gate_proj`, ...), into the model's
   fused expert parameters through the adapter's canonical views (any layout).
 
-`dequantize="load"` (default) dequantises everything once; `dequantize="use"` keeps the packed
-tensors and dequantises one decoder layer's weights just before it runs (freeing them after),
-so memory holds the packed model plus one dense layer. GPTQModel (`GPTQModel.load(path,
-device="cpu")`) is the other supported loader for these folders.
+`dequantize="load"` dequantises everything once (the model then takes the float memory of
+its dtype). `dequantize="use"` keeps the packed tensors in memory and dequantises at use: each
+decoder layer's quantised linears (attention, shared experts, dense MLPs) just before the layer
+runs, freed after it; routed experts only for the experts tokens are routed to, a group at a
+time (`moecompress.quant.packed_experts`). Memory then holds about the packed model plus one
+layer's dense linears and one group of experts. GPTQModel (`GPTQModel.load(path, device="cpu")`)
+is the other supported loader for these folders.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,17 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoecompressError
-from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.models.tensors import set_tensor
 from moecompress.quant.layout import from_checkpoint_halves, interleaved_gate_up
 from moecompress.quant.pack import from_gptq_tensors
+from moecompress.quant.packed_experts import (
+    DEFAULT_PER_GROUP,
+    install_packed_experts,
+    release_experts,
+    scratch_layers,
+    supports_packed_experts,
+)
 from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
 
 DEQUANTIZE_MODES = ("load", "use")
@@ -47,6 +57,7 @@ class _Tensors:
 
         self.handles = {}
         self.where: dict[str, Any] = {}
+        self.held: dict[str, torch.Tensor] = {}  # tensors read into memory once (`hold`)
         for file in weight_files(folder):
             handle = safe_open(str(file), framework="pt")
             self.handles[file] = handle
@@ -56,7 +67,16 @@ class _Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def hold(self, names: Sequence[str]) -> None:
+        """Read these tensors into memory now; `get` serves them from there afterwards."""
+        for name in names:
+            if name not in self.held:
+                self.held[name] = self.get(name)
+
     def get(self, name: str) -> torch.Tensor:
+        held = self.held.get(name)
+        if held is not None:
+            return held
         try:
             return self.where[name].get_tensor(name)
         except KeyError:
@@ -88,7 +108,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def _dequantized(tensors: _Tensors, name: str, spec: Any, shape: tuple[int, int], zero_offset: int,
                  dtype: torch.dtype) -> torch.Tensor:
-    parts = {key: tensors.get(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
+    parts = {key: tensors.get(f"{name}.{key}") for key in _PACKED_PARTS}
     out_features, in_features = shape
     quantized = from_gptq_tensors(parts, spec.bits, out_features, in_features, spec.sym, zero_offset)
     return quantized.dequantize(dtype)
@@ -127,24 +147,34 @@ class _LayerFiller:
 
     def fill(self) -> None:
         """Dequantise and assign every owned tensor."""
+        self.fill_linears()
+        if self.moe is not None:
+            self.fill_experts(self.moe, range(self.moe.num_experts))
+
+    def fill_linears(self) -> None:
+        """Dequantise and assign the layer's quantised linears (not its routed experts)."""
         for name, entry in self.linears.items():
             _set_tensor(self.model, f"{name}.weight",
                         _dequantized(self.tensors, name, entry.spec, self.shapes[name], self.zero_offset, self.dtype))
             if self.model.get_submodule(name).bias is not None:
                 _set_tensor(self.model, f"{name}.bias", self.tensors.get(f"{name}.bias").to(self.dtype))
-        if self.moe is not None:
-            self._fill_experts()
 
     @torch.no_grad()
-    def _fill_experts(self) -> None:
+    def fill_experts(self, target: MoELayerRef, experts: Sequence[int]) -> None:
+        """Dequantise the layer's routed experts `experts` into local experts 0.. of `target`.
+
+        target: this layer's own experts (all of them) or a scratch experts module of the same
+        class with at least len(experts) experts (`moecompress.quant.packed_experts`).
+        """
         moe = self.moe
         assert moe is not None
-        for name, shape in self.expert_shapes.items():
-            _set_tensor(self.model, f"{moe.experts_path}.{name}", torch.empty(shape, dtype=self.dtype))
+        module = target.experts
+        for name in self.adapter.expert_weight_names(target):
+            _set_tensor(module, name, torch.empty(tuple(module.get_parameter(name).shape), dtype=self.dtype))
         interleaved = interleaved_gate_up(moe)
-        for e in range(moe.num_experts):
+        for local, e in enumerate(experts):
             key = f"{moe.experts_path}.{e}"
-            canonical = self.adapter.expert_weights(moe, e)
+            canonical = self.adapter.expert_weights(target, local)
             views = {"gate_proj": (canonical.gate, canonical.gate_bias), "up_proj": (canonical.up, canonical.up_bias),
                      "down_proj": (canonical.down, canonical.down_bias)}
             values: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -174,19 +204,41 @@ class _LayerFiller:
             raise MoecompressError(f"{name} is packed but the plan does not quantise it; the folder is corrupt")
         return _dequantized(self.tensors, name, entry.spec, shape, self.zero_offset, torch.float32)
 
-    def release(self) -> None:
-        """Drop the owned tensors to the meta device (dequantise-at-use mode)."""
+    def release_linears(self) -> None:
+        """Drop the layer's dequantised linears to the meta device (dequantise-at-use mode)."""
         for name in self.owned():
             module_path, _, leaf = name.rpartition(".")
             module = self.model.get_submodule(module_path)
             current = module._parameters.get(leaf)
-            if current is not None:
+            if current is not None and (self.moe is None or not name.startswith(self.moe.experts_path + ".")):
                 _set_tensor(self.model, name, torch.empty_like(current, device="meta"))
 
+    def release_all(self) -> None:
+        """Drop every owned tensor (linears and routed experts) to the meta device."""
+        self.release_linears()
+        if self.moe is not None:
+            release_experts(self.adapter, self.moe)
 
-def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32",
-                   dequantize: str = "load") -> tuple[nn.Module, MoEAdapter]:
-    """Open a GPTQ folder written by moecompress as a plain transformers model (eval mode)."""
+    def packed_names(self) -> list[str]:
+        """The checkpoint tensors this layer dequantises from (packed parts, biases, unpacked expert weights)."""
+        names = [f"{name}.{part}" for name in self.linears for part in _PACKED_PARTS]
+        names += [f"{name}.bias" for name in self.linears if self.model.get_submodule(name).bias is not None]
+        if self.moe is not None:
+            prefix = f"{self.moe.experts_path}."
+            names += [name for name in self.tensors.where if name.startswith(prefix)]
+        return names
+
+
+_PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32", dequantize: str = "load",
+                   experts_per_group: int = DEFAULT_PER_GROUP) -> tuple[nn.Module, MoEAdapter]:
+    """Open a GPTQ folder written by moecompress as a plain transformers model (eval mode).
+
+    dequantize: "load" (dense weights at load) or "use" (packed weights, dequantised at use; see
+    the module docstring). experts_per_group: in "use" mode, the most routed experts held dense at once.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -194,6 +246,8 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32",
 
     if dequantize not in DEQUANTIZE_MODES:
         raise MoecompressError(f"dequantize must be one of {', '.join(DEQUANTIZE_MODES)}, got {dequantize!r}")
+    if experts_per_group < 1:
+        raise MoecompressError(f"experts_per_group must be at least 1, got {experts_per_group}")
     folder = Path(path)
     config = load_config(folder)
     plan = _read_plan(folder)
@@ -230,13 +284,28 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32",
         for filler in fillers:
             filler.fill()
     else:
-        layers = adapter.decoder_layers(model)
-        for filler, layer in zip(fillers, layers):
-            filler.release()
-            layer.register_forward_pre_hook(_hook(filler.fill))
-            layer.register_forward_hook(_hook(filler.release))
+        _dequantize_at_use(model, adapter, plain_config, fillers, tensors, experts_per_group, torch_dtype)
     model.eval()
     return model, adapter
+
+
+def _dequantize_at_use(model: nn.Module, adapter: MoEAdapter, config: Any, fillers: list[_LayerFiller],
+                       tensors: _Tensors, experts_per_group: int, dtype: torch.dtype) -> None:
+    """Hold the packed tensors in memory; linears dequantised per layer run, routed experts per routed group."""
+    moe = [filler.moe for filler in fillers if filler.moe is not None]
+    per_group = min([experts_per_group] + [ref.num_experts for ref in moe])
+    packed = moe and all(supports_packed_experts(ref) for ref in moe)
+    scratch = scratch_layers(adapter, config, per_group, dtype) if packed else {}
+    for filler, layer in zip(fillers, adapter.decoder_layers(model)):
+        tensors.hold(filler.packed_names())
+        if filler.moe is not None and packed:
+            install_packed_experts(adapter, filler.moe, scratch[filler.moe.index], filler.fill_experts, per_group)
+            fill, release = filler.fill_linears, filler.release_linears
+        else:  # experts outside transformers' experts dispatch: the whole layer dense while it runs
+            fill, release = filler.fill, filler.release_all
+        release()
+        layer.register_forward_pre_hook(_hook(fill))
+        layer.register_forward_hook(_hook(release))
 
 
 def _hook(fn: Callable[[], None]) -> Callable[..., None]:

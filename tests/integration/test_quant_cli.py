@@ -63,6 +63,15 @@ def test_quantize_bits_writes_gptq_and_fake_that_agree(checkpoint, data, tmp_pat
     fake = AutoModelForCausalLM.from_pretrained(outputs["fake"], dtype=torch.float32)
     ids = token_batch(gptq.config.vocab_size, seed=3)
     torch.testing.assert_close(logits(gptq, ids), logits(fake, ids), atol=1e-5, rtol=1e-5)
+    # `eval --streaming` keeps the GPTQ weights packed (dequantised at use) and scores the same
+    evals = []
+    for extra in ([], ["--streaming"]):
+        code, stdout, err = run_cli(["eval", str(outputs["gptq"]), *data, "--seq-len", "16", "--windows", "2",
+                                     "--json", *extra], monkeypatch, capsys)
+        assert code == 0, err
+        evals.append(json.loads(stdout))
+    assert evals[1]["streaming"] is True
+    assert evals[1]["mean_perplexity"] == pytest.approx(evals[0]["mean_perplexity"], rel=1e-5)
 
 
 def test_quantize_size_budget_global_program(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:

@@ -33,6 +33,8 @@ from moecompress.quant.gptq_writer import GPTQWriter
 from moecompress.models.adapters import get_adapter
 from moecompress.quant.apply import quantize_model
 from moecompress.quant.load import load_quantized
+from moecompress.quant.packed_experts import packed_sources
+from moecompress.quant.plan import QuantPlan
 from moecompress.quant.settings import QuantSettings, make_plan
 from moecompress.quant.targets import find_targets
 from tests.adapters.tiny_configs import TINY_CONFIGS
@@ -117,10 +119,59 @@ def test_moecompress_loader_matches_the_dequantised_model(quantised) -> None:  #
     case, model, folder = quantised
     ids = token_batch(model.config.vocab_size, batch=2, length=16, seed=5)
     reference = logits(model, ids)
-    for mode in ("load", "use"):
-        loaded, adapter = load_quantized(folder / "gptq", dequantize=mode)
+    for mode, per_group in (("load", 16), ("use", 16), ("use", 1), ("use", 3)):
+        loaded, adapter = load_quantized(folder / "gptq", dequantize=mode, experts_per_group=per_group)
         assert adapter.model_types == get_adapter(model).model_types
         torch.testing.assert_close(logits(loaded, ids), reference, atol=1e-5, rtol=1e-5)
+        if mode == "use":  # after the forward, no routed expert and no quantised decoder linear stays dense
+            plan = QuantPlan.model_validate_json((folder / "gptq" / "quant_plan.json").read_text())
+            linears = [name for name, entry in plan.entries.items()
+                       if entry.kind == "linear" and entry.spec is not None and entry.role != "lm_head"]
+            assert linears
+            for name in linears:
+                assert loaded.get_submodule(name).weight.is_meta, name
+            for ref in adapter.moe_layers(loaded):
+                assert all(p.is_meta for p in ref.experts.parameters()), ref.experts_path
+
+
+def test_packed_experts_dequantise_only_the_routed_experts(quantised) -> None:  # noqa: ANN001
+    """One token decoded: each MoE layer dequantises its k routed experts, not all E."""
+    case, model, folder = quantised
+    loaded, adapter = load_quantized(folder / "gptq", dequantize="use", experts_per_group=2)
+    sources = packed_sources(loaded)
+    if not sources:
+        pytest.skip(f"{case}: experts outside transformers' experts dispatch are dequantised per layer")
+    refs = adapter.moe_layers(loaded)
+    assert len(sources) == len(refs)
+    ids = token_batch(model.config.vocab_size, batch=1, length=1, seed=3)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+    for ref, source in zip(refs, sources):
+        assert source.dequantized <= ref.top_k < ref.num_experts
+
+
+def test_observers_see_packed_experts_as_dense_ones(quantised) -> None:  # noqa: ANN001
+    """run_experts visitors on the packed model see every routed expert with its own index and inputs."""
+    case, model, folder = quantised
+    loaded, adapter = load_quantized(folder / "gptq", dequantize="use", experts_per_group=3)
+    ids = token_batch(model.config.vocab_size, batch=2, length=8, seed=9)
+
+    def visits(m: torch.nn.Module) -> dict[tuple[int, int], torch.Tensor]:
+        seen: dict[tuple[int, int], torch.Tensor] = {}
+        refs = get_adapter(m).moe_layers(m)
+
+        def visitor(index: int):  # noqa: ANN202
+            def visit(expert, token_idx, slot, x, act, y, gate):  # noqa: ANN001, ANN202
+                seen[(index, expert)] = y.detach().clone()
+            return visit
+
+        with get_adapter(m).instrument(m, {ref.index: visitor(ref.index) for ref in refs}), torch.no_grad():
+            m(input_ids=ids)
+        return seen
+
+    ours, theirs = visits(loaded), visits(model)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-5)
 
 
 def test_fake_quant_reloads_in_plain_transformers(quantised) -> None:  # noqa: ANN001

@@ -52,13 +52,16 @@ def test_gptq_folders_go_to_the_quant_loader(saved, tmp_path, monkeypatch) -> No
     assert checkpoint_kind(target) == "gptq"
     calls = []
 
-    def fake_load(path, dtype):
-        calls.append((path, dtype))
+    def fake_load(path, dtype, dequantize):
+        calls.append((path, dtype, dequantize))
         return model, None
 
     monkeypatch.setattr(quant_load, "load_quantized", fake_load)
     assert moecompress.load(target, dtype="bfloat16") is model
-    assert calls == [(target, "bfloat16")]
+    assert moecompress.load(target, dequantize="use") is model
+    assert calls == [(target, "bfloat16", "load"), (target, "float32", "use")]
+    with pytest.raises(MoecompressError, match="dequantize must be one of load, use"):
+        moecompress.load(target, dequantize="never")
 
 
 def test_bad_folders(tmp_path) -> None:
