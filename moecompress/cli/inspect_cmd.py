@@ -218,6 +218,43 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(writes)
 
 
+def _print_gptq(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moecompress.sizes import format_bytes
+
+    console = Console()
+    overview = Table(title=f"{summary['path']} (GPTQ, written by moecompress)", show_header=False, box=None,
+                     pad_edge=False)
+    overview.add_column(style="bold")
+    overview.add_column()
+    histogram = ", ".join(f"{count} at {bits} bits" for bits, count in summary["expert_bits_histogram"].items())
+    others = ", ".join(f"{count} at {bits} bits" for bits, count in summary["other_linears_bits_histogram"].items())
+    average = summary["average_expert_bits"]
+    before = summary["bytes_before"]
+    rows = [
+        ("method", str(summary["method"] or "-")),
+        ("source", str(summary["source"] or "-")),
+        ("routed experts", f"{average:.3f} average bits ({histogram})" if average is not None else "none quantised"),
+        ("other linears", others or "none quantised"),
+        ("on disk", format_bytes(summary["bytes_on_disk"])
+         + (f" (from {format_bytes(before)})" if before else "")),
+    ]
+    for key, value in rows:
+        overview.add_row(key, value)
+    console.print(overview)
+    loaders = Table(title="Opens with")
+    loaders.add_column("loader")
+    loaders.add_column("call")
+    loaders.add_column("what it does")
+    for entry in summary["opens_with"]:
+        loaders.add_row(entry["loader"], entry["call"], entry["does"])
+    for entry in summary["does_not_open_with"]:
+        loaders.add_row(entry["loader"], "-", f"does not open it: {entry['why']}")
+    console.print(loaders)
+
+
 def _print_architectures(as_json: bool) -> None:
     from moecompress.models.adapters import supported_model_types, unsupported_model_types
 
@@ -255,6 +292,8 @@ def inspect_command(
     Reads config.json and the safetensors headers only: model type, MoE and dense layers,
     experts per layer and per token, shared experts, routing, and parameters and bytes by
     role (attention, routed experts, shared experts, dense MLPs, routers, embeddings, norms).
+    A GPTQ folder written by `quantize` shows its plan (bits per expert), its size and which
+    loaders open it.
 
     Examples:
 
@@ -267,6 +306,17 @@ def inspect_command(
         return
     if model is None:
         raise MoecompressError("pass a checkpoint folder (moecompress inspect MODEL) or --list-architectures")
+    from moecompress.loader import checkpoint_kind
+
+    if checkpoint_kind(model) == "gptq":  # quantize output: its plan, sizes and what opens it
+        from moecompress.quant.describe import describe_gptq_folder
+
+        gptq = describe_gptq_folder(model)
+        if json_output:
+            typer.echo(json.dumps(gptq, indent=2))
+        else:
+            _print_gptq(gptq)
+        return
     summary = describe_checkpoint(model)
     if json_output:
         typer.echo(json.dumps(summary, indent=2))

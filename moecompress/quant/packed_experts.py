@@ -34,7 +34,7 @@ from moecompress.models.adapters.base import EXPERT_SOURCE_ATTR, ExpertVisitor, 
 
 IMPLEMENTATION = "moecompress_packed"
 _OWNER_ATTR = "_moecompress_packed_owner"
-DEFAULT_PER_GROUP = 16
+DEFAULT_PER_GROUP = 8  # routed experts held dense at once (Qwen3-30B-A3B: 8 x 18 MiB in float32)
 
 # fill(target layer, experts): dequantise the layer's experts `experts` into local experts 0.. of `target`
 ExpertFill = Callable[[MoELayerRef, Sequence[int]], None]

@@ -113,7 +113,16 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat (out, in) = scale[g_idx] * (codes - zeros[g_idx]), computed in float32, cast to dtype."""
+        out_features, in_features = self.codes.shape
+        groups = self.scales.shape[0]
         g = self.g_idx.long()
+        if groups * self.group_size == in_features and torch.equal(
+                g, torch.arange(in_features, device=g.device) // self.group_size):
+            # sequential groups (no act-order): broadcast each group's scale and zero over its columns
+            codes = self.codes.float().view(out_features, groups, self.group_size)  # (out, G, gs)
+            zeros = self.zeros.float().T[:, :, None]  # (out, G, 1)
+            scales = self.scales.float().T[:, :, None]  # (out, G, 1)
+            return ((codes - zeros) * scales).view(out_features, in_features).to(dtype)
         scales = self.scales.float()[g].T  # (out, in)
         zeros = self.zeros.float()[g].T  # (out, in)
-        return (scales * (self.codes.float() - zeros)).to(dtype)
+        return ((self.codes.float() - zeros) * scales).to(dtype)

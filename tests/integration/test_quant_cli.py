@@ -72,6 +72,18 @@ def test_quantize_bits_writes_gptq_and_fake_that_agree(checkpoint, data, tmp_pat
         evals.append(json.loads(stdout))
     assert evals[1]["streaming"] is True
     assert evals[1]["mean_perplexity"] == pytest.approx(evals[0]["mean_perplexity"], rel=1e-5)
+    # `inspect` on the GPTQ folder: its plan and what opens it, instead of the stock-checkpoint summary
+    code, stdout, err = run_cli(["inspect", str(outputs["gptq"]), "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    described = json.loads(stdout)
+    assert described["format"] == "gptq" and described["method"] == "gemq"
+    assert described["average_expert_bits"] == pytest.approx(manifest["achieved_average_bits"])
+    assert described["expert_bits_per_layer"] == {str(k): v for k, v in manifest["expert_bits"].items()}
+    assert described["source"] == str(checkpoint)
+    assert {entry["loader"] for entry in described["opens_with"]} >= {"moecompress.load", "GPTQModel"}
+    code, stdout, err = run_cli(["inspect", str(outputs["gptq"])], monkeypatch, capsys)
+    assert code == 0, err
+    assert "Opens with" in stdout and "GPTQModel" in stdout and "optimum" in stdout  # cells wrap: single words
 
 
 def test_quantize_size_budget_global_program(checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
