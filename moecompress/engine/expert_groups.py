@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,36 +70,47 @@ class ExpertGroups:
     def run(self, adapter: MoEAdapter, layer: MoELayerRef, hidden: torch.Tensor, index: torch.Tensor,
             weights: torch.Tensor, visit: ExpertVisitor | None, only: set[int] | None) -> torch.Tensor:
         """`run_experts` of the whole layer, one group at a time: hidden (T, H), index/weights (T, k) -> (T, H)."""
-        return run_in_groups(adapter, layer, hidden, index, weights, visit, only, self.groups,
+        return run_in_groups(adapter, layer, ExpertsCall(hidden, index, weights, visit, only), self.groups,
                              lambda group: self.loaded(layer.index, group))
 
 
 GroupLoader = Callable[[list[int]], contextlib.AbstractContextManager[MoELayerRef]]
 
 
-@torch.no_grad()
-def run_in_groups(adapter: MoEAdapter, layer: MoELayerRef, hidden: torch.Tensor, index: torch.Tensor,
-                  weights: torch.Tensor, visit: ExpertVisitor | None, only: set[int] | None,
-                  groups: Sequence[list[int]], load_group: GroupLoader) -> torch.Tensor:
-    """The routed experts' combined output, computed one group of experts at a time -> (T, H).
+@dataclass(frozen=True)
+class ExpertsCall:
+    """The arguments of one `MoEAdapter.run_experts` call."""
 
-    hidden (T, H), index/weights (T, k) as `MoEAdapter.run_experts` takes them. `load_group(group)`
-    enters a context holding an experts module of at least len(group) experts whose local expert
-    i is the layer's expert group[i]; groups with no routed (or `only`) expert are not loaded.
+    hidden: torch.Tensor  # (T, H)
+    index: torch.Tensor  # (T, k) routed experts
+    weights: torch.Tensor  # (T, k) their gate weights
+    visit: ExpertVisitor | None = None
+    only: set[int] | None = None  # compute just these experts
+
+
+@torch.no_grad()
+def run_in_groups(adapter: MoEAdapter, layer: MoELayerRef, call: ExpertsCall, groups: Sequence[list[int]],
+                  load_group: GroupLoader) -> torch.Tensor:
+    """The routed experts' combined output (T, H), computed one group of experts at a time.
+
+    `load_group(group)` enters a context holding an experts module of at least len(group)
+    experts whose local expert i is the layer's expert group[i]; groups with no routed (or
+    `call.only`) expert are not loaded.
     """
+    hidden, index = call.hidden, call.index
     total = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device)
     routed = set(torch.unique(index).tolist())
     for group in groups:
-        wanted = [e for e in group if e in routed and (only is None or e in only)]
+        wanted = [e for e in group if e in routed and (call.only is None or e in call.only)]
         if not wanted:
             continue
         local = torch.full((layer.num_experts,), len(group), dtype=index.dtype, device=index.device)
         local[torch.as_tensor(group, device=index.device)] = torch.arange(len(group), dtype=index.dtype,
                                                                           device=index.device)
         local_index = local[index]  # (T, k); experts outside the group -> len(group), never computed
-        local_visit = None if visit is None else _remapped(visit, group)
+        local_visit = None if call.visit is None else _remapped(call.visit, group)
         with load_group(group) as group_ref:
-            out = MoEAdapter.run_experts(adapter, group_ref, hidden, local_index, weights, local_visit,
+            out = MoEAdapter.run_experts(adapter, group_ref, hidden, local_index, call.weights, local_visit,
                                          only={group.index(e) for e in wanted})
         total += out.float()
     return total.to(hidden.dtype)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moecompress.engine.expert_groups import run_in_groups
+from moecompress.engine.expert_groups import ExpertsCall, run_in_groups
 from moecompress.models.adapters.base import EXPERT_SOURCE_ATTR, ExpertVisitor, MoEAdapter, MoELayerRef
 
 IMPLEMENTATION = "moecompress_packed"
@@ -78,7 +78,7 @@ class PackedExperts:
         routed = [e for e in sorted(set(torch.unique(index).tolist()))
                   if 0 <= e < layer.num_experts and (only is None or e in only)]
         groups = [routed[start:start + self.per_group] for start in range(0, len(routed), self.per_group)]
-        return run_in_groups(adapter, layer, hidden, index, weights, visit, only, groups,
+        return run_in_groups(adapter, layer, ExpertsCall(hidden, index, weights, visit, only), groups,
                              lambda group: self._loaded(adapter, group))
 
 
