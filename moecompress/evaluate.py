@@ -10,6 +10,9 @@ window length, the text and the model. Windows are the first `max_windows` of th
 token stream, in order, so two runs (and two models sharing a tokenizer) see the same tokens.
 Sums are accumulated in float64.
 
+Under torchrun every rank scores its share of each domain's windows and the sums are
+all-reduced (`_domain_nll`), so every rank holds the whole report.
+
 With a `CheckpointReader` (`eval --streaming`) the windows go through the layer engine: every
 batch is embedded, then each decoder layer is read once and run on every batch, and the
 model's own forward finishes each batch from its last hidden state (final norm, head, any
@@ -138,6 +141,28 @@ def streamed_window_nll(reader: CheckpointReader, windows: torch.Tensor, batch_s
     return total, tokens
 
 
+def _domain_nll(model: nn.Module, reader: CheckpointReader | None, domain_windows: torch.Tensor, batch_size: int,
+                progress: bool, desc: str) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) of a domain's windows (N, S); under torchrun, of every rank's share, summed.
+
+    Ranks take the windows round-robin (`distributed.shard`) and all-reduce the two sums in
+    float64, so every rank returns the single-process totals up to the order of the additions.
+    """
+    from moecompress.engine import distributed
+
+    share = domain_windows[distributed.rank()::distributed.world_size()]  # (N_rank, S)
+    nll, tokens = 0.0, 0
+    with distributed.phase(f"evaluating {desc}"):
+        if share.shape[0] and reader is None:
+            nll, tokens = window_nll(model, share, batch_size=batch_size, progress=progress, desc=desc)
+        elif share.shape[0]:
+            nll, tokens = streamed_window_nll(reader, share, batch_size=batch_size, progress=progress, desc=desc)
+    if distributed.active():
+        summed = distributed.all_reduce_(torch.tensor([nll, float(tokens)], dtype=torch.float64))  # (2,)
+        nll, tokens = float(summed[0]), int(summed[1])
+    return nll, tokens
+
+
 @dataclass
 class DomainResult:
     """Perplexity of one domain: exp(nll / tokens) over `windows` windows."""
@@ -238,11 +263,7 @@ def evaluate_perplexity(
             )
         domain_windows = windows(stream, seq_len, count=min(max_windows, available), seed=None)  # (N, S)
         _check_vocabulary(model, domain_windows, source.name)
-        if reader is None:
-            nll, tokens = window_nll(model, domain_windows, batch_size=batch_size, progress=progress, desc=source.name)
-        else:
-            nll, tokens = streamed_window_nll(reader, domain_windows, batch_size=batch_size, progress=progress,
-                                              desc=source.name)
+        nll, tokens = _domain_nll(model, reader, domain_windows, batch_size, progress, source.name)
         results.append(
             DomainResult(
                 domain=source.name,

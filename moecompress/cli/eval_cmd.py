@@ -77,18 +77,24 @@ def eval_command(
 
         return echo_step("eval", locals())
     from moecompress.calibration.data import default_calibration_sources, parse_data_specs
+    from moecompress.engine import distributed
     from moecompress.evaluate import evaluate_perplexity
     from moecompress.loader import open_for_evaluation
     from moecompress.models.load import load_tokenizer
 
-    if json_out is not None:
-        if json_out.is_dir():
-            raise MoecompressError(f"--json-out {json_out} is a folder; give a file name such as {json_out / 'eval.json'}")
-        if json_out.exists() and not force:
-            raise MoecompressError(f"{json_out} exists; pass --force to overwrite it")
-    sources = parse_data_specs(data, field=field) if data else default_calibration_sources()
-    loaded, reader = open_for_evaluation(model, dtype, streaming)  # stock, pruned-layout, condensed or GPTQ folders
-    tokenizer = load_tokenizer(model)
+    # under torchrun every rank scores its share of the windows and rank 0 reports: docs/distributed.md
+    distributed.initialise("cpu")
+    with distributed.phase("reading the arguments"):
+        if json_out is not None:
+            if json_out.is_dir():
+                raise MoecompressError(f"--json-out {json_out} is a folder; give a file name such as "
+                                       f"{json_out / 'eval.json'}")
+            if json_out.exists() and not force:
+                raise MoecompressError(f"{json_out} exists; pass --force to overwrite it")
+        sources = parse_data_specs(data, field=field) if data else default_calibration_sources()
+    with distributed.phase("loading the checkpoint"):
+        loaded, reader = open_for_evaluation(model, dtype, streaming)  # stock, pruned-layout, condensed or GPTQ
+        tokenizer = load_tokenizer(model)
     report = evaluate_perplexity(
         loaded,
         tokenizer,
@@ -96,14 +102,17 @@ def eval_command(
         seq_len=seq_len,
         max_windows=windows,
         batch_size=batch_size,
-        progress=True,
+        progress=distributed.is_writer(),
         model_path=str(model),
         reader=reader,
     )
     report.extra["dtype"] = dtype
     report.extra["streaming"] = streaming
+    report.extra["world_size"] = distributed.world_size()
     report.extra["data"] = [{"name": s.name, "path": str(s.path), "field": s.field} for s in sources]
     payload = json.dumps(report.to_dict(), indent=2)
+    if not distributed.is_writer():
+        return
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(payload + "\n")

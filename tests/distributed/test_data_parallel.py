@@ -199,3 +199,23 @@ def test_a_killed_rank_stops_quantize_and_nothing_is_left(checkpoint, data, tmp_
     ours = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and ("another process of this torchrun job" in ours[0]), run.stderr[-3000:]
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streaming"])
+def test_two_ranks_evaluate_like_one_process(streaming, checkpoint, data, tmp_path, monkeypatch, capsys) -> None:
+    """eval: each rank scores its share of the windows (5 per domain: 3 + 2), the sums are all-reduced, rank 0 reports."""
+    args = ["eval", str(checkpoint), *data, "--seq-len", "32", "--windows", "5", "--batch-size", "2",
+            *(["--streaming"] if streaming else [])]
+    code, _, err = run_cli([*args, "--json-out", str(tmp_path / "single.json")], monkeypatch, capsys)
+    assert code == 0, err
+    run = torchrun([*args, "--json-out", str(tmp_path / "parallel.json")])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("Perplexity of") == 1  # one report: rank 0's
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("single", "parallel"))
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert [(d["domain"], d["tokens"], d["windows"]) for d in one["domains"]] == \
+        [(d["domain"], d["tokens"], d["windows"]) for d in two["domains"]]
+    for mine, theirs in zip(one["domains"], two["domains"]):
+        # the same windows in other batches (float32 matmuls round differently) and summed in another order
+        assert theirs["nll"] == pytest.approx(mine["nll"], rel=1e-6)
+    assert two["mean_perplexity"] == pytest.approx(one["mean_perplexity"], rel=1e-6)
