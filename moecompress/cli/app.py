@@ -31,7 +31,7 @@ app = typer.Typer(
 QUIET_LOGGERS = ("accelerate.big_modeling", "torchao", "torchao.kernel.intmm", "torch.utils._pytree")
 
 # Command modules, in the order `--help` lists them. Each defines its command(s) on `app`.
-COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "condense_cmd", "route_task_cmd", "quantize_cmd", "compress_cmd", "eval_cmd", "run_cmd", "recipe_cmd", "demo_cmd")
+COMMAND_MODULES = ("inspect_cmd", "calibrate_cmd", "prune_cmd", "condense_cmd", "route_task_cmd", "quantize_cmd", "compress_cmd", "export_cmd", "eval_cmd", "run_cmd", "recipe_cmd", "demo_cmd")
 
 
 @app.callback()

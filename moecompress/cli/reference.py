@@ -43,16 +43,24 @@ def render() -> str:
                   "|---|---|---|---|---|"]
         lines += [_option_row(p) for p in global_params] + [""]
     for name in sorted(root.list_commands(ctx)):  # registration order depends on import order
-        command = root.get_command(ctx, name)
-        sub_ctx = typer.Context(command, info_name=name, parent=ctx)
-        lines += [f"## `moecompress {name}`", "", "```", command.get_usage(sub_ctx), "```", ""]
-        lines += [(command.help or "").strip(), ""]
-        params = [p for p in command.params if p.name != "help"]
-        if params:
-            lines += ["| option | type | required | default | help |", "|---|---|---|---|---|"]
-            lines += [_option_row(p) for p in params]
-            lines.append("")
+        lines += _command_section(root, ctx, [name])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _command_section(group, ctx, path: list[str]) -> list[str]:  # noqa: ANN001 - click group and context
+    """One command's section (usage, help, options table), then one per subcommand of a command group."""
+    command = group.get_command(ctx, path[-1])
+    sub_ctx = typer.Context(command, info_name=path[-1], parent=ctx)
+    lines = [f"## `moecompress {' '.join(path)}`", "", "```", command.get_usage(sub_ctx), "```", ""]
+    lines += [(command.help or "").strip(), ""]
+    params = [p for p in command.params if p.name != "help"]
+    if params:
+        lines += ["| option | type | required | default | help |", "|---|---|---|---|---|"]
+        lines += [_option_row(p) for p in params]
+        lines.append("")
+    for name in sorted(getattr(command, "list_commands", lambda _: [])(sub_ctx)):
+        lines += _command_section(command, sub_ctx, [*path, name])
+    return lines
 
 
 if __name__ == "__main__":

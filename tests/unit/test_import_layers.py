@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "__main__": 8, "cli": 8,
     "recipe": 7,
     "compress": 6, "loader": 6, "__init__": 6,  # what composes stages: joint compression, moecompress.load
-    "prune": 5, "quant": 5, "condense": 5, "evaluate": 5,  # the stages
+    "prune": 5, "quant": 5, "condense": 5, "evaluate": 5, "export": 5,  # the stages
     "calibration": 4,  # the pass every stage builds on
     "engine": 3, "io": 3,
     "models": 2, "sizes": 2,

@@ -1,0 +1,1 @@
+"""Export stages: write a checkpoint in a format another engine runs (GGUF for llama.cpp)."""
