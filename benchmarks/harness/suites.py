@@ -47,9 +47,11 @@ SUITE_MODULES = (
     "benchmarks.harness.scoring_order",
     "benchmarks.harness.expert_merging",
     "benchmarks.harness.quantisation",
+    "benchmarks.harness.packed_loading",
     "benchmarks.harness.condensing",
     "benchmarks.harness.costs",
     "benchmarks.scale.suite",
+    "benchmarks.serving.suite",
 )
 
 
