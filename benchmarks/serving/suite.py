@@ -7,6 +7,8 @@ outputs into a scratch folder (``~/.cache/moecompress/serving/<fixture>``, or
 * scored in this process by the loader its manifest names, in float32: plain
   ``AutoModelForCausalLM.from_pretrained`` (pruned, condensed, fake-quant, unpruned) or
   ``moecompress.load`` (GPTQ: transformers alone asks for optimum), and
+* exported by `moecompress export gguf --type f32` and run by llama.cpp (llama-cpp-python, in
+  this process; `llama_cpp_client`), where export accepts the output, and
 * served by vLLM in a child process running the python of vLLM's own venv
   (`benchmarks.serving.setup`; `worker.py`): float32, eager, greedy, one generated token,
   prompt logprobs, in-process engine with a 1 GiB KV cache. Where vLLM refuses float32 for the
@@ -39,6 +41,7 @@ import torch
 from benchmarks.harness.context import Fixture
 from benchmarks.harness.report import renderer
 from benchmarks.harness.suites import suite
+from benchmarks.serving.llama_cpp_client import serve_llama_cpp
 from benchmarks.serving.outputs import KINDS, Output, write_outputs
 from benchmarks.serving.setup import VLLM_ENV, default_venv, venv_python, vllm_missing
 
@@ -176,9 +179,17 @@ def serve_output(fixture: Fixture, output: Output, ids: torch.Tensor, workdir: P
     row["vllm"] = {key: value for key, value in served.items() if key != "windows"}
     if served.get("ok"):
         row["vllm"].update(compare(reference, ids, served))
+    ran = serve_llama_cpp(output.folder, ids, workdir / f"llama-{output.kind}", threads)
+    row["llama_cpp"] = {key: value for key, value in ran.items() if key != "windows"}
+    if ran.get("ok"):
+        row["llama_cpp"].update(compare(reference, ids, ran))
     status = (f"top-1 {row['vllm']['top1_agreement']:.2%}, max |dlogprob| {row['vllm']['logprob_max_abs_diff']:.1e}"
               if served.get("ok") else f"refused: {served.get('error')}")
     print(f"[serving] {fixture.name} {output.kind}: vLLM {status} ({served['worker_seconds']:.0f} s)", flush=True)
+    llama = row["llama_cpp"]
+    print(f"[serving] {fixture.name} {output.kind}: llama.cpp "
+          + (f"top-1 {llama['top1_agreement']:.2%}" if llama.get("ok") else f"refused: {llama.get('error')}"),
+          flush=True)
     return row
 
 
@@ -256,8 +267,31 @@ def render_serving(data: dict[str, Any]) -> list[str]:
     if refusals:
         lines += ["", "vLLM's refusals and failures, exactly as raised (one line each; output, how it was run):", ""]
         lines += refusals
+    lines += _render_llama_cpp(data)
     if "cpu_amx" in data:
         lines += ["", f"This CPU {'has' if data['cpu_amx'] else 'lacks'} Intel AMX tiles "
                   "(`torch.cpu._is_amx_tile_supported()`): vLLM's CPU int4 MoE kernel (`CPUExpertsInt4`) needs them, "
                   "its other CPU int4 MoE path (`ZEN_CPU`) needs zentorch (AMD)."]
+    return lines
+
+
+def _render_llama_cpp(data: dict[str, Any]) -> list[str]:
+    """Table: fixture x output kind -> llama.cpp's agreement (export gguf at f32), or why it did not run."""
+    rows = [row for row in data["rows"] if "llama_cpp" in row]
+    if not rows:
+        return []
+    lines = ["", "llama.cpp (llama-cpp-python in the project's venv): each output exported by `moecompress export gguf "
+             "--type f32` and run with a float32 KV cache on the same windows, against the same float32 reference.",
+             "", "| fixture | output | llama.cpp arch | GGUF MiB | llama.cpp top-1 agreement | max \\|dlogprob\\| | "
+             "mean \\|dlogprob\\| | positions | export + load + run |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ran = row["llama_cpp"]
+        if not ran.get("ok"):
+            cells = [row["fixture"], row["label"], "", "", f"not run: {_cell(str(ran.get('error')))}", "", "", "", ""]
+        else:
+            cells = [row["fixture"], row["label"], ran["arch"], f"{ran['gguf_bytes'] / 2**20:.1f}",
+                     f"{ran['top1_agreement']:.2%} ({ran['disagreements']} differ)",
+                     f"{ran['logprob_max_abs_diff']:.1e}", f"{ran['logprob_mean_abs_diff']:.1e}", str(ran["positions"]),
+                     f"{ran['export_seconds']:.0f} + {ran['load_seconds']:.0f} + {ran['run_seconds']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -76,3 +76,21 @@ def test_the_table_shows_agreement_and_lists_every_refusal() -> None:
     assert "refused (2 attempt(s), below)" in text
     assert "`float32 is not supported`" in text and "`No WNA16 MoE backend`" in text
     assert "lacks Intel AMX" in text
+
+
+def test_llama_cpp_client_scores_the_example_like_transformers(tmp_path: Path) -> None:
+    """The llama.cpp column: export gguf (f32) + llama-cpp-python, scored by the same `compare` as vLLM."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.serving.llama_cpp_client import serve_llama_cpp
+
+    folder = Path(__file__).resolve().parents[2] / "moecompress" / "example" / "model"
+    ids = torch.randint(0, 2000, (2, 48), generator=torch.Generator().manual_seed(0))  # (N, S)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = serving.reference_logprobs(model, ids, batch_size=2)
+    ran = serve_llama_cpp(folder, ids, tmp_path / "llama", threads=2)
+    assert ran["ok"] and ran["arch"] == "qwen3moe" and ran["gguf_bytes"] > 0
+    scored = compare(reference, ids, ran)
+    assert scored["positions"] == 2 * 48 and scored["top1_agreement"] >= 0.99
+    assert scored["logprob_max_abs_diff"] < 1e-3
