@@ -31,7 +31,10 @@ _LAYOUT_FORMAT = "moecompress-layout"
 
 
 def _raw_config(folder: Path) -> dict[str, Any]:
+    from moecompress.unfinished import refuse_unfinished
+
     config_file = folder / "config.json"
+    refuse_unfinished(folder)  # a killed run's temporary folder: say so, not "no config.json"
     if not folder.exists():
         raise MoecompressError(f"{str(folder)!r} does not exist; pass a local checkpoint folder (nothing is downloaded)")
     if not folder.is_dir():

@@ -11,7 +11,8 @@ from moecompress.recipe.schema import Calibration
 from moecompress.recipe.steps import CALIBRATION_KEY, CLI_ONLY, INHERITED, RUNNER_SET, STEP_MODELS
 
 COMMAND_OPS = [op for op, model in STEP_MODELS.items() if model.COMMAND]
-NO_STEP = {"inspect", "route-task", "demo", "run", "recipe"}  # commands that do not change or measure a model
+NO_STEP = {"inspect", "route-task", "demo", "run", "recipe",  # commands that do not change or measure a model
+           "export"}  # writes another engine's file format (GGUF), which no later step reads: no recipe step yet
 
 
 def _same_default(step_default, cli_default) -> bool:
