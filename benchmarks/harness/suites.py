@@ -48,6 +48,7 @@ SUITE_MODULES = (
     "benchmarks.harness.expert_merging",
     "benchmarks.harness.quantisation",
     "benchmarks.harness.packed_loading",
+    "benchmarks.harness.gguf_allocation",
     "benchmarks.harness.condensing",
     "benchmarks.harness.costs",
     "benchmarks.scale.suite",

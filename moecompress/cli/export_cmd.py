@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from moecompress.cli.app import app
-from moecompress.cli.options import ForceOption, ModelArg
+from moecompress.cli.options import (
+    DataOption,
+    FieldOption,
+    ForceOption,
+    ModelArg,
+    SamplesOption,
+    SeedOption,
+    SeqLenOption,
+)
 
 export_app = typer.Typer(
     name="export",
@@ -26,8 +34,21 @@ def gguf_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="The GGUF file to write (e.g. model.gguf).",
                                          show_default=False)],
     type_: Annotated[str, typer.Option("--type", "-t", help="Tensor type: f32, f16, bf16, q8_0, or auto (the "
-                                       "checkpoint's stored dtype; FP8 / MXFP4 ones: the dtype they dequantise to). "
+                                       "checkpoint's stored dtype; FP8 / MXFP4 ones: the dtype they dequantise to); "
+                                       "ignored with --bits / --size. "
                                        "Norms and router weights stay f32.")] = "auto",
+    bits: Annotated[float | None, typer.Option("--bits", help="Allocate one type per tensor (Q4_0, Q4_1, Q5_0, Q5_1, "
+                                               "Q8_0) for this average bits per weight over the matrices "
+                                               "not kept f32, block scales counted (Q4_0 = 4.5), chosen by "
+                                               "calibration error (LP). See docs/gguf.md.", show_default=False)] = None,
+    size: Annotated[str | None, typer.Option("--size", help="Allocate types for this file size instead: 3GB, 2.5GiB, "
+                                             "or a percentage of the checkpoint's safetensors bytes (60%).",
+                                             show_default=False)] = None,
+    data: DataOption = None,
+    field: FieldOption = "text",
+    samples: SamplesOption = 32,
+    seq_len: SeqLenOption = 256,
+    seed: SeedOption = 0,
     force: ForceOption = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not show the progress bar.")] = False,
 ) -> None:
@@ -46,11 +67,51 @@ def gguf_command(
 
         moecompress export gguf ./Qwen3-30B-A3B --type q8_0 -o qwen3-q8_0.gguf
 
+        moecompress export gguf ./pruned --bits 5.5 -o pruned-mix.gguf
+
         llama-cli -m pruned.gguf -p "def fibonacci(n):" -n 64
     """
     from moecompress.export.gguf import export_gguf
 
-    result = export_gguf(model, output, output_type=type_, force=force, progress=not no_progress)
+    mix = _mix_options(bits, size, data, field, samples, seq_len, seed)
+    result = export_gguf(model, output, output_type=type_, force=force, progress=not no_progress, mix=mix)
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(result.type_counts.items()))
     typer.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): llama.cpp arch {result.arch}, type "
                f"{result.output_type}, {result.tensors} tensors ({kinds}), pre-tokenizer {result.pre_tokenizer}")
+    if result.allocation is not None:
+        for line in _mix_summary(result):
+            typer.echo(line)
+
+
+def _mix_options(bits: float | None, size: str | None, data: list[str] | None, field: str, samples: int,
+                 seq_len: int, seed: int):  # noqa: ANN202
+    """MixOptions for `--bits` / `--size`, None without either."""
+    from moecompress.calibration.data import parse_data_specs
+    from moecompress.export.gguf_budget import parse_budget
+    from moecompress.export.gguf_mix import MixOptions
+
+    budget = parse_budget(bits, size)
+    if budget is None:
+        return None
+    sources = parse_data_specs(data, field=field) if data else None
+    return MixOptions(budget=budget, sources=sources, samples=samples, seq_len=seq_len, seed=seed)
+
+
+def _mix_summary(result) -> list[str]:  # noqa: ANN001
+    """The achieved bits and size, then every allocated tensor's type, one line per block."""
+    from moecompress.io.gguf.types import KEEP_F32
+
+    mix = result.allocation
+    lines = [f"allocated: {mix.bits_per_weight:.3f} bits per weight over the matrices not kept f32 "
+             f"({mix.allocated_bits_per_weight:.3f} over the allocated ones), {result.bytes:,} bytes, "
+             f"LP {mix.status}"]
+    blocks: dict[str, list[str]] = {}
+    for name, qtype in mix.types.items():
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] == "blk" else "outside blocks"
+        short = ".".join(parts[2:-1]) if parts[0] == "blk" else ".".join(parts[:-1])
+        if short.endswith("norm") or short.split(".")[-1] in KEEP_F32 or name.endswith(".bias"):
+            continue  # always f32
+        blocks.setdefault(block, []).append(f"{short} {qtype.name}")
+    lines += [f"  {block}: {', '.join(items)}" for block, items in blocks.items()]
+    return lines

@@ -10,21 +10,31 @@ tensors. Every other tensor is named by `gguf`'s map and reshaped by the arch's 
 Planning runs the same code on the reader's meta-device model (shapes only, no data), so the
 header lists every tensor before the first byte is written; then each group is loaded,
 encoded, written and released. Peak memory is one decoder layer (plus its stacked copy).
+
+With a `--bits` / `--size` budget (`MixOptions`) every tensor's type is chosen first
+(`gguf_mix`: a calibration pass over the unquantised model, then the program), and the
+manifest, whose length the header's size depends on, records the mix and the file's bytes.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import math
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGMLQuantizationType, LlamaFileType
 from torch import nn
 
 from moecompress.engine.reader import CheckpointReader
 from moecompress.errors import MoecompressError
+from moecompress.export.gguf_allocate import GGUFAllocation, tensor_choices
+from moecompress.export.gguf_budget import padded
+from moecompress.export.gguf_mix import MixOptions, check_budget_early, choose_types, measure, mix_record
 from moecompress.export.refusals import refuse_unexportable
 from moecompress.io.gguf.arches import GGUFArch
 from moecompress.io.gguf.metadata import add_provenance
@@ -60,6 +70,15 @@ class GGUFExportResult:
     bytes: int
     pre_tokenizer: str
     type_counts: dict[str, int] = field(default_factory=dict)
+    allocation: GGUFAllocation | None = None  # the allocated mix (`--bits` / `--size`), else None
+
+# the file type llama.cpp records for a mix: its most common type's
+MIX_FILE_TYPES: dict[GGMLQuantizationType, LlamaFileType] = {
+    GGMLQuantizationType.Q4_0: LlamaFileType.MOSTLY_Q4_0, GGMLQuantizationType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    GGMLQuantizationType.Q5_0: LlamaFileType.MOSTLY_Q5_0, GGMLQuantizationType.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+    GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
+    GGMLQuantizationType.F32: LlamaFileType.ALL_F32,
+}
 
 
 def _get(model: nn.Module, key: str) -> torch.Tensor:
@@ -140,34 +159,31 @@ def _dtype_name(info: Any) -> str:
 
 
 def export_gguf(checkpoint: str | Path, out: str | Path, output_type: str = "auto", force: bool = False,
-                progress: bool = True) -> GGUFExportResult:
+                progress: bool = True, mix: MixOptions | None = None) -> GGUFExportResult:
     """Write `checkpoint` (a stock-layout MoE folder, pruned uniformly or not) as the GGUF file `out`.
 
     output_type: f32, f16, bf16, q8_0, or auto (the checkpoint's stored dtype; for FP8 / MXFP4 the
-    dtype they dequantise to). Refusals (non-uniform layouts, GPTQ folders, unmapped architectures, tokenizers
-    llama.cpp cannot reproduce) are one-line `MoecompressError`s raised before anything is written.
+    dtype they dequantise to). mix: allocate one type per tensor under a `--bits` / `--size` budget
+    instead (`moecompress.export.gguf_mix`; output_type is then ignored). Refusals (non-uniform
+    layouts, GPTQ folders, unmapped architectures, tokenizers llama.cpp cannot reproduce, budgets out
+    of range) are one-line `MoecompressError`s raised before anything is written.
     """
     folder = Path(checkpoint)
     check_output_file(out, force, source=folder)
     config, spec = refuse_unexportable(folder)
     info = inspect_checkpoint(folder)
-    chosen = parse_output_type(output_type, _dtype_name(info))
+    chosen = "allocated" if mix is not None else parse_output_type(output_type, _dtype_name(info))
     vocab = read_vocab(folder, int(config.vocab_size))
     reader = CheckpointReader(folder, dtype="auto", info=info)
     names = GGUFNames(spec, int(config.num_hidden_layers))
     groups = tensor_groups(reader, names, spec)
-    planned = plan_tensors(groups, reader.model, chosen)
-    counts: dict[str, int] = {}
-    for tensor in planned:
-        counts[tensor.qtype.name] = counts.get(tensor.qtype.name, 0) + 1
-    manifest = build_manifest("export", "gguf", {"type": chosen}, None, folder, config,
-                              gguf={"arch": spec.arch_name, "pre_tokenizer": vocab.pre, "tensor_types": counts,
-                                    "gguf_package": importlib.metadata.version("gguf")})
-    gguf = StreamingGGUF(spec.arch_name)
-    spec.add_hparams(gguf.writer, config)
-    vocab.add_to(gguf.writer)
-    add_provenance(gguf.writer, folder.resolve().name, FILE_TYPES[chosen], manifest)
-    gguf.plan(planned)
+    planned = plan_tensors(groups, reader.model, "f32" if mix is not None else chosen)
+    header = _HeaderMaker(spec, config, vocab, folder, chosen, planned)
+    allocation = None
+    if mix is not None:
+        allocation = _allocate(folder, info, names, spec, planned, config, mix, header, progress)
+        planned = [PlannedTensor(t.name, t.shape, allocation.types[t.name]) for t in planned]
+    gguf = header.build(planned, _record(allocation, mix, planned, header))
     with atomic_output_file(out, force) as tmp:
         gguf.open(tmp)
         try:
@@ -177,7 +193,95 @@ def export_gguf(checkpoint: str | Path, out: str | Path, output_type: str = "aut
         gguf.close()
     path = Path(out)
     return GGUFExportResult(path=path, arch=spec.arch_name, output_type=chosen, tensors=len(planned),
-                            bytes=path.stat().st_size, pre_tokenizer=vocab.pre, type_counts=counts)
+                            bytes=path.stat().st_size, pre_tokenizer=vocab.pre, type_counts=_counts(planned),
+                            allocation=allocation)
+
+
+def _counts(planned: list[PlannedTensor]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for tensor in planned:
+        counts[tensor.qtype.name] = counts.get(tensor.qtype.name, 0) + 1
+    return counts
+
+
+def _file_type(planned: list[PlannedTensor], chosen: str) -> LlamaFileType:
+    """general.file_type: the `--type`'s, or for a mix the type holding the most weights."""
+    if chosen in FILE_TYPES:
+        return FILE_TYPES[chosen]
+    weights: dict[GGMLQuantizationType, int] = {}
+    for tensor in planned:
+        if len(tensor.shape) > 1:
+            weights[tensor.qtype] = weights.get(tensor.qtype, 0) + int(math.prod(tensor.shape))
+    return MIX_FILE_TYPES.get(max(weights, key=weights.__getitem__), LlamaFileType.GUESSED)
+
+
+class _HeaderMaker:
+    """Builds the writer (metadata, tokenizer, manifest, tensor table) of the file; sizes its header."""
+
+    def __init__(self, spec: GGUFArch, config: Any, vocab: Any, folder: Path, chosen: str,
+                 planned: list[PlannedTensor]) -> None:
+        self.spec, self.config, self.vocab, self.folder, self.chosen = spec, config, vocab, folder, chosen
+        self.planned = planned
+
+    def manifest(self, planned: list[PlannedTensor], allocation: dict[str, Any] | None) -> dict[str, Any]:
+        gguf: dict[str, Any] = {"arch": self.spec.arch_name, "pre_tokenizer": self.vocab.pre,
+                                "tensor_types": _counts(planned), "gguf_package": importlib.metadata.version("gguf")}
+        if allocation is not None:
+            gguf["allocation"] = allocation
+        return build_manifest("export", "gguf", {"type": self.chosen}, None, self.folder, self.config, gguf=gguf)
+
+    def build(self, planned: list[PlannedTensor], allocation: dict[str, Any] | None) -> StreamingGGUF:
+        gguf = StreamingGGUF(self.spec.arch_name)
+        self.spec.add_hparams(gguf.writer, self.config)
+        self.vocab.add_to(gguf.writer)
+        add_provenance(gguf.writer, self.folder.resolve().name, _file_type(planned, self.chosen),
+                       self.manifest(planned, allocation))
+        gguf.plan(planned)
+        return gguf
+
+    def header_bytes(self, allocation: dict[str, Any] | None, planned: list[PlannedTensor] | None = None) -> int:
+        """Bytes before the first tensor's data (padded to the data alignment) with this manifest entry."""
+        planned = planned or self.planned
+        if allocation is not None and "types" in allocation:
+            planned = [PlannedTensor(t.name, t.shape, GGMLQuantizationType[allocation["types"][t.name]])
+                       for t in planned]
+        gguf = self.build(planned, allocation)
+        with tempfile.TemporaryDirectory(prefix="moecompress-gguf-header-") as tmp:
+            path = Path(tmp) / "header.gguf"
+            gguf.open(path)
+            size = path.stat().st_size
+            gguf.writer.close()
+        return padded(size)
+
+
+def _allocate(folder: Path, info: Any, names: GGUFNames, spec: GGUFArch, planned: list[PlannedTensor], config: Any,
+              mix: MixOptions, header: _HeaderMaker, progress: bool) -> GGUFAllocation:
+    """Check the budget, measure every allocated tensor on calibration data, solve the program."""
+    from moecompress.io.checkpoint import folder_bytes
+
+    shapes = [(t.name, t.shape) for t in planned]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    input_bytes = folder_bytes(folder)
+    check_budget_early(shapes, tied, mix, input_bytes)
+    choices = tensor_choices(shapes, tied, mix.candidates)
+    errors = measure(folder, names, spec, choices, mix, info=info, progress=progress)
+    _, allocation = choose_types(shapes, tied, errors, mix, header.header_bytes, input_bytes)
+    return allocation
+
+
+def _record(allocation: GGUFAllocation | None, mix: MixOptions | None, planned: list[PlannedTensor],
+            header: _HeaderMaker) -> dict[str, Any] | None:
+    """The manifest's allocation entry, with the file size it gives (the size is in the header: found by iterating)."""
+    if allocation is None or mix is None:
+        return None
+    file_bytes = 0
+    for _ in range(4):
+        record = mix_record(allocation, mix, file_bytes)
+        size = header.header_bytes(record, planned) + allocation.tensor_bytes
+        if size == file_bytes:
+            break
+        file_bytes = size
+    return mix_record(allocation, mix, file_bytes)
 
 
 def _write_groups(gguf: StreamingGGUF, reader: CheckpointReader, groups: list[TensorGroup],
