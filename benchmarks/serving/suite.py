@@ -7,6 +7,8 @@ outputs into a scratch folder (``~/.cache/moecompress/serving/<fixture>``, or
 * scored in this process by the loader its manifest names, in float32: plain
   ``AutoModelForCausalLM.from_pretrained`` (pruned, condensed, fake-quant, unpruned) or
   ``moecompress.load`` (GPTQ: transformers alone asks for optimum), and
+* GPTQ outputs only: opened by GPTQModel in a child process (`gptqmodel_client`, float16 CPU
+  kernels), and
 * exported by `moecompress export gguf --type f32` and run by llama.cpp (llama-cpp-python, in
   this process; `llama_cpp_client`), where export accepts the output, and
 * served by vLLM in a child process running the python of vLLM's own venv
@@ -41,6 +43,7 @@ import torch
 from benchmarks.harness.context import Fixture
 from benchmarks.harness.report import renderer
 from benchmarks.harness.suites import suite
+from benchmarks.serving.gptqmodel_client import serve_gptqmodel
 from benchmarks.serving.llama_cpp_client import serve_llama_cpp
 from benchmarks.serving.outputs import KINDS, Output, write_outputs
 from benchmarks.serving.setup import VLLM_ENV, default_venv, venv_python, vllm_missing
@@ -179,6 +182,11 @@ def serve_output(fixture: Fixture, output: Output, ids: torch.Tensor, workdir: P
     row["vllm"] = {key: value for key, value in served.items() if key != "windows"}
     if served.get("ok"):
         row["vllm"].update(compare(reference, ids, served))
+    if output.kind == "gptq":  # GPTQModel reads GPTQ folders only
+        loaded = serve_gptqmodel(output.folder, ids, workdir / f"gptqmodel-{output.kind}", threads)
+        row["gptqmodel"] = {key: value for key, value in loaded.items() if key != "windows"}
+        if loaded.get("ok"):
+            row["gptqmodel"].update(compare(reference, ids, loaded))
     ran = serve_llama_cpp(output.folder, ids, workdir / f"llama-{output.kind}", threads)
     row["llama_cpp"] = {key: value for key, value in ran.items() if key != "windows"}
     if ran.get("ok"):
@@ -268,6 +276,7 @@ def render_serving(data: dict[str, Any]) -> list[str]:
         lines += ["", "vLLM's refusals and failures, exactly as raised (one line each; output, how it was run):", ""]
         lines += refusals
     lines += _render_llama_cpp(data)
+    lines += _render_gptqmodel(data)
     if "cpu_amx" in data:
         lines += ["", f"This CPU {'has' if data['cpu_amx'] else 'lacks'} Intel AMX tiles "
                   "(`torch.cpu._is_amx_tile_supported()`): vLLM's CPU int4 MoE kernel (`CPUExpertsInt4`) needs them, "
@@ -293,5 +302,27 @@ def _render_llama_cpp(data: dict[str, Any]) -> list[str]:
                      f"{ran['top1_agreement']:.2%} ({ran['disagreements']} differ)",
                      f"{ran['logprob_max_abs_diff']:.1e}", f"{ran['logprob_mean_abs_diff']:.1e}", str(ran["positions"]),
                      f"{ran['export_seconds']:.0f} + {ran['load_seconds']:.0f} + {ran['run_seconds']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _render_gptqmodel(data: dict[str, Any]) -> list[str]:
+    """Table: the GPTQ outputs opened by GPTQModel (its float16 CPU kernels), against the float32 reference."""
+    rows = [row for row in data["rows"] if "gptqmodel" in row]
+    if not rows:
+        return []
+    lines = ["", "GPTQModel (`GPTQModel.load(folder, device=\"cpu\", dtype=float16, backend=\"gptq_torch\")`, in a child "
+             "process of the project's venv; its CPU kernels run in float16) on the GPTQ outputs, same windows, "
+             "against the same float32 reference (`moecompress.load`).", "",
+             "| fixture | output | GPTQModel top-1 agreement | max \\|dlogprob\\| | mean \\|dlogprob\\| | positions | load + run |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ran = row["gptqmodel"]
+        if not ran.get("ok"):
+            cells = [row["fixture"], row["label"], f"not run: {_cell(str(ran.get('error')))}", "", "", "", ""]
+        else:
+            cells = [row["fixture"], row["label"], f"{ran['top1_agreement']:.2%} ({ran['disagreements']} differ)",
+                     f"{ran['logprob_max_abs_diff']:.1e}", f"{ran['logprob_mean_abs_diff']:.1e}", str(ran["positions"]),
+                     f"{ran['load_seconds']:.0f} + {ran['run_seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

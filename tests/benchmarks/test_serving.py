@@ -94,3 +94,25 @@ def test_llama_cpp_client_scores_the_example_like_transformers(tmp_path: Path) -
     scored = compare(reference, ids, ran)
     assert scored["positions"] == 2 * 48 and scored["top1_agreement"] >= 0.99
     assert scored["logprob_max_abs_diff"] < 1e-3
+
+
+def test_gptqmodel_client_scores_a_gptq_output(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The GPTQModel column: a child process loads our GPTQ folder with GPTQModel and is scored by `compare`."""
+    pytest.importorskip("gptqmodel")
+    import moecompress
+    from benchmarks.serving.gptqmodel_client import serve_gptqmodel
+    from tests.cli_helpers import run_cli
+
+    # the trained example (random tiny models have near-ties that float16 kernels flip; GPTQModel 7.6 also
+    # misses quantised Qwen3-MoE dense layers, which the example has none of)
+    checkpoint = Path(__file__).resolve().parents[2] / "moecompress" / "example" / "model"
+    out = tmp_path / "gptq"
+    code, _, err = run_cli(["quantize", str(checkpoint), "--method", "uniform", "--bits", "4", "--rtn",
+                            "--group-size", "32", "-o", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    ids = torch.randint(0, 2000, (2, 16), generator=torch.Generator().manual_seed(1))  # (N, S)
+    reference = serving.reference_logprobs(moecompress.load(out), ids, batch_size=2)
+    loaded = serve_gptqmodel(out, ids, tmp_path / "client", threads=2)
+    assert loaded["ok"], loaded.get("error")
+    scored = compare(reference, ids, loaded)
+    assert scored["positions"] == 2 * 16 and scored["top1_agreement"] >= 0.9  # float16 kernels against float32
