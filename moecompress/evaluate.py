@@ -145,8 +145,9 @@ def _domain_nll(model: nn.Module, reader: CheckpointReader | None, domain_window
                 progress: bool, desc: str) -> tuple[float, int]:
     """(summed NLL, predicted tokens) of a domain's windows (N, S); under torchrun, of every rank's share, summed.
 
-    Ranks take the windows round-robin (`distributed.shard`) and all-reduce the two sums in
-    float64, so every rank returns the single-process totals up to the order of the additions.
+    Ranks take the windows round-robin (every world-size-th from their rank, as `distributed.shard`
+    splits a list) and all-reduce the two sums in float64, so every rank returns the
+    single-process totals up to the order of the additions.
     """
     from moecompress.engine import distributed
 

@@ -111,10 +111,9 @@ def load(path: str | Path, dtype: str | torch.dtype = "float32", dequantize: str
     """
     from transformers import AutoModelForCausalLM
 
-    from moecompress.quant.load import DEQUANTIZE_MODES
+    from moecompress.quant.load import check_dequantize_mode
 
-    if dequantize not in DEQUANTIZE_MODES:
-        raise MoecompressError(f"dequantize must be one of {', '.join(DEQUANTIZE_MODES)}, got {dequantize!r}")
+    check_dequantize_mode(dequantize)  # also for folders that are not GPTQ, which ignore it
     folder = Path(path)
     kind = checkpoint_kind(folder)
     if kind == "gptq":

@@ -1,14 +1,12 @@
 """GPTQModel as a client of the `serving` suite: a GPTQ output opened by `GPTQModel.load` and run on the windows.
 
-    python benchmarks/serving/gptqmodel_client.py JOB.json
+    python -m benchmarks.serving.gptqmodel_client JOB.json     (from the repository root)
 
 GPTQModel patches transformers' MoE classes when it loads a model, so it runs in a child
 process of the project's venv. The child loads the folder with GPTQModel's CPU kernels
 (`device="cpu"`, float16, `backend="gptq_torch"`: its CPU kernels run in float16 or bfloat16
-only), runs every window and writes the worker's result shape (per window: the logprobs of the
-window's next tokens, the rank-1 token at each position, the greedy next token after the
-window and its logprob), so `suite.compare` scores it as it scores vLLM. A failure is its
-one-line error.
+only), runs every window and writes one `records.window_record` per window, so `suite.compare`
+scores it as it scores vLLM. A failure is its one-line error.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 TIMEOUT = 900.0  # seconds per output
+REPO = Path(__file__).resolve().parents[2]  # the child runs from here, so `benchmarks` imports
 
 
 def gptqmodel_missing() -> str | None:
@@ -50,8 +49,8 @@ def serve_gptqmodel(folder: Path, ids: torch.Tensor, workdir: Path, threads: int
                                "threads": threads}))
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(threads), "TORCHDYNAMO_DISABLE": "1"}
     try:
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(job)], env=env,
-                              capture_output=True, text=True, timeout=TIMEOUT)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.serving.gptqmodel_client", str(job)], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"GPTQModel did not finish within {TIMEOUT:.0f} s"}
     if not result.is_file():
@@ -62,15 +61,14 @@ def serve_gptqmodel(folder: Path, ids: torch.Tensor, workdir: Path, threads: int
 
 
 def _windows(model: Any, ids: torch.Tensor) -> list[dict[str, Any]]:
-    """The worker-shaped records of every window (N, S), from the model's float32 log-probabilities."""
+    """The records of every window (N, S), from the model's float32 log-probabilities."""
+    from benchmarks.serving.records import window_record
+
     records = []
     for row in ids:
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=row[None]).logits[0].float(), dim=-1)  # (S, V)
-        generated = int(logprobs[-1].argmax())
-        records.append({"chosen_logprobs": logprobs[:-1].gather(-1, row[1:, None]).squeeze(-1).tolist(),
-                        "top1": logprobs[:-1].argmax(-1).tolist(), "generated": generated,
-                        "generated_logprob": float(logprobs[-1, generated])})
+        records.append(window_record(logprobs, row.tolist()))
     return records
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.serving.records import window_record
+
 F32 = 0  # GGML_TYPE_F32: the KV cache type
 
 
@@ -30,16 +32,11 @@ def llama_cpp_missing() -> str | None:
 
 
 def _window(llm: Any, ids: list[int]) -> dict[str, Any]:
-    """The worker-shaped record of one window: llama.cpp's logprobs at every position of `ids`."""
+    """The record of one window: llama.cpp's logprobs at every position of `ids`."""
     llm.reset()
     llm.eval(ids)
     logits = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)  # (S, V)
-    logprobs = torch.log_softmax(logits, dim=-1)  # (S, V)
-    next_ids = torch.tensor(ids[1:])  # (S-1,)
-    generated = int(logprobs[-1].argmax())
-    return {"chosen_logprobs": logprobs[:-1].gather(-1, next_ids[:, None]).squeeze(-1).tolist(),
-            "top1": logprobs[:-1].argmax(-1).tolist(), "generated": generated,
-            "generated_logprob": float(logprobs[-1, generated])}
+    return window_record(torch.log_softmax(logits, dim=-1), ids)
 
 
 def serve_llama_cpp(folder: Path, ids: torch.Tensor, workdir: Path, threads: int) -> dict[str, Any]:

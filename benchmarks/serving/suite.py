@@ -267,9 +267,8 @@ def render_serving(data: dict[str, Any]) -> list[str]:
         elif row.get("reference_error"):
             lines.append(f"{head} | not compared ({loader} failed: {_cell(row['reference_error'])}) | | | | |")
         elif served.get("ok"):
-            lines.append(f"{head} {setting} | {served['top1_agreement']:.2%} ({served['disagreements']} differ) "
-                         f"| {served['logprob_max_abs_diff']:.1e} | {served['logprob_mean_abs_diff']:.1e} | "
-                         f"{served['positions']} | {served['load_seconds']:.0f} + {served['run_seconds']:.0f} s |")
+            lines.append(f"{head} {setting} | {' | '.join(_agreement_cells(served))} | "
+                         f"{served['load_seconds']:.0f} + {served['run_seconds']:.0f} s |")
         else:
             lines.append(f"{head} {setting} | refused ({len(attempts)} attempt(s), below) | | | | |")
     if refusals:
@@ -282,6 +281,12 @@ def render_serving(data: dict[str, Any]) -> list[str]:
                   "(`torch.cpu._is_amx_tile_supported()`): vLLM's CPU int4 MoE kernel (`CPUExpertsInt4`) needs them, "
                   "its other CPU int4 MoE path (`ZEN_CPU`) needs zentorch (AMD)."]
     return lines
+
+
+def _agreement_cells(ran: dict[str, Any]) -> list[str]:
+    """A client's table cells from `compare`: top-1 agreement, max and mean |dlogprob|, positions."""
+    return [f"{ran['top1_agreement']:.2%} ({ran['disagreements']} differ)", f"{ran['logprob_max_abs_diff']:.1e}",
+            f"{ran['logprob_mean_abs_diff']:.1e}", str(ran["positions"])]
 
 
 def _render_llama_cpp(data: dict[str, Any]) -> list[str]:
@@ -299,8 +304,7 @@ def _render_llama_cpp(data: dict[str, Any]) -> list[str]:
             cells = [row["fixture"], row["label"], "", "", f"not run: {_cell(str(ran.get('error')))}", "", "", "", ""]
         else:
             cells = [row["fixture"], row["label"], ran["arch"], f"{ran['gguf_bytes'] / 2**20:.1f}",
-                     f"{ran['top1_agreement']:.2%} ({ran['disagreements']} differ)",
-                     f"{ran['logprob_max_abs_diff']:.1e}", f"{ran['logprob_mean_abs_diff']:.1e}", str(ran["positions"]),
+                     *_agreement_cells(ran),
                      f"{ran['export_seconds']:.0f} + {ran['load_seconds']:.0f} + {ran['run_seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -321,8 +325,7 @@ def _render_gptqmodel(data: dict[str, Any]) -> list[str]:
         if not ran.get("ok"):
             cells = [row["fixture"], row["label"], f"not run: {_cell(str(ran.get('error')))}", "", "", "", ""]
         else:
-            cells = [row["fixture"], row["label"], f"{ran['top1_agreement']:.2%} ({ran['disagreements']} differ)",
-                     f"{ran['logprob_max_abs_diff']:.1e}", f"{ran['logprob_mean_abs_diff']:.1e}", str(ran["positions"]),
+            cells = [row["fixture"], row["label"], *_agreement_cells(ran),
                      f"{ran['load_seconds']:.0f} + {ran['run_seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -19,7 +19,6 @@ call costs nothing. Plain transformers ignores the entry and runs without skippi
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
+from moecompress.models.adapters.instrument import select_experts_implementation
 
 SKIP_IMPLEMENTATION = "moecompress_skip"
 _SKIP_RUNNER = "_moecompress_skip_runner"
@@ -167,9 +167,7 @@ def install_dynamic_skip(model: nn.Module, settings: dict[str, Any]) -> None:
             raise MoecompressError(f"{type(experts).__name__} does not use transformers' experts dispatch; "
                                    "dynamic skipping cannot be installed")
         ref.router.register_forward_hook(_zeroing_hook(betas[ref.index], counts))
-        private = copy.copy(experts.config)
-        private._experts_implementation_internal = SKIP_IMPLEMENTATION
-        experts.config = private
+        select_experts_implementation(experts, SKIP_IMPLEMENTATION)
         experts.__dict__[_SKIP_RUNNER] = _skip_runner(adapter, ref)
 
 

@@ -47,6 +47,12 @@ from moecompress.quant.plan import EXPERT_PROJECTIONS, PLAN_FILE, QuantPlan
 DEQUANTIZE_MODES = ("load", "use")
 
 
+def check_dequantize_mode(value: str) -> None:
+    """A one-line error unless `value` is one of `DEQUANTIZE_MODES`."""
+    if value not in DEQUANTIZE_MODES:
+        raise MoecompressError(f"dequantize must be one of {', '.join(DEQUANTIZE_MODES)}, got {value!r}")
+
+
 class _Tensors:
     """Lazy access to every tensor of a checkpoint folder by name."""
 
@@ -206,12 +212,12 @@ class _LayerFiller:
 
     def release_linears(self) -> None:
         """Drop the layer's dequantised linears to the meta device (dequantise-at-use mode)."""
-        for name in self.owned():
-            module_path, _, leaf = name.rpartition(".")
-            module = self.model.get_submodule(module_path)
-            current = module._parameters.get(leaf)
-            if current is not None and (self.moe is None or not name.startswith(self.moe.experts_path + ".")):
-                _set_tensor(self.model, name, torch.empty_like(current, device="meta"))
+        for name in self.linears:
+            module = self.model.get_submodule(name)
+            for leaf in ("weight", "bias"):
+                current = module._parameters.get(leaf)
+                if current is not None:
+                    _set_tensor(self.model, f"{name}.{leaf}", torch.empty_like(current, device="meta"))
 
     def release_all(self) -> None:
         """Drop every owned tensor (linears and routed experts) to the meta device."""
@@ -244,8 +250,7 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32", dequa
 
     from moecompress.models.load import adapter_for, load_config, parse_dtype
 
-    if dequantize not in DEQUANTIZE_MODES:
-        raise MoecompressError(f"dequantize must be one of {', '.join(DEQUANTIZE_MODES)}, got {dequantize!r}")
+    check_dequantize_mode(dequantize)
     if experts_per_group < 1:
         raise MoecompressError(f"experts_per_group must be at least 1, got {experts_per_group}")
     folder = Path(path)

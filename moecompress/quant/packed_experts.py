@@ -21,7 +21,6 @@ through `run_experts`, reach the packed experts the same way.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moecompress.engine.expert_groups import ExpertsCall, run_in_groups
 from moecompress.models.adapters.base import EXPERT_SOURCE_ATTR, ExpertVisitor, MoEAdapter, MoELayerRef
+from moecompress.models.adapters.instrument import select_experts_implementation
 
 IMPLEMENTATION = "moecompress_packed"
 _OWNER_ATTR = "_moecompress_packed_owner"
@@ -107,9 +107,7 @@ def install_packed_experts(adapter: MoEAdapter, layer: MoELayerRef, scratch: MoE
     source = PackedExperts(scratch, fill, min(per_group, layer.num_experts))
     release_experts(adapter, layer)
     experts = layer.experts
-    private = copy.copy(experts.config)
-    private._experts_implementation_internal = IMPLEMENTATION
-    experts.config = private
+    select_experts_implementation(experts, IMPLEMENTATION)
     experts.__dict__[_OWNER_ATTR] = (adapter, layer)
     experts.__dict__[EXPERT_SOURCE_ATTR] = source
     return source

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -36,6 +36,20 @@ def _instrumented_forward(
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _instrumented_forward)
 
 
+def select_experts_implementation(experts: torch.nn.Module, name: str) -> Any:
+    """Make `experts` compute with transformers' registered experts implementation `name`; returns its old config.
+
+    The module gets a private copy of its config whose `_experts_implementation_internal` (the
+    private field transformers' dispatch reads) names `name`, so other layers keep theirs;
+    assigning the returned config back undoes it.
+    """
+    previous = experts.config
+    private = copy.copy(previous)
+    private._experts_implementation_internal = name
+    experts.config = private
+    return previous
+
+
 def is_instrumented(experts: torch.nn.Module) -> bool:
     """Whether an experts module currently computes through `run_experts` (inside `instrumented_experts`)."""
     return _RUNNER_ATTR in experts.__dict__
@@ -56,10 +70,7 @@ def instrumented_experts(
             experts = layer.experts
             if not hasattr(experts, "config"):
                 raise RuntimeError(f"{type(experts).__name__} does not use transformers' experts dispatch")
-            saved.append((experts, experts.config))
-            private = copy.copy(experts.config)
-            private._experts_implementation_internal = IMPLEMENTATION
-            experts.config = private
+            saved.append((experts, select_experts_implementation(experts, IMPLEMENTATION)))
             visit = visitors[layer.index]
 
             def runner(hidden, index, weights, _layer=layer, _visit=visit):
