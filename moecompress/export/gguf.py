@@ -19,6 +19,7 @@ manifest, whose length the header's size depends on, records the mix and the fil
 from __future__ import annotations
 
 import importlib.metadata
+from collections import Counter
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -130,7 +131,7 @@ def tensor_groups(reader: CheckpointReader, names: GGUFNames, spec: GGUFArch) ->
     for index in range(len(adapter.decoder_layers(model))):
         keys = reader.layer_keys(index)
         ref = refs.get(index)
-        producers: list[Producer] = []
+        producers: list[Producer]
         if ref is not None:
             _check_expert(ref, expected, adapter)
             expert_prefix = ref.experts_path + "."
@@ -198,10 +199,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, output_type: str = "aut
 
 
 def _counts(planned: list[PlannedTensor]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for tensor in planned:
-        counts[tensor.qtype.name] = counts.get(tensor.qtype.name, 0) + 1
-    return counts
+    return dict(Counter(tensor.qtype.name for tensor in planned))
 
 
 def _file_type(planned: list[PlannedTensor], chosen: str) -> LlamaFileType:

@@ -69,12 +69,17 @@ def roundtrip(weight: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return decode(encode(weight, qtype), qtype).reshape(weight.shape)
 
 
+def _trace_form(delta: np.ndarray, hessian: np.ndarray) -> float:
+    """tr(D H D^T) for D (R, in) float64 and H (in, in)."""
+    return float(((delta @ hessian) * delta).sum())
+
+
 def weighted_error(weight: np.ndarray, qtype: GGMLQuantizationType, hessian: np.ndarray) -> float:
     """tr(D H D^T) for D = weight - Q(weight); weight (..., in) float32, hessian (in, in) float64."""
     if qtype == GGMLQuantizationType.F32:
         return 0.0
     delta = (weight - roundtrip(weight, qtype)).astype(np.float64).reshape(-1, weight.shape[-1])  # (R, in)
-    return float(((delta @ hessian) * delta).sum())
+    return _trace_form(delta, hessian)
 
 
 def tensor_error(gguf_tensor: np.ndarray, qtype: GGMLQuantizationType, hessian: np.ndarray,
@@ -85,8 +90,7 @@ def tensor_error(gguf_tensor: np.ndarray, qtype: GGMLQuantizationType, hessian: 
         return weighted_error(gguf_tensor, qtype, hessian)
     # stored transposed (attn_k_b): quantise in GGUF layout, then put the error's axes back
     delta = (gguf_tensor - roundtrip(gguf_tensor, qtype)).astype(np.float64)  # (..., in, rows)
-    delta = np.swapaxes(delta, -1, -2).reshape(-1, width)  # (R, in)
-    return float(((delta @ hessian) * delta).sum())
+    return _trace_form(np.swapaxes(delta, -1, -2).reshape(-1, width), hessian)  # D (R, in)
 
 
 class _Moment:
