@@ -19,9 +19,9 @@ manifest, whose length the header's size depends on, records the mix and the fil
 from __future__ import annotations
 
 import importlib.metadata
-from collections import Counter
 import math
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
