@@ -7,8 +7,9 @@ Per fixture:
    uniform Q4_0, Q5_0 and Q8_0 files and its fixed mixes Q2_K, Q3_K_M and Q4_K_M; the types it
    actually stored are read back (`gguf.GGUFReader`): K-quants need rows that are multiples of 256,
    the fixtures' rows are 128 or 64 wide, so llama.cpp falls back to other types for them;
-3. for every such baseline, `export gguf --size <its bytes>` writes our allocated mix at the same
-   file size (the calibration errors measured once per fixture, on the validation split, and
+3. for every such baseline and every sensitivity measure (`--sensitivity output | fisher`),
+   `export gguf --size <its bytes>` writes our allocated mix at the same file size (the
+   calibration errors measured once per fixture and measure, on the validation split, and
    reused for every budget); where the baseline is smaller than every mix can be (all allocated
    tensors Q4_0, the head Q8_0, our header with its manifest), the smallest of a few slightly
    larger sizes (+0.1% ... +2%) that fits, recorded as `mix_slack`;
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "windows": 16,  # test windows per domain (of the protocol's seq_len)
     "baselines": ["Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M"],
     "samples": 32,  # calibration windows per domain (validation split)
+    "sensitivities": ["output", "fisher"],  # `export gguf --sensitivity` measures, each allocating its own mix
 }
 F32_KV = 0  # GGML_TYPE_F32
 SLACKS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)  # relative extra size tried when a baseline is below every mix
@@ -120,15 +122,11 @@ def llama_score(path: Path, reference: Reference, threads: int) -> dict[str, flo
 def fixture_rows(fixture: Fixture, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     """Every baseline and its same-size allocated mix on one fixture (module docstring)."""
     from moecompress.export.gguf import export_gguf
-    from moecompress.export.gguf_budget import GGUFBudget
-    from moecompress.export.gguf_mix import MixOptions
-    from moecompress.errors import MoecompressError
-    from moecompress.quant.budget import SizeBudget
 
     windows = [row for rows in evaluation_windows(fixture).values() for row in rows[: settings["windows"]]]
     reference = Reference(fixture.folder, windows)
     rows = []
-    errors = None
+    errors: dict[str, Any] = {}  # sensitivity -> the errors measured for the first budget, reused for the others
     with tempfile.TemporaryDirectory(prefix="moecompress-gguf-alloc-") as tmp:
         f32 = Path(tmp) / "f32.gguf"
         export_gguf(fixture.folder, f32, output_type="f32", progress=False)
@@ -139,32 +137,48 @@ def fixture_rows(fixture: Fixture, settings: dict[str, Any], threads: int) -> di
             row: dict[str, Any] = {"baseline": name, "baseline_bytes": size, "baseline_types": file_types(base),
                                    "baseline_score": llama_score(base, reference, threads)}
             base.unlink()
-            mixed = Path(tmp) / f"mix-{name}.gguf"
-            result = None
-            for slack in SLACKS:  # below the narrowest mix: the smallest of these slightly larger sizes that fits
-                mix = MixOptions(budget=GGUFBudget(size=SizeBudget(bytes=int(size * (1 + slack)))),
-                                 sources=fixture.calibration_sources(), samples=settings["samples"],
-                                 seq_len=fixture.protocol.seq_len, errors=errors)
-                try:
-                    result = export_gguf(fixture.folder, mixed, progress=False, mix=mix)
-                    row["mix_slack"] = slack
-                    break
-                except MoecompressError as err:
-                    row["mix_error"] = str(err)
-                finally:
-                    errors = mix.errors if mix.errors is not None else errors
-            if result is None:
-                rows.append(row)
-                continue
-            row.pop("mix_error", None)
-            alloc = result.allocation
-            row.update({"mix_bytes": result.bytes, "mix_types": file_types(mixed),
-                        "mix_allocated_bits": alloc.allocated_bits_per_weight,
-                        "mix_status": alloc.status, "mix_score": llama_score(mixed, reference, threads),
-                        "mix_choice": {k: v.name for k, v in alloc.types.items() if v.name != "F32"}})
-            mixed.unlink()
+            row["mixes"] = {}
+            for sensitivity in settings["sensitivities"]:
+                row["mixes"][sensitivity], errors[sensitivity] = _mix_row(
+                    fixture, settings, size, Path(tmp) / f"mix-{name}-{sensitivity}.gguf", sensitivity,
+                    errors.get(sensitivity), reference, threads)
             rows.append(row)
     return {"fixture": fixture.name, "positions": len(windows) * (int(windows[0].numel()) - 1), "rows": rows}
+
+
+def _mix_row(fixture: Fixture, settings: dict[str, Any], size: int, mixed: Path, sensitivity: str, errors: Any,
+             reference: Reference, threads: int) -> tuple[dict[str, Any], Any]:
+    """Our mix at `size` bytes (or the smallest slack that fits) with one sensitivity measure, scored by llama.cpp."""
+    from moecompress.errors import MoecompressError
+    from moecompress.export.gguf import export_gguf
+    from moecompress.export.gguf_budget import GGUFBudget
+    from moecompress.export.gguf_mix import MixOptions
+    from moecompress.quant.budget import SizeBudget
+
+    row: dict[str, Any] = {}
+    result = None
+    for slack in SLACKS:  # below the narrowest mix: the smallest of these slightly larger sizes that fits
+        mix = MixOptions(budget=GGUFBudget(size=SizeBudget(bytes=int(size * (1 + slack)))),
+                         sources=fixture.calibration_sources(), samples=settings["samples"],
+                         seq_len=fixture.protocol.seq_len, errors=errors, sensitivity=sensitivity)
+        try:
+            result = export_gguf(fixture.folder, mixed, progress=False, mix=mix)
+            row["mix_slack"] = slack
+            break
+        except MoecompressError as err:
+            row["mix_error"] = str(err)
+        finally:
+            errors = mix.errors if mix.errors is not None else errors
+    if result is None:
+        return row, errors
+    row.pop("mix_error", None)
+    alloc = result.allocation
+    row.update({"mix_bytes": result.bytes, "mix_types": file_types(mixed),
+                "mix_allocated_bits": alloc.allocated_bits_per_weight,
+                "mix_status": alloc.status, "mix_score": llama_score(mixed, reference, threads),
+                "mix_choice": {k: v.name for k, v in alloc.types.items() if v.name != "F32"}})
+    mixed.unlink()
+    return row, errors
 
 
 @suite("gguf-allocation", "Allocated GGUF types against llama.cpp's uniform types and fixed mixes at equal size")
@@ -188,7 +202,7 @@ def _types(entry: dict[str, Any]) -> str:
 
 @renderer("gguf-allocation")
 def render_gguf_allocation(data: dict[str, Any]) -> list[str]:
-    """One table over fixtures x baselines, then the verdicts."""
+    """One table over fixtures x baselines x sensitivity measures, then the verdicts."""
     settings = data["settings"]
     lines = [
         f"llama.cpp (llama-cpp-python {data['llama_cpp_python']}, {data['threads']} thread(s), float32 KV cache) "
@@ -196,14 +210,15 @@ def render_gguf_allocation(data: dict[str, Any]) -> list[str]:
         "KL (nats/token) of llama.cpp's next-token distribution from transformers', and top-1 agreement. Baselines: "
         "llama.cpp's own quantiser (`llama_model_quantize`) on our f32 GGUF; the fixtures' 128/64-wide rows make it "
         "fall back from K-quants to other types (the stored types are listed). Mix: `export gguf --size <the "
-        "baseline's bytes>` (types from " + ", ".join(data.get("candidates", [])) + " by calibration error on "
-        f"{settings['samples']} validation windows per domain; output head Q8_0), at the baseline's size or, where "
-        "that is below every mix, the smallest of +0.1/0.2/0.5/1/2% that fits. bpw: bits per weight over the "
+        "baseline's bytes> --sensitivity S` (types from " + ", ".join(data.get("candidates", [])) + " by calibration "
+        f"error on {settings['samples']} validation windows per domain; output head Q8_0; S = output: each tensor's "
+        "output error, fisher: weighted by the loss's squared gradient at its outputs), at the baseline's size or, "
+        "where that is below every mix, the smallest of +0.1/0.2/0.5/1/2% that fits. bpw: bits per weight over the "
         "matrices not kept f32, block scales counted.",
         "",
-        "| fixture | baseline | its types | MB | bpw | KL | top-1 | mix MB | mix bpw | mix KL | mix top-1 "
-        "| mix / baseline KL |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fixture | baseline | its types | MB | bpw | KL | top-1 | sensitivity | mix MB | mix bpw | mix KL "
+        "| mix top-1 | mix / baseline KL |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
     for fx in data["fixtures"]:
@@ -212,23 +227,26 @@ def render_gguf_allocation(data: dict[str, Any]) -> list[str]:
             head = (f"| {fx['fixture']} | {row['baseline']} | {_types(row['baseline_types'])} | "
                     f"{row['baseline_bytes'] / 1e6:.3f} | {row['baseline_types']['bits_per_weight']:.2f} | "
                     f"{b['kl']:.5f} | {b['top1']:.4f} |")
-            if "mix_error" in row:
-                lines.append(head + f" not written: {row['mix_error']} | | | | |")
-                verdicts.append(f"- {fx['fixture']} vs {row['baseline']}: no mix at this size")
-                continue
-            m = row["mix_score"]
-            ratio = m["kl"] / max(b["kl"], 1e-30)
-            lines.append(head + f" {row['mix_bytes'] / 1e6:.3f} | {row['mix_types']['bits_per_weight']:.2f} | "
-                         f"{m['kl']:.5f} | {m['top1']:.4f} | {ratio:.2f} |")
-            extra = (f" (the baseline is below every mix: written {row['mix_slack']:.1%} larger)"
-                     if row.get("mix_slack") else "")
-            verdicts.append(f"- {fx['fixture']} vs {row['baseline']}: mix KL {ratio:.2f}x the baseline's "
-                            f"({'lower' if ratio < 1 else 'NOT lower'}), mix {row['mix_bytes']:,} bytes vs "
-                            f"{row['baseline_bytes']:,}{extra}")
+            for sensitivity, mix in row["mixes"].items():
+                if "mix_error" in mix:
+                    lines.append(head + f" {sensitivity} | not written: {mix['mix_error']} | | | | |")
+                    verdicts.append(f"- {fx['fixture']} vs {row['baseline']} ({sensitivity}): no mix at this size")
+                    continue
+                m = mix["mix_score"]
+                ratio = m["kl"] / max(b["kl"], 1e-30)
+                lines.append(head + f" {sensitivity} | {mix['mix_bytes'] / 1e6:.3f} | "
+                             f"{mix['mix_types']['bits_per_weight']:.2f} | {m['kl']:.5f} | {m['top1']:.4f} | "
+                             f"{ratio:.2f} |")
+                extra = (f" (the baseline is below every mix: written {mix['mix_slack']:.1%} larger)"
+                         if mix.get("mix_slack") else "")
+                verdicts.append(f"- {fx['fixture']} vs {row['baseline']} ({sensitivity}): mix KL {ratio:.2f}x the "
+                                f"baseline's ({'lower' if ratio < 1 else 'NOT lower'}), mix {mix['mix_bytes']:,} "
+                                f"bytes vs {row['baseline_bytes']:,}{extra}")
     lines += ["", "Verdicts (mix against the same-size baseline):", ""] + verdicts
     lines += ["", "Mix types per fixture (at the Q4_0 size, tensors not F32):", ""]
     for fx in data["fixtures"]:
-        row = next((r for r in fx["rows"] if r["baseline"] == "Q4_0" and "mix_choice" in r), None)
-        if row is not None:
-            lines.append(f"- {fx['fixture']}: {_types(row['mix_types'])}")
+        row = next((r for r in fx["rows"] if r["baseline"] == "Q4_0"), None)
+        for sensitivity, mix in (row or {}).get("mixes", {}).items():
+            if "mix_types" in mix:
+                lines.append(f"- {fx['fixture']} ({sensitivity}): {_types(mix['mix_types'])}")
     return lines

@@ -9,10 +9,12 @@ import typer
 
 from moecompress.cli.app import app
 from moecompress.cli.options import (
+    BatchSizeOption,
     DataOption,
     FieldOption,
     ForceOption,
     ModelArg,
+    PrintStepOption,
     SamplesOption,
     SeedOption,
     SeqLenOption,
@@ -44,13 +46,19 @@ def gguf_command(
     size: Annotated[str | None, typer.Option("--size", help="Allocate types for this file size instead: 3GB, 2.5GiB, "
                                              "or a percentage of the checkpoint's safetensors bytes (60%).",
                                              show_default=False)] = None,
+    sensitivity: Annotated[str, typer.Option("--sensitivity", help="How --bits / --size weigh a tensor's error at a "
+                                             "type: fisher (by the loss's squared gradient at its outputs, from a "
+                                             "backward pass one layer at a time) or output (its output error, "
+                                             "every tensor alike; forward only).")] = "output",
     data: DataOption = None,
     field: FieldOption = "text",
     samples: SamplesOption = 32,
     seq_len: SeqLenOption = 256,
     seed: SeedOption = 0,
+    batch_size: BatchSizeOption = 8,
     force: ForceOption = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not show the progress bar.")] = False,
+    print_step: PrintStepOption = False,
 ) -> None:
     """Write a checkpoint as one GGUF file that llama.cpp (and what builds on it) runs.
 
@@ -71,9 +79,13 @@ def gguf_command(
 
         llama-cli -m pruned.gguf -p "def fibonacci(n):" -n 64
     """
+    if print_step:
+        from moecompress.cli.recipe_bridge import echo_step
+
+        return echo_step("export-gguf", locals())
     from moecompress.export.gguf import export_gguf
 
-    mix = _mix_options(bits, size, data, field, samples, seq_len, seed)
+    mix = _mix_options(bits, size, data, field, samples, seq_len, seed, sensitivity, batch_size)
     result = export_gguf(model, output, output_type=type_, force=force, progress=not no_progress, mix=mix)
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(result.type_counts.items()))
     typer.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): llama.cpp arch {result.arch}, type "
@@ -84,17 +96,21 @@ def gguf_command(
 
 
 def _mix_options(bits: float | None, size: str | None, data: list[str] | None, field: str, samples: int,
-                 seq_len: int, seed: int):  # noqa: ANN202
+                 seq_len: int, seed: int, sensitivity: str, batch_size: int):  # noqa: ANN202
     """MixOptions for `--bits` / `--size`, None without either."""
     from moecompress.calibration.data import parse_data_specs
     from moecompress.export.gguf_budget import parse_budget
-    from moecompress.export.gguf_mix import MixOptions
+    from moecompress.export.gguf_mix import SENSITIVITIES, MixOptions
 
+    if sensitivity not in SENSITIVITIES:
+        raise typer.BadParameter(f"{sensitivity!r} is not one of {', '.join(SENSITIVITIES)}",
+                                 param_hint="--sensitivity")
     budget = parse_budget(bits, size)
     if budget is None:
         return None
     sources = parse_data_specs(data, field=field) if data else None
-    return MixOptions(budget=budget, sources=sources, samples=samples, seq_len=seq_len, seed=seed)
+    return MixOptions(budget=budget, sources=sources, samples=samples, seq_len=seq_len, seed=seed,
+                      batch_size=batch_size, sensitivity=sensitivity)
 
 
 def _mix_summary(result) -> list[str]:  # noqa: ANN001

@@ -31,8 +31,9 @@ def command_options(op: str) -> dict[str, click.Parameter]:
 
     from moecompress.cli.app import app
 
-    root = typer.main.get_command(app)
-    command = root.get_command(click.Context(root), STEP_MODELS[op].COMMAND)  # type: ignore[arg-type]
+    command: Any = typer.main.get_command(app)
+    for name in str(STEP_MODELS[op].COMMAND).split():  # `export gguf`: a command of a group
+        command = command.get_command(click.Context(command), name) if command is not None else None
     if command is None:
         raise KeyError(f"no CLI command for step {op!r}")
     return {option_key(p): p for p in command.params if p.name != "help"}

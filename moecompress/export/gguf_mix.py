@@ -1,6 +1,7 @@
 """`export gguf --bits B | --size S`: calibrate, measure, allocate, and describe the mix for the manifest.
 
-    types = argmin_{t_k} sum_k err_k(t_k)  s.t. the budget     (`gguf_allocate`, errors from `gguf_sensitivity`)
+    types = argmin_{t_k} sum_k err_k(t_k)  s.t. the budget     (`gguf_allocate`; errors from `gguf_fisher`
+                                                                 or `gguf_sensitivity`, `--sensitivity`)
 
 The calibration windows are read as `quantize` reads them (`--data`, default the shipped
 sets; `--samples` windows of `--seq-len` tokens per domain, seeded); the unquantised model runs
@@ -18,9 +19,14 @@ from gguf import GGMLQuantizationType
 
 from moecompress.export.gguf_allocate import GGUFAllocation, TensorChoice, allocate_types, budget_units, tensor_choices
 from moecompress.export.gguf_budget import CANDIDATES, GGUFBudget
+from moecompress.export.gguf_fisher import measure_fisher_errors
 from moecompress.export.gguf_sensitivity import SensitivityRequest, TypeErrors, measure_type_errors
 from moecompress.io.gguf.arches import GGUFArch
 from moecompress.io.gguf.names import GGUFNames
+
+# how each tensor's error at a type is weighed: `fisher` by the loss's squared gradient at its outputs
+# (`gguf_fisher`), `output` alike everywhere (`gguf_sensitivity`)
+SENSITIVITIES: tuple[str, ...] = ("fisher", "output")
 
 # bytes of the file's header (metadata, tokenizer, tensor table) with this `allocation` manifest entry
 HeaderBytes = Callable[[dict[str, Any]], int]
@@ -37,6 +43,7 @@ class MixOptions:
     seed: int = 0
     batch_size: int = 8
     candidates: tuple[GGMLQuantizationType, ...] = CANDIDATES
+    sensitivity: str = "output"  # one of SENSITIVITIES
     errors: TypeErrors | None = None  # measured before (same checkpoint, same data): skip the calibration pass
     calibration: dict[str, Any] = field(default_factory=dict)  # the calibration record (set when measured)
 
@@ -64,7 +71,8 @@ def measure(folder: Path, names: GGUFNames, spec: GGUFArch, choices: Sequence[Te
         if not missing:
             return options.errors
     request = SensitivityRequest(wanted, calibration_batches(folder, options), progress=progress)
-    options.errors = measure_type_errors(folder, names, spec, request, info=info)
+    measure_errors = measure_fisher_errors if options.sensitivity == "fisher" else measure_type_errors
+    options.errors = measure_errors(folder, names, spec, request, info=info)
     return options.errors
 
 
@@ -94,6 +102,7 @@ def mix_record(allocation: GGUFAllocation, options: MixOptions, file_bytes: int 
     return {
         "budget": {"bits": budget.bits} if budget.bits is not None else {"size": budget.describe()},
         "candidates": [t.name for t in options.candidates],
+        "sensitivity": options.sensitivity,
         "bits_per_weight": round(allocation.bits_per_weight, 4),
         "allocated_bits_per_weight": round(allocation.allocated_bits_per_weight, 4),
         "file_bytes": file_bytes,

@@ -140,7 +140,7 @@ def _hooked(modules: dict[str, nn.Linear], moments: dict[str, _Moment]) -> Itera
             handle.remove()
 
 
-def _layer_linears(reader: CheckpointReader, index: int, names: GGUFNames, spec: GGUFArch,
+def layer_linears(reader: CheckpointReader, index: int, names: GGUFNames, spec: GGUFArch,
                    wanted: dict[str, Any]) -> dict[str, tuple[nn.Linear, str]]:
     """module path -> (linear, its weight's key) for the linears of layer `index` with a tensor to measure."""
     model, config = reader.model, reader.config
@@ -174,15 +174,23 @@ def _linear_errors(linears: dict[str, tuple[nn.Linear, str]], moments: dict[str,
             errors[name] = {t.name: tensor_error(array, t, hessian, transposed) for t in request.wanted[name]}
 
 
-def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, names: GGUFNames,
-                   request: SensitivityRequest, errors: TypeErrors) -> None:
-    """Sum over experts of tr(D_e H_e D_e^T) for the layer's stacked gate, up and down, a group of experts at a time."""
+def expert_targets(adapter: MoEAdapter, ref: MoELayerRef, names: GGUFNames, request: SensitivityRequest,
+                   errors: TypeErrors) -> tuple[int, int, dict[str, str]]:
+    """(hidden H, expert width I, projection -> its stacked GGUF tensor) of MoE layer `ref`; the wanted ones' errors
+    start at 0 in `errors`, for the experts' sums."""
     probe = adapter.expert_weights(ref, 0)
     hidden, intermediate = probe.up.shape[1], probe.up.shape[0]
     targets = {proj: names.experts(ref.experts_path, proj) for proj in EXPERT_PROJECTIONS}
     for name in targets.values():
         if name in request.wanted:
             errors[name] = {t.name: 0.0 for t in request.wanted[name]}
+    return hidden, intermediate, targets
+
+
+def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, names: GGUFNames,
+                   request: SensitivityRequest, errors: TypeErrors) -> None:
+    """Sum over experts of tr(D_e H_e D_e^T) for the layer's stacked gate, up and down, a group of experts at a time."""
+    hidden, intermediate, targets = expert_targets(adapter, ref, names, request, errors)
     per_expert = 8 * (hidden * hidden + intermediate * intermediate)
     for chunk in expert_chunks(range(ref.num_experts), per_expert, request.expert_memory):
         moments = _ExpertMoments(chunk, hidden, intermediate)
@@ -199,16 +207,28 @@ def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, names: G
                     errors[name][t.name] += weighted_error(weight, t, hessian)
 
 
-def _embedding_errors(reader: CheckpointReader, names: GGUFNames, request: SensitivityRequest,
-                      errors: TypeErrors) -> None:
-    """err of the token embedding: calibration-count-weighted squared row errors."""
+@contextlib.contextmanager
+def embedding_table(reader: CheckpointReader, names: GGUFNames, request: SensitivityRequest
+                    ) -> Iterator[np.ndarray | None]:
+    """The token embedding (V, H) float32 while the block runs, read from the checkpoint; None when not allocated."""
     keys = [key for key in reader.outside_layers(include_head=False)
             if key.endswith(".weight") and names.resolve(key) == "token_embd.weight"]
     if not keys or "token_embd.weight" not in request.wanted:
+        yield None
         return
     reader.load_keys(keys, "cpu")
     try:
-        table = reader.model.get_parameter(keys[0]).detach().float().contiguous().numpy()  # (V, H)
+        yield reader.model.get_parameter(keys[0]).detach().float().contiguous().numpy()
+    finally:
+        reader.release_keys(keys)
+
+
+def _embedding_errors(reader: CheckpointReader, names: GGUFNames, request: SensitivityRequest,
+                      errors: TypeErrors) -> None:
+    """err of the token embedding: calibration-count-weighted squared row errors."""
+    with embedding_table(reader, names, request) as table:
+        if table is None:
+            return
         ids = torch.cat([ids.reshape(-1) for _, ids in request.batches])
         counts = torch.bincount(ids, minlength=table.shape[0]).double().numpy()  # (V,)
         used = np.nonzero(counts)[0]
@@ -220,8 +240,6 @@ def _embedding_errors(reader: CheckpointReader, names: GGUFNames, request: Sensi
                 delta = (rows - roundtrip(rows, t)).astype(np.float64)
                 err = float(((delta ** 2).sum(-1) * counts[used]).sum())
             errors.setdefault("token_embd.weight", {})[t.name] = err
-    finally:
-        reader.release_keys(keys)
 
 
 def measure_type_errors(folder: str | Path, names: GGUFNames, spec: GGUFArch, request: SensitivityRequest,
@@ -235,7 +253,7 @@ def measure_type_errors(folder: str | Path, names: GGUFNames, spec: GGUFArch, re
     moe = {ref.index: ref for ref in adapter.moe_layers(reader.model)}
     for index in tqdm(range(len(engine.layers)), desc="gguf sensitivity", unit="layer", disable=not request.progress):
         with engine.layer_loaded(index):
-            linears = _layer_linears(reader, index, names, spec, request.wanted)
+            linears = layer_linears(reader, index, names, spec, request.wanted)
             moments = {path: _Moment(module.in_features) for path, (module, _) in linears.items()}
             with _hooked({path: module for path, (module, _) in linears.items()}, moments):
                 if index in moe:

@@ -19,6 +19,7 @@ from moecompress.recipe.steps import (
     CompressStep,
     CondenseStep,
     EvalStep,
+    ExportGGUFStep,
     PruneStep,
     QuantizeStep,
     Step,
@@ -133,6 +134,27 @@ def run_eval(step: EvalStep, model: Path, output: Path, progress: bool = True) -
     with atomic_output_dir(output, force=True) as tmp:
         (tmp / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+GGUF_FILE = "model.gguf"  # the file an export-gguf step writes in its folder
+
+
+def run_export_gguf(step: ExportGGUFStep, model: Path, output: Path, progress: bool = True) -> Any:
+    """`moecompress export gguf -o OUTPUT/model.gguf`: returns the `GGUFExportResult` (its path in `output`)."""
+    from moecompress.export.gguf import export_gguf
+    from moecompress.export.gguf_budget import parse_budget
+    from moecompress.export.gguf_mix import MixOptions
+    from moecompress.io.output import atomic_output_dir
+
+    budget = parse_budget(step.bits, step.size)
+    mix = None
+    if budget is not None:
+        mix = MixOptions(budget=budget, sources=_sources(step), samples=step.samples, seq_len=step.seq_len,  # type: ignore[arg-type]
+                         seed=step.seed, batch_size=step.batch_size, sensitivity=step.sensitivity)  # type: ignore[arg-type]
+    with atomic_output_dir(output, force=True) as tmp:
+        result = export_gguf(model, tmp / GGUF_FILE, output_type=step.type, force=True, progress=progress, mix=mix)
+    result.path = output / GGUF_FILE
+    return result
 
 
 def _link_or_copy(src: str, dst: str) -> None:

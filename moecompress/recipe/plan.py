@@ -234,6 +234,12 @@ def make_plan(loaded: LoadedRecipe, run_dir: str | Path | None = None) -> Plan:
             raise plan.error(RecipeError(
                 f"{op} cannot change the quantised checkpoint of steps[{producer}] ({plan.steps[producer].op}); "
                 f"move it before steps[{producer}]", planned.where("op")))
+        if op == "export-gguf" and producer is not None and plan.steps[producer].op in QUANTISING_OPS \
+                and getattr(plan.steps[producer].step, "format", "gptq") == "gptq":
+            raise plan.error(RecipeError(
+                f"export-gguf reads float checkpoints and steps[{producer}] ({plan.steps[producer].op}) writes GPTQ "
+                f"(packed integers); move export-gguf before steps[{producer}], or give steps[{producer}] format: fake",
+                planned.where("op")))
         if op == "calibrate":
             last_calibrate = index
         if op in STATS_OPS and getattr(step, "stats") is None and last_calibrate is not None:

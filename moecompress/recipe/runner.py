@@ -110,6 +110,12 @@ def summary_of(op: str, result: Any) -> dict[str, Any]:
     if op == "eval":
         return {"mean_perplexity": result.mean_perplexity,
                 "perplexity": {r.domain: r.perplexity for r in result.results}}
+    if op == "export-gguf":
+        summary = {"file": str(result.path), "bytes": result.bytes, "arch": result.arch, "type": result.output_type,
+                   "types": dict(result.type_counts)}
+        if result.allocation is not None:
+            summary["bits_per_weight"] = round(result.allocation.bits_per_weight, 4)
+        return summary
     if op == "write":
         return {"output": str(result)}
     return {}
@@ -187,6 +193,8 @@ def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, 
         return execute.run_compress(step, model, output, stats_dir, progress, resume)  # type: ignore[arg-type]
     if planned.op == "eval":
         return execute.run_eval(step, model, output, progress)  # type: ignore[arg-type]
+    if planned.op == "export-gguf":
+        return execute.run_export_gguf(step, model, output, progress)  # type: ignore[arg-type]
     if planned.op == "write":
         return execute.run_write(step, model, replace_write)  # type: ignore[arg-type]
     raise AssertionError(planned.op)

@@ -417,6 +417,27 @@ class EvalStep(Step):
     streaming: bool = False
 
 
+class ExportGGUFStep(_CalibrationData):
+    """`moecompress export gguf`: the current checkpoint as one GGUF file (model.gguf in the step's folder)."""
+
+    CHANGES_MODEL: ClassVar[bool] = False
+    COMMAND: ClassVar[str | None] = "export gguf"
+    op: Literal["export-gguf"]
+    type: str = "auto"
+    bits: Annotated[float | None, Field(gt=0)] = None
+    size: str | None = None
+    sensitivity: Literal["fisher", "output"] = "output"
+
+    def check(self, where: Location) -> None:
+        super().check(where)
+        from moecompress.export.gguf_budget import parse_budget
+        from moecompress.io.gguf.types import parse_output_type
+
+        _library_check(where + ("type",), ["type"], parse_output_type, self.type, "bfloat16")
+        _library_check(where + ("size" if self.size is not None else "bits",), ["bits", "size"], parse_budget,
+                       self.bits, self.size)
+
+
 class WriteStep(Step):
     """Copy the current checkpoint (the last step that changed the model) to `output`."""
 
@@ -435,6 +456,7 @@ STEP_MODELS: dict[str, type[Step]] = {
     "quantize": QuantizeStep,
     "compress": CompressStep,
     "eval": EvalStep,
+    "export-gguf": ExportGGUFStep,
     "write": WriteStep,
 }
 OPS = tuple(STEP_MODELS)
@@ -442,7 +464,7 @@ QUANTISING_OPS = ("quantize", "compress")  # outputs that no later step may chan
 STATS_OPS = ("prune", "compress")  # steps that reuse calibration statistics (`--stats`)
 
 AnyStep = Annotated[
-    CalibrateStep | PruneStep | CondenseStep | QuantizeStep | CompressStep | EvalStep | WriteStep,
+    CalibrateStep | PruneStep | CondenseStep | QuantizeStep | CompressStep | EvalStep | ExportGGUFStep | WriteStep,
     Field(discriminator="op"),
 ]
 
@@ -459,5 +481,7 @@ RUNNER_SET: dict[str, dict[str, str]] = {
                  "force": "the runner"},
     "eval": {"model": "the current checkpoint", "json_out": "eval.json in the step's folder",
              "json": "not in recipes", "force": "the runner"},
+    "export-gguf": {"model": "the current checkpoint", "output": "model.gguf in the step's folder",
+                    "force": "the runner", "no_progress": "the runner"},
 }
 CLI_ONLY = ("print_step", "resume")  # a recipe resumes with `moecompress run --resume`
