@@ -56,13 +56,15 @@ def build_checkpoint(folder: Path, layers: int) -> None:
 def run_device(checkpoint: Path, device: str, layers: int) -> dict:
     """Calibrate and plan a frequency prune on `device`; statistics, plan and seconds per layer."""
     from moecompress.calibration.calibrate import calibrate
+    from moecompress.calibration.request import CalibrationRequest
     from moecompress.prune.run import prune_checkpoint
+    from moecompress.prune.request import PruneRequest
 
     start = time.perf_counter()
-    stats = calibrate(checkpoint, num_samples=8, seq_len=128, progress=False, device=device)
+    stats = calibrate(checkpoint, CalibrationRequest(samples=8, seq_len=128, device=device), progress=False)
     seconds = time.perf_counter() - start
-    result = prune_checkpoint(checkpoint, None, "frequency", ratio=0.5, stats=stats, dry_run=True, progress=False,
-                              device=device)
+    result = prune_checkpoint(checkpoint, None, PruneRequest(method="frequency", ratio=0.5, device=device),
+                              stats=stats, dry_run=True, progress=False)
     return {"stats": stats, "keep": result.plan.keep, "seconds": seconds, "seconds_per_layer": seconds / layers}
 
 

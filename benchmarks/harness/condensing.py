@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from benchmarks.harness.context import Fixture
 from benchmarks.harness.report import _fmt, renderer
 from benchmarks.harness.suites import _domain_ppl, _windows, suite
+from moecompress.prune.request import PruneRequest
 
 DEFAULT_PRUNE_METHOD = "reap"
 DEFAULT_TIMING_REPEATS = 15
@@ -124,19 +125,19 @@ def safetensors_bytes(folder: Path) -> int:
 
 def condense_and_reload(fixture: Fixture, point: GridPoint, folder: Path) -> tuple[dict[str, Any], nn.Module]:
     """Condense the fixture for one grid point into `folder`, reload it, evaluate it; (row, reloaded model)."""
-    from moecompress.condense.run import LOADS_WITH, condense_checkpoint
+    from moecompress.condense.run import LOADS_WITH, CondenseRequest, condense_checkpoint
 
     protocol = fixture.protocol
     layers = None
     if point.selection == "first":
         layers = first_moe_layers(fixture, point.num_layers)
     started = time.perf_counter()
-    result = condense_checkpoint(
-        fixture.folder, folder, layers=layers, experts=point.experts,
-        num_layers=None if layers is not None else point.num_layers, layout=point.layout,
-        sources=fixture.calibration_sources(), samples=protocol.calib_windows, seq_len=protocol.seq_len,
-        seed=protocol.calib_seed, batch_size=protocol.batch_size, timing=False, progress=False,
-    )
+    request = CondenseRequest(layers=layers, experts=point.experts,
+                              num_layers=None if layers is not None else point.num_layers, layout=point.layout,
+                              sources=fixture.calibration_sources(), samples=protocol.calib_windows,
+                              seq_len=protocol.seq_len, seed=protocol.calib_seed, batch_size=protocol.batch_size,
+                              timing=False)
+    result = condense_checkpoint(fixture.folder, folder, request, progress=False)
     condense_seconds = time.perf_counter() - started
     loads_with = LOADS_WITH[result.layout]
     model = reload(folder, loads_with)
@@ -187,7 +188,8 @@ def pruned_parameter_counts(fixture: Fixture, method: str, stats: Any) -> dict[i
     for keep in feasible_counts(shape):
         if keep == shape.num_experts:
             continue  # nothing pruned
-        plan = plan_pruning(stats, adapter, model.config, method, keep=keep, protect_super_experts=False)
+        plan = plan_pruning(stats, adapter, model.config,
+            PruneRequest(method=method, keep=keep, protect_super_experts=False))
         counts[keep] = params_after(plan, before, adapter, model)
     return counts
 
@@ -206,7 +208,8 @@ def prune_and_reload(fixture: Fixture, method: str, keep: int, stats: Any, folde
 
     model, adapter = fixture.model, fixture.adapter
     started = time.perf_counter()
-    plan = plan_pruning(stats, adapter, model.config, method, keep=keep, protect_super_experts=False)
+    plan = plan_pruning(stats, adapter, model.config, PruneRequest(method=method, keep=keep,
+                                                                   protect_super_experts=False))
     manifest = build_manifest("prune", plan.method, plan.params, fixture.protocol.calib_seed, fixture.folder,
                               model.config, stats, plan=plan.model_dump(exclude={"scores"}))
     written = write_pruned(model, adapter, plan, fixture.tokenizer, folder, manifest, fixture.folder)

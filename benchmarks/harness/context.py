@@ -92,14 +92,17 @@ class Fixture:
     def stats(self, statistics: tuple[str, ...] = ("count",)) -> Any:
         """Calibration statistics on the validation split (computed once per statistic set)."""
         from moecompress.calibration.calibrate import calibrate
+        from moecompress.calibration.request import CalibrationRequest
 
         key = tuple(sorted(statistics))
         if key not in self._stats:
-            self._stats[key] = calibrate(
-                self.folder, self.calibration_sources(), num_samples=self.protocol.calib_windows,
-                seq_len=self.protocol.seq_len, seed=self.protocol.calib_seed, batch_size=self.protocol.batch_size,
-                statistics=list(key), progress=False,
-            )
+            self._stats[key] = calibrate(self.folder,
+                                         CalibrationRequest(sources=self.calibration_sources(),
+                                                            samples=self.protocol.calib_windows,
+                                                            seq_len=self.protocol.seq_len,
+                                                            seed=self.protocol.calib_seed,
+                                                            batch_size=self.protocol.batch_size, statistics=list(key)),
+                                         progress=False)
         return self._stats[key]
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:

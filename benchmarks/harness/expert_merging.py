@@ -29,6 +29,7 @@ from benchmarks.harness.context import Fixture
 from benchmarks.harness.report import _fmt, renderer
 from benchmarks.harness.scoring_order import sequential_methods
 from benchmarks.harness.suites import _domain_ppl, _windows, best_and_share, feasible_pairs, rows_by_fixture, suite
+from moecompress.prune.request import PruneRequest
 
 RATIOS = (0.25, 0.5, 0.75)
 MERGES = ("none", "centroid", "cluster")
@@ -55,10 +56,10 @@ def _run(fixture: Fixture, method: str, ratio: float, merge: str, statistics: tu
     with tempfile.TemporaryDirectory(prefix="moecompress-bench-") as tmp:
         output = Path(tmp) / "pruned"
         started = time.perf_counter()
-        done = prune_checkpoint(fixture.folder, output, method, ratio=ratio, stats=stats,
-                                sources=fixture.calibration_sources(), samples=protocol.calib_windows,
-                                seq_len=protocol.seq_len, seed=protocol.calib_seed, batch_size=protocol.batch_size,
-                                protect_super_experts=False, progress=False, merge=merge)
+        request = PruneRequest(method=method, ratio=ratio, sources=fixture.calibration_sources(),
+                               samples=protocol.calib_windows, seq_len=protocol.seq_len, seed=protocol.calib_seed,
+                               batch_size=protocol.batch_size, protect_super_experts=False, merge=merge)
+        done = prune_checkpoint(fixture.folder, output, request, stats=stats, progress=False)
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32, local_files_only=True).eval()
         result = fixture.evaluate(model)

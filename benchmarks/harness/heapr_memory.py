@@ -61,13 +61,14 @@ def _plain_backward(model: nn.Module, batches: list[tuple[str, torch.Tensor]]) -
 def run_pass(name: str, model: nn.Module, adapter: Any, calib: Any, batch_size: int) -> Any:
     """Run one of PASSES over the calibration set; returns the observer (None for plain_backward)."""
     from moecompress.calibration.calibrate import collect_statistics
+    from moecompress.calibration.request import ObservedPass
 
     if name == "plain_backward":
         _plain_backward(model, list(calib.domain_batches(batch_size)))
         return None
     statistics = ["count"] if name == "observer_forward" else list(HEAPR_STATISTICS)
-    return collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains, statistics,
-                              batch_size, "whole-model", progress=False)
+    return collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
+                              ObservedPass(statistics=statistics, batch_size=batch_size, mode="whole-model"), False)
 
 
 def memory_calibration_set(fixture: Fixture, windows: int) -> Any:
@@ -97,6 +98,7 @@ def tensor_peaks(fixture: Fixture, calib: Any) -> dict[str, Any]:
     """Live-tensor peaks of every pass and of HEAPr scoring + selection, plus the accumulators' real size."""
     from moecompress.calibration.calibrate import build_stats
     from moecompress.prune.run import plan_pruning
+    from moecompress.prune.request import PruneRequest
 
     model, adapter, batch_size = fixture.model, fixture.adapter, fixture.protocol.batch_size
     warm_up(model, calib, batch_size)
@@ -111,8 +113,8 @@ def tensor_peaks(fixture: Fixture, calib: Any) -> dict[str, Any]:
                     for layer, obs in observer.observers.items()}
     stats = build_stats(model, adapter, observer, fixture.folder, calib.digest, {}, "whole-model",
                         fixture.protocol.calib_seed)
-    _, scoring = tensor_peak(lambda: plan_pruning(stats, adapter, model.config, "heapr", ratio=0.5,
-                                                  protect_super_experts=False, allocation="global"))
+    _, scoring = tensor_peak(lambda: plan_pruning(stats, adapter, model.config,
+        PruneRequest(method="heapr", ratio=0.5, protect_super_experts=False, allocation="global")))
     return {"peaks": peaks, "scoring_peak": scoring, "accumulator_bytes": accumulators}
 
 

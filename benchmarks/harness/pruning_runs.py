@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness.context import Fixture
+from moecompress.prune.request import PruneRequest
 
 NEURON_MASKS = "prune_neurons.safetensors"  # bookkeeping written next to neuron-pruned weights, not weights
 
@@ -83,6 +84,7 @@ def calibration_mode(fixture: Fixture, statistics: tuple[str, ...]) -> str:
 def calibrated(fixture: Fixture, statistics: tuple[str, ...]) -> Calibration:
     """Statistics of the fixture's calibration windows and the observer pass's time (cached)."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics
+    from moecompress.calibration.request import ObservedPass
 
     statistics = tuple(sorted(statistics))
     key = (*_fixture_key(fixture), statistics)
@@ -94,12 +96,13 @@ def calibrated(fixture: Fixture, statistics: tuple[str, ...]) -> Calibration:
         if (*key[:2], mode) not in _WARMED:  # the first pass in a mode pays one-time costs: keep them out of the time
             first = calib.domain_ids == calib.domain_ids[0]
             collect_statistics(model, adapter, calib.input_ids[first][:1], calib.domain_ids[first][:1], calib.domains,
-                               list(statistics), 1, mode, progress=False)
+                               ObservedPass(statistics=list(statistics), batch_size=1, mode=mode), False)
             _WARMED.add((*key[:2], mode))
         torch.manual_seed(protocol.calib_seed)
         started = time.perf_counter()
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
-                                      list(statistics), protocol.batch_size, mode, progress=False)
+                                      ObservedPass(statistics=list(statistics), batch_size=protocol.batch_size,
+                                                   mode=mode), False)
         stats = build_stats(model, adapter, observer, fixture.folder, calib.digest,
                             {"sources": calib.sources, "seq_len": calib.seq_len,
                              "num_samples_per_domain": protocol.calib_windows, "seed": protocol.calib_seed,
@@ -128,8 +131,9 @@ def plan_timed(fixture: Fixture, calibration: Calibration, method: str, ratio: f
 
     context = scoring_context(fixture, method, params)
     started = time.perf_counter()
-    plan = plan_pruning(calibration.stats, fixture.adapter, fixture.model.config, method, ratio=ratio, params=params,
-                        domain=domain, protect_super_experts=False, allocation=allocation, context=context)
+    request = PruneRequest(method=method, ratio=ratio, params=params, domain=domain, protect_super_experts=False,
+                           allocation=allocation)
+    plan = plan_pruning(calibration.stats, fixture.adapter, fixture.model.config, request, context=context)
     return plan, time.perf_counter() - started
 
 
@@ -158,10 +162,10 @@ def evaluate_layout_checkpoint(fixture: Fixture, calibration: Calibration, metho
     protocol = fixture.protocol
     with tempfile.TemporaryDirectory(prefix="moecompress-bench-") as tmp:
         output = Path(tmp) / "pruned"
-        done = prune_checkpoint(fixture.folder, output, method, ratio=ratio, params=params, stats=calibration.stats,
-                                sources=fixture.calibration_sources(), samples=protocol.calib_windows,
-                                seq_len=protocol.seq_len, seed=protocol.calib_seed, batch_size=protocol.batch_size,
-                                protect_super_experts=False, allocation=allocation, progress=False)
+        request = PruneRequest(method=method, ratio=ratio, params=params, sources=fixture.calibration_sources(),
+                               samples=protocol.calib_windows, seq_len=protocol.seq_len, seed=protocol.calib_seed,
+                               batch_size=protocol.batch_size, protect_super_experts=False, allocation=allocation)
+        done = prune_checkpoint(fixture.folder, output, request, stats=calibration.stats, progress=False)
         model = moecompress.load(output, dtype="float32")
         result = fixture.evaluate(model)
         result["parameters"] = done.params_after

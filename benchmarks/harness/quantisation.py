@@ -271,7 +271,7 @@ def quantise_with_widths(folder: Path, output: Path, request: Any, sources: list
                          widths_of: Callable[[Any, Any], dict[int, list[int]]]) -> Any:
     """Quantise a checkpoint with widths chosen by `widths_of(targets, adapter)`, through the library's writer."""
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
-    from moecompress.quant.run import calibration_batches, write_quantized
+    from moecompress.quant.run import QuantizeJob, calibration_batches, write_quantized
     from moecompress.quant.settings import make_plan
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
@@ -285,8 +285,9 @@ def quantise_with_widths(folder: Path, output: Path, request: Any, sources: list
     targets = find_targets(model, adapter)
     widths = widths_of(targets, adapter)
     plan = make_plan(targets, adapter, widths, request.settings, method, request.widths(), {"bits": request.bits})
-    return write_quantized(model, adapter, plan, batches, folder, info, output, request, tokenizer, calib, False,
-                           False, out_dtype)
+    job = QuantizeJob(folder, info, model, adapter, batches=batches, calib=calib, tokenizer=tokenizer,
+                      out_dtype=out_dtype)
+    return write_quantized(job, plan, output, request, force=False, progress=False)
 
 
 def random_row(run: FixtureRun, average: float, seeds: list[int]) -> dict[str, Any]:
@@ -317,12 +318,12 @@ def random_row(run: FixtureRun, average: float, seeds: list[int]) -> dict[str, A
 
 def joint_row(run: FixtureRun, size_bytes: int, reference_label: str) -> dict[str, Any]:
     """REAP pruning + MC-MoE quantisation in one program, within `size_bytes` on disk."""
-    from moecompress.compress.joint import compress_checkpoint
+    from moecompress.compress.joint import JointPruning, compress_checkpoint
 
     out = run.output("joint")
     request = run.request(method="mc-moe", size=f"{size_bytes}B")
     (result, allocation), seconds, cpu = _timed(lambda: compress_checkpoint(
-        run.fixture.folder, out, request, prune_method="reap", sources=run.fixture.calibration_sources(),
+        run.fixture.folder, out, request, JointPruning(method="reap"), sources=run.fixture.calibration_sources(),
         progress=False))
     kept = {str(layer): sum(1 for w in widths if w != 0) for layer, widths in allocation.widths.items()}
     return {"method": "joint", "label": "joint REAP prune + MC-MoE quant", "target_bits": None,

@@ -75,6 +75,7 @@ def _run(fixture: Fixture, method: str, ratio: float, scoring: str, protect: boo
     from transformers import AutoModelForCausalLM
 
     from moecompress.prune.run import prune_checkpoint, required_statistics
+    from moecompress.prune.request import PruneRequest
 
     protocol = fixture.protocol
     if scoring == "one-pass":
@@ -85,11 +86,11 @@ def _run(fixture: Fixture, method: str, ratio: float, scoring: str, protect: boo
         output = Path(tmp) / "pruned"
         started = time.perf_counter()
         with detection_rule(rule):
-                done = prune_checkpoint(fixture.folder, output, method, ratio=ratio, stats=stats,
-                                    sources=fixture.calibration_sources(), samples=protocol.calib_windows,
-                                    seq_len=protocol.seq_len, seed=protocol.calib_seed,
-                                    batch_size=protocol.batch_size, protect_super_experts=protect, progress=False,
-                                    scoring=scoring)
+                request = PruneRequest(method=method, ratio=ratio, sources=fixture.calibration_sources(),
+                                       samples=protocol.calib_windows, seq_len=protocol.seq_len,
+                                       seed=protocol.calib_seed, batch_size=protocol.batch_size,
+                                       protect_super_experts=protect, scoring=scoring)
+                done = prune_checkpoint(fixture.folder, output, request, stats=stats, progress=False)
         seconds = time.perf_counter() - started
         model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32, local_files_only=True).eval()
         result = fixture.evaluate(model)

@@ -87,10 +87,11 @@ def prune_and_evaluate(fixture: Fixture, method: str, ratio: float, params: dict
                        domain: str | None = None) -> dict[str, Any]:
     """Plan with a moecompress scorer, drop the experts, save, reload with transformers, evaluate."""
     from moecompress.prune.run import plan_pruning
+    from moecompress.prune.request import PruneRequest
 
     stats = fixture.stats(("count",))
-    plan = plan_pruning(stats, fixture.adapter, fixture.model.config, method, ratio=ratio, params=params,
-                        domain=domain, protect_super_experts=False)
+    plan = plan_pruning(stats, fixture.adapter, fixture.model.config,
+        PruneRequest(method=method, ratio=ratio, params=params, domain=domain, protect_super_experts=False))
     pruned = fixture.adapter.drop(fixture.model, keep_experts=plan.keep)
     result = fixture.reload_and_evaluate(pruned)
     result["kept_per_layer"] = next(iter(plan.kept_counts().values()))

@@ -57,9 +57,11 @@ def write_pruned_output(fixture: Fixture, folder: Path) -> tuple[str, dict[str, 
     from moecompress.io.manifest import build_manifest
     from moecompress.prune.materialize import write_pruned
     from moecompress.prune.run import plan_pruning
+    from moecompress.prune.request import PruneRequest
 
     model, adapter, stats = fixture.model, fixture.adapter, fixture.stats(("count",))
-    plan = plan_pruning(stats, adapter, model.config, "frequency", ratio=PRUNE_RATIO, protect_super_experts=False)
+    plan = plan_pruning(stats, adapter, model.config, PruneRequest(method="frequency", ratio=PRUNE_RATIO,
+                                                                   protect_super_experts=False))
     manifest = build_manifest("prune", plan.method, plan.params, fixture.protocol.calib_seed, fixture.folder,
                               model.config, stats, plan=plan.model_dump(exclude={"scores"}))
     written = write_pruned(model, adapter, plan, fixture.tokenizer, folder, manifest, fixture.folder)
@@ -71,7 +73,7 @@ def write_pruned_output(fixture: Fixture, folder: Path) -> tuple[str, dict[str, 
 
 def write_condensed_output(fixture: Fixture, folder: Path) -> tuple[str, dict[str, Any]]:
     """CD-MoE on half the MoE layers, top_k experts each, stock layout; (loads_with, details)."""
-    from moecompress.condense.run import LOADS_WITH, condense_checkpoint
+    from moecompress.condense.run import LOADS_WITH, CondenseRequest, condense_checkpoint
     from moecompress.condense.transformers_layout import NotExpressible, dense_slots
 
     adapter, config, protocol = fixture.adapter, fixture.model.config, fixture.protocol
@@ -82,11 +84,11 @@ def write_condensed_output(fixture: Fixture, folder: Path) -> tuple[str, dict[st
     except NotExpressible:
         prefix = False
     layers = moe_layers[:count] if prefix else None
-    result = condense_checkpoint(
-        fixture.folder, folder, layers=layers, experts=adapter.top_k(config), num_layers=None if prefix else count,
-        layout="transformers", sources=fixture.calibration_sources(), samples=protocol.calib_windows,
-        seq_len=protocol.seq_len, seed=protocol.calib_seed, batch_size=protocol.batch_size, timing=False,
-        progress=False)
+    request = CondenseRequest(layers=layers, experts=adapter.top_k(config), num_layers=None if prefix else count,
+                              layout="transformers", sources=fixture.calibration_sources(),
+                              samples=protocol.calib_windows, seq_len=protocol.seq_len, seed=protocol.calib_seed,
+                              batch_size=protocol.batch_size, timing=False)
+    result = condense_checkpoint(fixture.folder, folder, request, progress=False)
     return LOADS_WITH[result.layout], {"condensed_layers": sorted(result.plan.layers),
                                        "selection": "first MoE layers" if prefix else "greedy",
                                        "experts_per_condensed_layer": adapter.top_k(config)}

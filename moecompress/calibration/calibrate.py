@@ -34,7 +34,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,7 +49,8 @@ from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints, source_fingerprint
 from moecompress.engine.spill import SpilledActivations
-from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, Observer, validate_statistics
+from moecompress.calibration.observer import GRADIENT_STATISTICS, Observer, validate_statistics
+from moecompress.calibration.request import CalibrationRequest, ExpertChoice, ObservedPass
 from moecompress.calibration.stats import RoutingStats, StatsHeader
 from moecompress.io.provenance import config_hash, library_versions
 from moecompress.errors import MoecompressError
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("layerwise", "whole-model")
 
-# (MoE layer index, that layer's statistics as observed) -> the experts the layer keeps
-ExpertChoice = Callable[[int, RoutingStats], Sequence[int]]
 
 
 def _batches(input_ids: torch.Tensor, domain_ids: torch.Tensor, domains: Sequence[str], batch_size: int
@@ -75,27 +74,14 @@ def _batches(input_ids: torch.Tensor, domain_ids: torch.Tensor, domains: Sequenc
     return out
 
 
-def collect_statistics(
-    model: nn.Module,
-    adapter: MoEAdapter,
-    input_ids: torch.Tensor,
-    domain_ids: torch.Tensor,
-    domains: Sequence[str],
-    statistics: Sequence[str] = DEFAULT_STATISTICS,
-    batch_size: int = 8,
-    mode: str = "layerwise",
-    progress: bool = True,
-    reader: CheckpointReader | None = None,
-    device: torch.device | str | None = None,
-    max_layer_bytes: int | None = None,
-    data_parallel: bool = False,
-    checkpoints: LayerPassCheckpoints | None = None,
-    spill_to: Path | None = None,
-    choose_experts: ExpertChoice | None = None,
-) -> Observer:
+def collect_statistics(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, domain_ids: torch.Tensor,
+                       domains: Sequence[str], options: ObservedPass | None = None, progress: bool = True
+                       ) -> Observer:
     """Observe the model on input_ids (N, S) with per-sample domain_ids (N,); returns the filled Observer.
 
-    reader: the checkpoint the (meta-device) model is read from, one layer at a time
+    options (`ObservedPass`; default: the default statistics, layer by layer, in memory):
+    statistics and batch_size: what is observed, in batches of that many windows; mode:
+    layerwise or whole-model; reader: the checkpoint the (meta-device) model is read from, one layer at a time
     (layerwise mode only); device: where layers compute (default: where the model is);
     max_layer_bytes: MoE layers larger than this compute their experts in groups (`LayerEngine`).
     data_parallel: inside a process group (`distributed.initialise`), observe only this rank's
@@ -112,27 +98,29 @@ def collect_statistics(
     every rank chooses the same); the returned experts are the only ones the layer routes to
     when it produces the next layer's inputs. Layer by layer only.
     """
-    parallel = data_parallel and distributed.active()
-    checkpoints = checkpoints or LayerPassCheckpoints(None, "calibrating")
-    if choose_experts is not None and mode != "layerwise":
+    options = options or ObservedPass()
+    parallel = options.data_parallel and distributed.active()
+    if options.choose_experts is not None and options.mode != "layerwise":
         raise MoecompressError("sequential calibration runs one layer at a time: it needs mode 'layerwise'")
     with distributed.phase("calibrating") if parallel else contextlib.nullcontext():
-        observer = _observe(model, adapter, input_ids, domain_ids, domains, statistics, batch_size, mode, progress,
-                            reader, device, max_layer_bytes, parallel, checkpoints, spill_to, choose_experts)
+        observer = _observe(model, adapter, (input_ids, domain_ids, domains), options, progress, parallel)
     if parallel:
         observer.all_reduce()
     return observer
 
 
-def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, domain_ids: torch.Tensor,
-             domains: Sequence[str], statistics: Sequence[str], batch_size: int, mode: str, progress: bool,
-             reader: CheckpointReader | None, device: torch.device | str | None, max_layer_bytes: int | None,
-             parallel: bool, checkpoints: LayerPassCheckpoints, spill_to: Path | None = None,
-             choose_experts: ExpertChoice | None = None) -> Observer:
-    """`collect_statistics` on this process: every batch, or this rank's share when `parallel`."""
+def _observe(model: nn.Module, adapter: MoEAdapter, windows: tuple[torch.Tensor, torch.Tensor, Sequence[str]],
+             options: ObservedPass, progress: bool, parallel: bool) -> Observer:
+    """`collect_statistics` on this process: every batch, or this rank's share when `parallel`.
+
+    windows: (input_ids (N, S), domain_ids (N,), domain names).
+    """
+    input_ids, domain_ids, domains = windows
+    mode, reader, choose_experts = options.mode, options.reader, options.choose_experts
+    checkpoints = options.checkpoints or LayerPassCheckpoints(None, "calibrating")
     if mode not in MODES:
         raise MoecompressError(f"unknown calibration mode {mode!r}; use one of {', '.join(MODES)}")
-    statistics = validate_statistics(statistics)
+    statistics = validate_statistics(options.statistics)
     needs_grad = any(name in GRADIENT_STATISTICS for name in statistics)
     if needs_grad and choose_experts is not None:
         raise MoecompressError("gradient statistics (neuron_grad_proj) come from a backward pass over the whole "
@@ -141,10 +129,12 @@ def _observe(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor, dom
         raise MoecompressError(f"{model.config.model_type} cannot run one layer at a time; use mode 'whole-model'")
     if reader is not None and mode != "layerwise":
         raise MoecompressError("a checkpoint read layer by layer can only be calibrated in mode 'layerwise'")
-    spill = SpilledActivations(spill_to) if spill_to is not None and mode == "layerwise" else None
-    engine = LayerEngine(model, adapter, reader=reader, device=device, max_layer_bytes=max_layer_bytes, spill=spill)
+    spill = (SpilledActivations(options.spill_to) if options.spill_to is not None and mode == "layerwise"
+             else None)
+    engine = LayerEngine(model, adapter, reader=reader, device=options.device, max_layer_bytes=options.max_layer_bytes,
+                         spill=spill)
     observer = Observer(model, adapter, domains, statistics, device=engine.device)
-    batches = _batches(input_ids, domain_ids, domains, batch_size)
+    batches = _batches(input_ids, domain_ids, domains, options.batch_size)
     if parallel:
         world = distributed.world_size()
         if len(batches) < world and distributed.is_writer():
@@ -385,33 +375,18 @@ def keep_statistics(checkpoints: RunCheckpoints, stats: RoutingStats) -> None:
     checkpoints.save_result(STATISTICS_RESULT, stats.save)
 
 
-def calibrate(
-    model_path: str | Path,
-    sources: Sequence[Any] | None = None,
-    num_samples: int = 32,
-    seq_len: int = 256,
-    seed: int = 0,
-    batch_size: int = 8,
-    dtype: str = "auto",
-    statistics: Sequence[str] = DEFAULT_STATISTICS,
-    mode: str = "layerwise",
-    progress: bool = True,
-    device: str = "cpu",
-    max_memory: str | int | None = None,
-    data_parallel: bool = True,
-    checkpoints: RunCheckpoints | None = None,
-    choose_experts: ExpertChoice | None = None,
-    pass_name: str = "calibrating",
-) -> RoutingStats:
+def calibrate(model_path: str | Path, request: CalibrationRequest | None = None, progress: bool = True,
+              data_parallel: bool = True, checkpoints: RunCheckpoints | None = None,
+              choose_experts: ExpertChoice | None = None, pass_name: str = "calibrating") -> RoutingStats:
     """Load a local checkpoint and its tokenizer, build the calibration set and collect statistics.
 
-    sources: calibration domains (`DomainSource`); None uses the shipped calibration sets.
-    num_samples: windows of seq_len tokens per domain, chosen with `seed`.
-    dtype: compute dtype (`auto`: the checkpoint's); device: cpu, cuda, cuda:N or auto.
-    Layer by layer (the default mode) the model is read from the checkpoint one decoder
-    layer at a time (gradient statistics too, through the layer-streamed backward pass);
-    whole-model mode loads it whole.
-    max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 85% of
+    request (`CalibrationRequest`; default: its defaults): request.sources: calibration domains
+    (`DomainSource`); None uses the shipped calibration sets. request.samples: windows of
+    seq_len tokens per domain, chosen with `seed`. request.dtype: compute dtype (`auto`: the
+    checkpoint's); request.device: cpu, cuda, cuda:N or auto. Layer by layer (the default
+    mode) the model is read from the checkpoint one decoder layer at a time (gradient
+    statistics too, through the layer-streamed backward pass); whole-model mode loads it whole.
+    request.max_memory: host bytes (or text such as "24GiB") the pass may plan with, default 85% of
     what is still available; see `layer_budget`.
     data_parallel: when launched by torchrun (``WORLD_SIZE`` > 1) join the process group
     (`distributed.initialise`) and split the batches across the ranks (`collect_statistics`);
@@ -424,24 +399,26 @@ def calibrate(
     pass_name: the layer pass's name among the run's checkpoints (a run of two passes names
     them apart).
     """
+    request = request or CalibrationRequest()
     checkpoints = checkpoints or RunCheckpoints.disabled()
     if data_parallel:
-        distributed.initialise(device)
+        distributed.initialise(request.device)
     parallel = data_parallel and distributed.active()
     with distributed.phase("loading the checkpoint and calibration data") if parallel else contextlib.nullcontext():
-        setup = _prepare(model_path, sources, num_samples, seq_len, seed, dtype, statistics, mode, device, max_memory,
-                         batch_size, parallel)
+        setup = _prepare(model_path, request, parallel)
     calib = setup.calib
     checkpoints.require("calibration data", calib.digest)
     observer = collect_statistics(
-        setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains, setup.statistics, batch_size,
-        setup.mode, progress, reader=setup.reader, device=setup.device, max_layer_bytes=setup.max_layer_bytes,
-        data_parallel=parallel, checkpoints=checkpoints.layer_pass(pass_name),
-        spill_to=(checkpoints.folder or Path(tempfile.gettempdir())) if setup.spill else None,
-        choose_experts=choose_experts,
-    )
-    data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": num_samples,
-            "seed": seed, "batch_size": batch_size, "dtype": dtype,
+        setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains,
+        ObservedPass(statistics=setup.statistics, batch_size=request.batch_size, mode=setup.mode, reader=setup.reader,
+                     device=setup.device, max_layer_bytes=setup.max_layer_bytes, data_parallel=parallel,
+                     checkpoints=checkpoints.layer_pass(pass_name),
+                     spill_to=(checkpoints.folder or Path(tempfile.gettempdir())) if setup.spill else None,
+                     choose_experts=choose_experts),
+        progress)
+    seed = request.seed
+    data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": request.samples,
+            "seed": seed, "batch_size": request.batch_size, "dtype": request.dtype,
             "compute_dtype": str(setup.reader.dtype if setup.reader is not None else next(setup.model.parameters()).dtype)
             .replace("torch.", ""), "device": str(setup.device),
             "world_size": distributed.world_size() if parallel else 1}
@@ -450,11 +427,8 @@ def calibrate(
     return build_stats(setup.model, setup.adapter, observer, model_path, calib.digest, data, setup.mode, seed)
 
 
-def calibrate_to_folder(model_path: str | Path, output: str | Path, sources: Sequence[Any] | None = None,
-                        num_samples: int = 32, seq_len: int = 256, seed: int = 0, batch_size: int = 8,
-                        dtype: str = "auto", statistics: Sequence[str] = DEFAULT_STATISTICS, mode: str = "layerwise",
-                        device: str = "cpu", max_memory: str | int | None = None, force: bool = False,
-                        resume: bool = False, progress: bool = True) -> RoutingStats:
+def calibrate_to_folder(model_path: str | Path, output: str | Path, request: CalibrationRequest | None = None,
+                        force: bool = False, resume: bool = False, progress: bool = True) -> RoutingStats:
     """`calibrate`, then save the statistics into the folder `output` (atomically; rank 0 under torchrun).
 
     The layer pass keeps checkpoints beside `output` (`moecompress.engine.resume`); `resume`
@@ -462,15 +436,11 @@ def calibrate_to_folder(model_path: str | Path, output: str | Path, sources: Seq
     """
     from moecompress.io.output import atomic_output_dir
 
+    request = request or CalibrationRequest()
     with RunCheckpoints(output, "calibrate", resume=resume) as checkpoints:
-        checkpoints.require("options", {"sources": [repr(item) for item in sources or []], "samples": num_samples,
-                                        "seq_len": seq_len, "seed": seed, "batch_size": batch_size, "dtype": dtype,
-                                        "device": device, "max_memory": max_memory,
-                                        "statistics": list(statistics), "mode": mode})
+        checkpoints.require("options", request.fingerprint())
         checkpoints.require("input checkpoint", source_fingerprint(model_path))
-        stats = calibrate(model_path, sources, num_samples=num_samples, seq_len=seq_len, seed=seed,
-                          batch_size=batch_size, dtype=dtype, statistics=statistics, mode=mode, progress=progress,
-                          device=device, max_memory=max_memory, checkpoints=checkpoints)
+        stats = calibrate(model_path, request, progress=progress, checkpoints=checkpoints)
 
         def write() -> None:
             with atomic_output_dir(output, force=force) as tmp:
@@ -492,9 +462,7 @@ class _Setup(NamedTuple):
     spill: bool = False  # the cached hidden states go to memory-mapped files
 
 
-def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples: int, seq_len: int, seed: int,
-             dtype: str, statistics: Sequence[str], mode: str, device: str, max_memory: str | int | None,
-             batch_size: int, parallel: bool) -> _Setup:
+def _prepare(model_path: str | Path, request: CalibrationRequest, parallel: bool) -> _Setup:
     """`calibrate`'s set-up on this process: the calibration set and the model (or its layer reader).
 
     Data parallel, a rank plans its layer budget with the activations of its own share of the
@@ -505,14 +473,16 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
     from moecompress.models.load import load_model, load_tokenizer
 
-    statistics = validate_statistics(statistics)
-    torch.manual_seed(seed)
+    dtype, mode, batch_size = request.dtype, request.mode, request.batch_size
+    statistics = validate_statistics(request.statistics)
+    torch.manual_seed(request.seed)
     tokenizer = load_tokenizer(model_path)
-    sources = list(sources) if sources else default_calibration_sources()
-    calib = build_calibration_set(tokenizer, sources, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    sources = list(request.sources) if request.sources else default_calibration_sources()
+    calib = build_calibration_set(tokenizer, sources, num_samples=request.samples, seq_len=request.seq_len,
+                                  seed=request.seed)
     from moecompress.models.load import inspect_checkpoint
 
-    compute_device = resolve_device(device)
+    compute_device = resolve_device(request.device)
     info = inspect_checkpoint(model_path)
     if mode == "layerwise" and not info.adapter.layerwise_supported:
         log.warning("%s layers pass state between layers; calibrating with whole-model passes instead",
@@ -531,8 +501,8 @@ def _prepare(model_path: str | Path, sources: Sequence[Any] | None, num_samples:
         local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
         backward = any(name in GRADIENT_STATISTICS for name in statistics)  # keeps every layer's input
         copies = len(reader.adapter.decoder_layers(reader.model)) + 1 if backward else 1
-        max_layer_bytes, spill = plan_activations(reader, shape, batch_size, max_memory, processes=local_ranks,
-                                                  copies=copies)
+        max_layer_bytes, spill = plan_activations(reader, shape, batch_size, request.max_memory,
+                                                  processes=local_ranks, copies=copies)
         if dtype == "auto" and reader.mixed_precision and max_layer_bytes is not None \
                 and widest_dense_bytes(reader) > max_layer_bytes:
             # float32 copies of the weights outside the routed experts do not fit: compute in the stored dtype

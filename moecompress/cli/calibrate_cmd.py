@@ -73,6 +73,7 @@ def calibrate_command(
 
         return echo_step("calibrate", locals())
     from moecompress.calibration.calibrate import calibrate_to_folder
+    from moecompress.calibration.request import CalibrationRequest
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.observer import DEFAULT_STATISTICS, GRADIENT_STATISTICS, validate_statistics
     from moecompress.engine import distributed
@@ -89,9 +90,10 @@ def calibrate_command(
         if gradients:
             names = validate_statistics(list(names) + list(GRADIENT_STATISTICS))
     mode = "whole-model" if whole_model else "layerwise"
-    stats = calibrate_to_folder(model, output, sources, num_samples=samples, seq_len=seq_len, seed=seed,
-                                batch_size=batch_size, dtype=dtype, statistics=names, mode=mode, device=device,
-                                max_memory=max_memory, force=force, resume=resume)
+    stats = calibrate_to_folder(model, output,
+                                CalibrationRequest(sources=sources, samples=samples, seq_len=seq_len, seed=seed,
+                                                   batch_size=batch_size, dtype=dtype, statistics=names, mode=mode,
+                                                   device=device, max_memory=max_memory), force=force, resume=resume)
     if distributed.is_writer():
         print_stats_summary(stats, Path(output))
 

@@ -113,7 +113,7 @@ def compress_command(
     from moecompress.calibration.stats import RoutingStats
     from moecompress.cli.prune_cmd import parse_params
     from moecompress.models.load import load_config
-    from moecompress.compress.joint import compress_checkpoint
+    from moecompress.compress.joint import JointPruning, compress_checkpoint
     from moecompress.quant.run import parse_request
 
     request = parse_request(
@@ -126,9 +126,10 @@ def compress_command(
     )
     loaded_stats = RoutingStats.load(stats, expect_config=load_config(model)) if stats is not None else None
     sources = parse_data_specs(data, field=field) if data else None
-    result, _ = compress_checkpoint(model, output, request, prune_method=prune_method, prune_params=parse_params(param),
-                                    protect_super_experts=not no_protect_super_experts, stats=loaded_stats,
-                                    sources=sources, force=force, progress=not as_json, resume=resume)
+    pruning = JointPruning(method=prune_method, params=parse_params(param),
+                           protect_super_experts=not no_protect_super_experts, stats=loaded_stats)
+    result, _ = compress_checkpoint(model, output, request, pruning, sources=sources, force=force,
+                                    progress=not as_json, resume=resume)
     if as_json:
         typer.echo(json.dumps(result_summary(result), indent=2))
     else:

@@ -70,13 +70,13 @@ def condense_command(
 
         return echo_step("condense", locals())
     from moecompress.calibration.data import parse_data_specs
-    from moecompress.condense.run import condense_checkpoint, parse_layers
+    from moecompress.condense.run import CondenseRequest, condense_checkpoint, parse_layers
 
     sources = parse_data_specs(data, field=field) if data else None
-    result = condense_checkpoint(model, output, layers=parse_layers(layers), experts=experts, num_layers=num_layers,
-                                 criterion=criterion.lower(), layout=layout.lower(), sources=sources, samples=samples,
-                                 seq_len=seq_len, seed=seed, batch_size=batch_size, dtype=dtype, timing=not no_timing,
-                                 dry_run=dry_run, force=force)
+    request = CondenseRequest(layers=parse_layers(layers), experts=experts, num_layers=num_layers,
+                              criterion=criterion.lower(), layout=layout.lower(), sources=sources, samples=samples,
+                              seq_len=seq_len, seed=seed, batch_size=batch_size, dtype=dtype, timing=not no_timing)
+    result = condense_checkpoint(model, output, request, dry_run=dry_run, force=force)
     print_condense_summary(result, dry_run)
 
 

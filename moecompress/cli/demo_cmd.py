@@ -64,11 +64,13 @@ def demo_command(
     from transformers import AutoModelForCausalLM
 
     from moecompress.calibration.calibrate import calibrate
+    from moecompress.calibration.request import CalibrationRequest
     from moecompress.calibration.data import default_calibration_sources
     from moecompress.cli.calibrate_cmd import print_stats_summary
     from moecompress.evaluate import evaluate_perplexity
     from moecompress.models.load import load_model, load_tokenizer
     from moecompress.prune.run import prune_checkpoint, required_statistics
+    from moecompress.prune.request import PruneRequest
 
     console = Console()
     model_dir = example_model_dir()
@@ -82,15 +84,17 @@ def demo_command(
 
     console.rule("1. calibrate: one observed pass, one decoder layer at a time")
     needs = sorted(set(required_statistics("frequency", True)) | set(required_statistics(method, True)))
-    stats = calibrate(model_dir, default_calibration_sources(), num_samples=samples, seq_len=seq_len, seed=0,
-                      statistics=needs)
+    stats = calibrate(model_dir,
+                      CalibrationRequest(sources=default_calibration_sources(), samples=samples, seq_len=seq_len,
+                                         seed=0, statistics=needs))
     stats.save(output / "stats")
     print_stats_summary(stats, output / "stats", console)
 
     console.rule(f"2. prune {ratio:.0%} of routed experts (frequency baseline and {method})")
     checkpoints = {}
     for name in dict.fromkeys(["frequency", method]):
-        result = prune_checkpoint(model_dir, output / f"pruned-{name}", name, ratio=ratio, stats=stats, progress=True)
+        result = prune_checkpoint(model_dir, output / f"pruned-{name}",
+            PruneRequest(method=name, ratio=ratio), stats=stats, progress=True)
         checkpoints[name] = result.output
         console.print(f"{name}: {next(iter(result.plan.kept_counts().values()))}/{result.plan.num_experts} experts "
                       f"per layer kept, {result.params_before:,} -> {result.params_after:,} parameters")

@@ -125,19 +125,20 @@ def prune_command(
     from moecompress.calibration.data import parse_data_specs
     from moecompress.calibration.stats import RoutingStats
     from moecompress.models.load import load_config
+    from moecompress.prune.request import PruneRequest
     from moecompress.prune.run import prune_checkpoint
 
     if ratio is None and keep is None:
         raise MoecompressError("pass --ratio (fraction of experts to remove) or --keep (experts kept per layer)")
     loaded_stats = RoutingStats.load(stats, expect_config=load_config(model)) if stats is not None else None
     sources = parse_data_specs(data, field=field) if data else None
-    result = prune_checkpoint(model, output, method, ratio=ratio, keep=keep, params=parse_params(param),
-                              domain=domain, stats=loaded_stats, sources=sources, samples=samples, seq_len=seq_len,
-                              seed=seed, batch_size=batch_size, dtype=dtype,
-                              protect_super_experts=not no_protect_super_experts, dry_run=dry_run, force=force,
-                              allocation=allocation, dynamic_skip=dynamic_skip, new_top_k=top_k, patterns=patterns,
-                              device=device, max_memory=max_memory, resume=resume, scoring=scoring,
-                              merge=merge)
+    request = PruneRequest(method=method, ratio=ratio, keep=keep, params=parse_params(param), domain=domain,
+                           protect_super_experts=not no_protect_super_experts, allocation=allocation,
+                           new_top_k=top_k, dynamic_skip=dynamic_skip, patterns=patterns, scoring=scoring,
+                           merge=merge, sources=sources, samples=samples, seq_len=seq_len, seed=seed,
+                           batch_size=batch_size, dtype=dtype, device=device, max_memory=max_memory)
+    result = prune_checkpoint(model, output, request, stats=loaded_stats, dry_run=dry_run, force=force,
+                              resume=resume)
     print_prune_summary(result, dry_run)
 
 

@@ -24,6 +24,7 @@ ones left out (`CheckpointReader.with_experts`), so no pruned copy is written fi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate, check_budget
-from moecompress.quant.run import QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
+from moecompress.quant.run import QuantizeJob, QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +55,44 @@ def joint_costs(quant: dict[int, torch.Tensor], drop: dict[int, torch.Tensor]) -
     return {layer: torch.cat([drop[layer][:, None].double(), quant[layer].double()], dim=1) for layer in quant}
 
 
+@dataclass
+class JointPruning:
+    """How the joint program scores experts for dropping: the pruning scorer, its parameters, super-expert
+    protection, and statistics to reuse (`--stats`; None: a calibration pass collects them)."""
+
+    method: str = "reap"
+    params: dict[str, Any] | None = None
+    protect_super_experts: bool = True
+    stats: Any | None = None  # RoutingStats
+
+
 def compress_checkpoint(checkpoint: str | Path, output: str | Path, request: QuantizeRequest,
-                        prune_method: str = "reap", prune_params: dict[str, Any] | None = None,
-                        protect_super_experts: bool = True, stats: Any | None = None,
-                        sources: list[Any] | None = None, force: bool = False, progress: bool = True,
-                        resume: bool = False) -> tuple[QuantizeResult, Allocation]:
-    """Prune and quantise `checkpoint` into `output` under `request.size` (or `request.bits`).
+                        pruning: JointPruning | None = None, sources: list[Any] | None = None, force: bool = False,
+                        progress: bool = True, resume: bool = False) -> tuple[QuantizeResult, Allocation]:
+    """Prune (`pruning`, default REAP) and quantise `checkpoint` into `output` under `request.size` (or `request.bits`).
 
     Checkpoints of the run are kept beside `output` (`moecompress.engine.resume`): the
     statistics pass, the sensitivity pass and the quantisation pass after every decoder
     layer; `resume` continues a killed run of the same request from them.
     """
+    pruning = pruning or JointPruning()
+    stats = pruning.stats
     with RunCheckpoints(output, "compress", resume=resume) as checkpoints:
-        checkpoints.require("options", {"request": request.model_dump(mode="json"), "prune_method": prune_method,
-                                        "prune_params": prune_params, "protect_super_experts": protect_super_experts,
+        checkpoints.require("options", {"request": request.model_dump(mode="json"), "prune_method": pruning.method,
+                                        "prune_params": pruning.params,
+                                        "protect_super_experts": pruning.protect_super_experts,
                                         "stats": None if stats is None else stats.header.model_dump(mode="json"),
                                         "sources": [repr(item) for item in sources or []]})
         checkpoints.require("input checkpoint", source_fingerprint(checkpoint))
-        return _compress(Path(checkpoint), output, request, prune_method, prune_params, protect_super_experts, stats,
-                         sources, force, progress, checkpoints)
+        return _compress(Path(checkpoint), output, request, pruning, sources, force, progress, checkpoints)
 
 
-def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_method: str,
-              prune_params: dict[str, Any] | None, protect_super_experts: bool, stats: Any | None,
+def _compress(source: Path, output: str | Path, request: QuantizeRequest, pruning: JointPruning,
               sources: list[Any] | None, force: bool, progress: bool, checkpoints: RunCheckpoints
               ) -> tuple[QuantizeResult, Allocation]:
     """`compress_checkpoint` inside the run's checkpoints."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics, keep_statistics, resumed_statistics
+    from moecompress.calibration.request import ObservedPass
     from moecompress.io.provenance import config_hash
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint, load_tokenizer
@@ -94,6 +106,7 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
 
+    prune_method, protect_super_experts, stats = pruning.method, pruning.protect_super_experts, pruning.stats
     distributed.initialise(request.device)  # under torchrun: data parallel passes, rank 0 writes
     check_output_dir(output, force, inputs=(source,))
     if request.method == "uniform" or request.uniform_per_layer:
@@ -104,7 +117,7 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
         raise MoecompressError(f"{info.config.model_type} layers pass state between layers; compress needs the "
                                "layer-at-a-time passes it cannot run")
     scorer = get_scorer(prune_method)
-    params = scorer.parse_params(prune_params)
+    params = scorer.parse_params(pruning.params)
     if scorer.granularity != "expert":
         raise MoecompressError(f"pruning method {prune_method!r} scores neurons; compress drops whole experts")
     if stats is not None and stats.header.config_hash != config_hash(info.config):
@@ -135,9 +148,10 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
         stats = resumed_statistics(checkpoints)
     if stats is None:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
-                                      required_statistics(prune_method, protect_super_experts),
-                                      request.batch_size, "layerwise", progress, reader=reader, device=device,
-                                      data_parallel=True, checkpoints=checkpoints.layer_pass("calibrating"))
+                                      ObservedPass(statistics=required_statistics(prune_method, protect_super_experts),
+                                                   batch_size=request.batch_size, mode="layerwise", reader=reader,
+                                                   device=device, data_parallel=True,
+                                                   checkpoints=checkpoints.layer_pass("calibrating")), progress)
         stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
         keep_statistics(checkpoints, stats)
     scores = scorer.score(stats, params, None)
@@ -176,9 +190,9 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prune_
                      widths, budget_record, allocation_record, dropped=dropped)
     extra = {"pruning": {"method": prune_method, "params": params.model_dump(), "keep": keep, "dropped": dropped,
                          "protected": protected, "stats_digest": stats.digest()}}
-    result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
-                             progress, out_dtype, operation="compress", extra_manifest=extra, reader=reader,
-                             checkpoints=checkpoints)
+    job = QuantizeJob(source, info, model, adapter, reader=reader, batches=batches, calib=calib, tokenizer=tokenizer,
+                      out_dtype=out_dtype, checkpoints=checkpoints)
+    result = write_quantized(job, plan, output, request, force, progress, operation="compress", extra_manifest=extra)
     result.allocation = allocation
     return result, allocation
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from moecompress.condense.plan import CRITERIA, CondensePlan
@@ -126,31 +127,34 @@ def readme_for(plan: CondensePlan, source: Path, layout: str, note: str | None) 
     return text
 
 
-def condense_checkpoint(
-    checkpoint: str | Path,
-    output: str | Path | None,
-    layers: list[int] | None = None,
-    experts: int = 2,
-    num_layers: int | None = None,
-    criterion: str = "recon",
-    layout: str = "auto",
-    sources: list[Any] | None = None,
-    samples: int = 32,
-    seq_len: int = 256,
-    seed: int = 0,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    timing: bool = True,
-    dry_run: bool = False,
-    force: bool = False,
-    progress: bool = True,
-) -> CondenseResult:
+class CondenseRequest(BaseModel):
+    """The options of one condensing run (`moecompress condense`, the recipe's condense step)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    layers: list[int] | None = None  # decoder indices to condense; None: chosen greedily
+    experts: int = 2  # routed experts kept per condensed layer
+    num_layers: int | None = None  # how many layers the greedy search condenses (default half the MoE layers)
+    criterion: str = "recon"
+    layout: str = "auto"
+    sources: list[Any] | None = None  # DomainSource list; None: the shipped calibration sets
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str = "float32"
+    timing: bool = True  # time a forward pass before and after
+
+
+def condense_checkpoint(checkpoint: str | Path, output: str | Path | None, request: CondenseRequest,
+                        dry_run: bool = False, force: bool = False, progress: bool = True) -> CondenseResult:
     """Search, condense and write `checkpoint` to `output` (see the module docstring).
 
-    layers: decoder indices to condense, or None to choose `num_layers` greedily (default half
-    the MoE layers). experts: routed experts kept per condensed layer. layout: "auto" writes a
-    stock checkpoint when the config allows it, else moecompress's layout; "transformers"
-    refuses when it cannot. The input checkpoint is never modified.
+    request.layers: decoder indices to condense, or None to choose `num_layers` greedily
+    (default half the MoE layers). request.experts: routed experts kept per condensed layer.
+    request.layout: "auto" writes a stock checkpoint when the config allows it, else
+    moecompress's layout; "transformers" refuses when it cannot. The input checkpoint is never
+    modified.
     """
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
     from moecompress.condense.apply import (
@@ -170,6 +174,8 @@ def condense_checkpoint(
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
     from moecompress.sizes import checkpoint_dtype, skeleton_model
 
+    layers, experts, num_layers, criterion = request.layers, request.experts, request.num_layers, request.criterion
+    layout, seed = request.layout, request.seed
     source = Path(checkpoint)
     if criterion not in CRITERIA:
         raise MoecompressError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
@@ -197,10 +203,11 @@ def condense_checkpoint(
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(source)
-    calib = build_calibration_set(tokenizer, list(sources) if sources else default_calibration_sources(),
-                                  num_samples=samples, seq_len=seq_len, seed=seed)
-    model, _ = load_model(source, dtype=dtype)
-    batches = list(calib.domain_batches(batch_size))
+    calib = build_calibration_set(tokenizer, list(request.sources) if request.sources else
+                                  default_calibration_sources(), num_samples=request.samples,
+                                  seq_len=request.seq_len, seed=seed)
+    model, _ = load_model(source, dtype=request.dtype)
+    batches = list(calib.domain_batches(request.batch_size))
     timing_ids = batches[0][1]
     params_before = count_params(model)
 
@@ -229,7 +236,7 @@ def condense_checkpoint(
         with condensed():
             params_after = count_params(model)
     ms_before = ms_after = None
-    if timing:
+    if request.timing:
         ms_before, ms_after = compare_forward_ms(model, final, condensed, timing_ids)
     save_dtype = checkpoint_dtype(info) or next(model.parameters()).dtype
     common = dict(plan=plan, layout=chosen_layout, layout_note=note, params_before=params_before,

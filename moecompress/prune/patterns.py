@@ -23,6 +23,7 @@ from moecompress.calibration.stats import RoutingStats
 from moecompress.io.provenance import config_hash
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.prune.request import PruneRequest
 from moecompress.prune.scorers import ScoringContext, get_scorer
 
 PATTERNS_FORMAT = "moecompress-premoe-patterns"
@@ -58,21 +59,21 @@ class ExpertPatterns(BaseModel):
     patterns: dict[str, DomainPattern]
 
 
-def build_patterns(stats: RoutingStats, adapter: MoEAdapter, config: Any, source: str | Path,
-                   ratio: float | None = None, keep: int | None = None, params: dict[str, Any] | None = None,
-                   protect_super_experts: bool = True, context: ScoringContext | None = None) -> ExpertPatterns:
-    """One PreMoe pattern per calibration domain (uniform allocation, same kept count everywhere)."""
+def build_patterns(stats: RoutingStats, adapter: MoEAdapter, config: Any, source: str | Path, request: PruneRequest,
+                   context: ScoringContext | None = None) -> ExpertPatterns:
+    """One PreMoe pattern per calibration domain (uniform allocation, same kept count everywhere), with the
+    request's ratio or keep, parameters and super-expert protection."""
     from moecompress.prune.run import plan_pruning
 
     scorer = get_scorer("premoe")
-    parsed = scorer.parse_params(params)
+    parsed = scorer.parse_params(request.params)
     first = min(stats.header.moe_layers)
     found: dict[str, DomainPattern] = {}
     plan = None
     for domain in stats.header.domains:
         scores = scorer.score(stats, parsed, domain, context)
-        plan = plan_pruning(stats, adapter, config, "premoe", ratio=ratio, keep=keep, params=params, domain=domain,
-                            protect_super_experts=protect_super_experts, allocation="uniform", scores=scores)
+        plan = plan_pruning(stats, adapter, config, request.model_copy(update={
+            "method": "premoe", "domain": domain, "allocation": "uniform"}), scores=scores)
         found[domain] = DomainPattern(keep=plan.keep, tcess_first=[float(v) for v in scores[first]])
     assert plan is not None
     return ExpertPatterns(source=str(source), model_type=config.model_type, config_hash=config_hash(config),

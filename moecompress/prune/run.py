@@ -26,9 +26,10 @@ from moecompress.prune.merge import (DEFAULT_MERGE, MERGE_STATISTICS, check_merg
                                      plan_merges)
 from moecompress.prune.neurons import check_neuron_ratio, select_neurons_global, select_neurons_uniform
 from moecompress.prune.plan import PrunePlan
+from moecompress.prune.request import PruneRequest
 from moecompress.prune.scorers import Scorer, ScoringContext, get_scorer
 from moecompress.prune.select import RoutingShape, kept_count, select_global, select_uniform
-from moecompress.prune.sequential import DEFAULT_SCORING, SequentialChoice, check_same_choice, check_scoring
+from moecompress.prune.sequential import SequentialChoice, check_same_choice, check_scoring
 from moecompress.prune.super_experts import find_super_experts
 from moecompress.sizes import skeleton_model
 
@@ -98,30 +99,29 @@ def protected_experts(stats: RoutingStats, config: Any, protect: bool) -> dict[i
     return find_super_experts({layer: stats.get("max_act", layer) for layer in stats.header.moe_layers}, num_layers)
 
 
-def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, method: str, ratio: float | None = None,
-                 keep: int | None = None, params: dict[str, Any] | None = None, domain: str | None = None,
-                 protect_super_experts: bool = True, allocation: str | None = None,
+def plan_pruning(stats: RoutingStats, adapter: MoEAdapter, config: Any, request: PruneRequest,
                  context: ScoringContext | None = None, scores: dict[int, torch.Tensor] | None = None,
-                 new_top_k: int | None = None, protected: dict[int, list[int]] | None = None,
-                 scoring: str = "one-pass", merge: str = DEFAULT_MERGE) -> PrunePlan:
-    """Score with `method` and choose what each layer keeps (experts, or neurons for neuron scorers).
+                 protected: dict[int, list[int]] | None = None) -> PrunePlan:
+    """Score with `request.method` and choose what each layer keeps (experts, or neurons for neuron scorers).
 
-    allocation: "uniform" (same count per layer / same width per expert) or "global" (one
-    threshold across layers); default per scorer. `scores` skips scoring (precomputed).
+    request.allocation: "uniform" (same count per layer / same width per expert) or "global"
+    (one threshold across layers); default per scorer. `scores` skips scoring (precomputed).
     protected: the super experts to keep (default: found in `stats` when protection is on);
-    scoring: how `stats` were observed ("one-pass" or "sequential"), recorded in the plan.
-    merge: "centroid" or "cluster" folds the removed experts into the kept ones
+    request.scoring: how `stats` were observed ("one-pass" or "sequential"), recorded in the
+    plan. request.merge: "centroid" or "cluster" folds the removed experts into the kept ones
     (`moecompress.prune.merge`; needs the mean_output statistic), "none" drops them.
     """
+    method, ratio, keep, domain = request.method, request.ratio, request.keep, request.domain
+    scoring, merge, new_top_k = request.scoring, request.merge, request.new_top_k
     scorer = get_scorer(method)
-    parsed = scorer.parse_params(params)
+    parsed = scorer.parse_params(request.params)
     shape = routing_shape(adapter, config)
-    allocation = check_allocation(allocation, scorer, shape)
+    allocation = check_allocation(request.allocation, scorer, shape)
     check_merge_request(merge, scorer.granularity, allocation, scoring)
     if domain is not None and domain not in stats.header.domains:
         raise MoecompressError(f"--domain {domain!r} is not a calibration domain; have: {', '.join(stats.header.domains)}")
     if protected is None:
-        protected = protected_experts(stats, config, protect_super_experts)
+        protected = protected_experts(stats, config, request.protect_super_experts)
     if scorer.granularity == "neuron":
         fraction = check_neuron_ratio(ratio, keep)
         if scores is None:
@@ -233,13 +233,13 @@ def check_width_storable(info: Any, ratio: float | None) -> None:
             f"use --ratio {' or '.join(choices) if choices else 'with whole blocks'}")
 
 
-def _validate(source: Path, output: str | Path | None, method: str, ratio: float | None, keep: int | None,
-              params: dict[str, Any] | None, allocation: str | None, dynamic_skip: bool, new_top_k: int | None,
-              patterns: str | Path | None, dry_run: bool, force: bool, stats: RoutingStats | None, domain: str | None,
-              sources: list[Any] | None, scoring: str = "one-pass", merge: str = DEFAULT_MERGE
-              ) -> tuple[Any, Scorer, str]:
+def _validate(source: Path, output: str | Path | None, request: PruneRequest, stats: RoutingStats | None,
+              dry_run: bool, force: bool) -> tuple[Any, Scorer, str]:
     """Every check that needs no model; returns (checkpoint info, scorer, allocation)."""
     from moecompress.io.provenance import config_hash
+
+    method, ratio, keep, params, domain = request.method, request.ratio, request.keep, request.params, request.domain
+    new_top_k, patterns, dynamic_skip = request.new_top_k, request.patterns, request.dynamic_skip
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint
 
@@ -252,7 +252,7 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
     scorer = get_scorer(method)
     scorer.parse_params(params)
     shape = routing_shape(adapter, config)
-    allocation = check_allocation(allocation, scorer, shape)
+    allocation = check_allocation(request.allocation, scorer, shape)
     if scorer.granularity == "neuron":
         check_neuron_ratio(ratio, keep)
         if allocation == "uniform":
@@ -263,10 +263,10 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
     else:
         count = kept_count(shape, ratio=ratio, keep=keep)
         check_new_top_k(new_top_k, shape, count if allocation == "uniform" else shape.top_k)
-    check_scoring(scoring, scorer, scorer.parse_params(params), allocation, adapter, dynamic_skip, patterns)
-    check_merge_request(merge, scorer.granularity, allocation, scoring, dynamic_skip, patterns)
+    check_scoring(request.scoring, scorer, scorer.parse_params(params), allocation, adapter, dynamic_skip, patterns)
+    check_merge_request(request.merge, scorer.granularity, allocation, request.scoring, dynamic_skip, patterns)
     if stats is not None:
-        check_merge_statistics(stats, merge)
+        check_merge_statistics(stats, request.merge)
     if dynamic_skip:
         top_k = new_top_k if new_top_k is not None else shape.top_k
         if top_k != 2:
@@ -286,41 +286,15 @@ def _validate(source: Path, output: str | Path | None, method: str, ratio: float
     elif domain is not None:
         from moecompress.calibration.data import default_calibration_sources
 
-        names = [source.name for source in (sources or default_calibration_sources())]
+        names = [item.name for item in (request.sources or default_calibration_sources())]
         if domain not in names:
             raise MoecompressError(f"--domain {domain!r} is not a calibration domain; have: {', '.join(names)}")
     return info, scorer, allocation
 
 
-def prune_checkpoint(
-    checkpoint: str | Path,
-    output: str | Path | None,
-    method: str,
-    ratio: float | None = None,
-    keep: int | None = None,
-    params: dict[str, Any] | None = None,
-    domain: str | None = None,
-    stats: RoutingStats | None = None,
-    sources: list[Any] | None = None,
-    samples: int = 32,
-    seq_len: int = 256,
-    seed: int = 0,
-    batch_size: int = 8,
-    dtype: str = "auto",
-    protect_super_experts: bool = True,
-    dry_run: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    allocation: str | None = None,
-    dynamic_skip: bool = False,
-    new_top_k: int | None = None,
-    patterns: str | Path | None = None,
-    device: str = "cpu",
-    max_memory: str | int | None = None,
-    resume: bool = False,
-    scoring: str = DEFAULT_SCORING,
-    merge: str = DEFAULT_MERGE,
-) -> PruneResult:
+def prune_checkpoint(checkpoint: str | Path, output: str | Path | None, request: PruneRequest,
+                     stats: RoutingStats | None = None, dry_run: bool = False, force: bool = False,
+                     progress: bool = True, resume: bool = False) -> PruneResult:
     """Calibrate (or reuse `stats`), score, select and write a pruned checkpoint to `output`.
 
     Every check that needs no model (method, parameters, ratio feasibility, allocation, output
@@ -345,40 +319,31 @@ def prune_checkpoint(
     token (the mean_output statistic).
     """
     source = Path(checkpoint)
-    info, scorer, allocation = _validate(source, output, method, ratio, keep, params, allocation, dynamic_skip,
-                                         new_top_k, patterns, dry_run, force, stats, domain, sources, scoring, merge)
+    info, scorer, allocation = _validate(source, output, request, stats, dry_run, force)
+    request = request.model_copy(update={"allocation": allocation})
     writes = not dry_run and output is not None
     checkpoints = RunCheckpoints(output, "prune", resume=resume) if writes else RunCheckpoints.disabled()
     with checkpoints:
-        checkpoints.require("options", {
-            "method": method, "ratio": ratio, "keep": keep, "params": params, "domain": domain,
-            "stats": None if stats is None else stats.header.model_dump(mode="json"),
-            "sources": [repr(item) for item in sources or []], "samples": samples, "seq_len": seq_len, "seed": seed,
-            "batch_size": batch_size, "dtype": dtype, "protect_super_experts": protect_super_experts,
-            "allocation": allocation, "dynamic_skip": dynamic_skip, "new_top_k": new_top_k,
-            "patterns": None if patterns is None else str(patterns), "device": device, "max_memory": max_memory,
-            "scoring": scoring, "merge": merge})
+        options = request.fingerprint()
+        options["stats"] = None if stats is None else stats.header.model_dump(mode="json")
+        checkpoints.require("options", options)
         checkpoints.require("input checkpoint", source_fingerprint(source))
         adapter, config = info.adapter, info.config
-        parsed = scorer.parse_params(params)
-        needs = required_statistics(method, protect_super_experts, params, merge)
-        needs_model = scorer.uses_model(parsed) or dynamic_skip
-        calibration = dict(sources=sources, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                           dtype=dtype, progress=progress, device=device, max_memory=max_memory,
-                           checkpoints=checkpoints)
+        parsed = scorer.parse_params(request.params)
+        needs = required_statistics(request.method, request.protect_super_experts, request.params, request.merge)
+        needs_model = scorer.uses_model(parsed) or request.dynamic_skip
         protected = chosen = None
-        if scoring == "sequential":
+        if request.scoring == "sequential":
             model = tokenizer = context = None
-            stats, protected, chosen = _calibrated_sequentially(source, stats, scorer, params, adapter, config, ratio,
-                                                                keep, domain, protect_super_experts, calibration)
+            stats, protected, chosen = _calibrated_sequentially(source, stats, scorer, info, request, progress,
+                                                                checkpoints)
         else:
-            model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, **calibration)
-        plan = plan_pruning(stats, adapter, config, method, ratio=ratio, keep=keep, params=params, domain=domain,
-                            protect_super_experts=protect_super_experts, allocation=allocation, context=context,
-                            new_top_k=new_top_k, protected=protected, scoring=scoring, merge=merge)
+            model, tokenizer, context, stats = _calibrated(source, stats, needs, needs_model, request, progress,
+                                                           checkpoints)
+        plan = plan_pruning(stats, adapter, config, request, context=context, protected=protected)
         if chosen is not None:
             check_same_choice(chosen, plan.keep)
-        if dynamic_skip:
+        if request.dynamic_skip:
             from moecompress.prune.dynamic_skip import measure_betas
 
             keep_masked = plan.keep if plan.granularity == "expert" else None
@@ -391,21 +356,20 @@ def prune_checkpoint(
         if not dry_run:
             # under torchrun every rank has the same (reduced) statistics and plan: what is written below is
             # written by rank 0 alone, after every rank has passed its checks, and every rank returns its result
-            distributed.initialise(device)  # a no-op in one process, or when calibrate joined the ranks already
-        if patterns is not None:
+            distributed.initialise(request.device)  # a no-op in one process, or when calibrate joined the ranks
+        if request.patterns is not None:
             from moecompress.prune.patterns import build_patterns, save_patterns
 
-            built = build_patterns(stats, adapter, config, source, ratio=ratio, keep=keep, params=params,
-                                   protect_super_experts=protect_super_experts, context=context)
-            patterns_path = None if dry_run else distributed.writer_only(lambda: save_patterns(built, patterns),
-                                                                         "writing the expert patterns")
+            built = build_patterns(stats, adapter, config, source, request, context=context)
+            patterns_path = None if dry_run else distributed.writer_only(
+                lambda: save_patterns(built, request.patterns), "writing the expert patterns")
         if dry_run or output is None:
             estimate = int(info.bytes_on_disk * after / max(before, 1))
             return PruneResult(plan, None, before, after, info.bytes_on_disk, estimate, patterns=patterns_path)
         from moecompress.io.checkpoint import folder_bytes
 
         def write() -> tuple[Any, int]:
-            written = _write(model, tokenizer, info, plan, output, source, stats, seed, force, dtype, progress)
+            written = _write((model, tokenizer), info, plan, output, stats, request, force, progress)
             return written, folder_bytes(written.path)
 
         written, written_bytes = distributed.writer_only(write, "writing the pruned checkpoint")
@@ -416,9 +380,8 @@ def prune_checkpoint(
 SUPER_EXPERT_STATISTICS = "super-expert statistics"  # the one-pass max_act a sequential run protects from
 
 
-def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: Scorer, params: dict[str, Any] | None,
-                             adapter: MoEAdapter, config: Any, ratio: float | None, keep: int | None,
-                             domain: str | None, protect: bool, calibration: dict[str, Any]
+def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: Scorer, info: Any,
+                             request: PruneRequest, progress: bool, checkpoints: RunCheckpoints
                              ) -> tuple[RoutingStats, dict[int, list[int]], dict[int, list[int]]]:
     """(statistics of a sequential calibration pass, protected super experts, experts the pass kept per layer).
 
@@ -428,10 +391,10 @@ def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: S
     """
     from moecompress.calibration.calibrate import calibrate, keep_statistics, resumed_statistics
 
-    checkpoints: RunCheckpoints = calibration["checkpoints"]
-    shape = routing_shape(adapter, config)
+    config = info.config
+    shape = routing_shape(info.adapter, config)
     protected: dict[int, list[int]] = {}
-    if protect:
+    if request.protect_super_experts:
         found = stats
         if found is None:
             saved = checkpoints.result(SUPER_EXPERT_STATISTICS)
@@ -439,30 +402,22 @@ def _calibrated_sequentially(source: Path, stats: RoutingStats | None, scorer: S
                 log.warning("reusing the super experts found before the interruption (in %s)", saved)
                 found = RoutingStats.load(saved)
         if found is None:
-            found = calibrate(source, statistics=["count", "max_act"], pass_name="finding-super-experts",
-                              num_samples=calibration["samples"], **_calibrate_options(calibration))
+            found = calibrate(source, request.calibration(["count", "max_act"]), progress=progress,
+                              checkpoints=checkpoints, pass_name="finding-super-experts")
             checkpoints.save_result(SUPER_EXPERT_STATISTICS, found.save)
         protected = protected_experts(found, config, True)
-    choice = SequentialChoice(scorer, scorer.parse_params(params), shape, kept_count(shape, ratio=ratio, keep=keep),
-                              domain, protected)
+    choice = SequentialChoice(scorer, scorer.parse_params(request.params), shape,
+                              kept_count(shape, ratio=request.ratio, keep=request.keep), request.domain, protected)
     sequential = resumed_statistics(checkpoints)
     if sequential is None:
-        sequential = calibrate(source, statistics=required_statistics(scorer.name, False, params),
-                               num_samples=calibration["samples"], choose_experts=choice,
-                               **_calibrate_options(calibration))
+        sequential = calibrate(source, request.calibration(required_statistics(scorer.name, False, request.params)),
+                               progress=progress, checkpoints=checkpoints, choose_experts=choice)
         keep_statistics(checkpoints, sequential)
     return sequential, protected, choice.kept
 
 
-def _calibrate_options(calibration: dict[str, Any]) -> dict[str, Any]:
-    """`calibrate`'s keyword arguments from prune's calibration options (the sample count apart)."""
-    return {name: calibration[name] for name in ("sources", "seq_len", "seed", "batch_size", "dtype", "progress",
-                                                 "device", "max_memory", "checkpoints")}
-
-
 def _calibrated(source: Path, stats: RoutingStats | None, needs: list[str], needs_model: bool,
-                sources: list[Any] | None, samples: int, seq_len: int, seed: int, batch_size: int, dtype: str,
-                progress: bool, device: str, max_memory: str | int | None, checkpoints: RunCheckpoints
+                request: PruneRequest, progress: bool, checkpoints: RunCheckpoints
                 ) -> tuple[Any, Any, ScoringContext | None, RoutingStats]:
     """(model, tokenizer, scoring context, statistics): the model only for scorers that use it.
 
@@ -476,28 +431,27 @@ def _calibrated(source: Path, stats: RoutingStats | None, needs: list[str], need
     model = tokenizer = context = None
     given = stats is not None
     if needs_model:
-        model, tokenizer, context, stats = _load_and_calibrate(source, stats, needs, sources, samples, seq_len, seed,
-                                                               batch_size, dtype, progress)
+        model, tokenizer, context, stats = _load_and_calibrate(source, stats, needs, request, progress)
     elif stats is None:
-        stats = calibrate(source, sources, num_samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                          dtype=dtype, statistics=needs, progress=progress, device=device, max_memory=max_memory,
-                          checkpoints=checkpoints)
+        stats = calibrate(source, request.calibration(needs), progress=progress, checkpoints=checkpoints)
     if not given:
         keep_statistics(checkpoints, stats)
     return model, tokenizer, context, stats
 
 
-def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[str], sources: list[Any] | None,
-                        samples: int, seq_len: int, seed: int, batch_size: int, dtype: str, progress: bool
-                        ) -> tuple[Any, Any, ScoringContext, RoutingStats]:
+def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[str], request: PruneRequest,
+                        progress: bool) -> tuple[Any, Any, ScoringContext, RoutingStats]:
     """Load the whole model once, build the calibration batches, and collect statistics unless given."""
     from moecompress.calibration.calibrate import build_stats, collect_statistics
+    from moecompress.calibration.request import ObservedPass
     from moecompress.calibration.data import build_calibration_set, default_calibration_sources
     from moecompress.models.load import load_model, load_tokenizer
 
+    samples, seed, batch_size, dtype = request.samples, request.seed, request.batch_size, request.dtype
     tokenizer = load_tokenizer(source)
-    calib = build_calibration_set(tokenizer, list(sources) if sources else default_calibration_sources(),
-                                  num_samples=samples, seq_len=seq_len, seed=seed)
+    calib = build_calibration_set(tokenizer, list(request.sources) if request.sources else
+                                  default_calibration_sources(), num_samples=samples, seq_len=request.seq_len,
+                                  seed=seed)
     model, adapter = load_model(source, dtype=dtype)
     if stats is None:
         # the whole model is in memory anyway (it is needed to write the output), so observe
@@ -505,8 +459,8 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
         # runs (GLM-MoE-DSA and HY-V4 thread extra outputs between layers)
         mode = "whole-model"
         torch.manual_seed(seed)
-        observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains, needs,
-                                      batch_size, mode, progress)
+        observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
+                                      ObservedPass(statistics=needs, batch_size=batch_size, mode=mode), progress)
         data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": samples, "seed": seed,
                 "batch_size": batch_size, "dtype": dtype}
         stats = build_stats(model, adapter, observer, source, calib.digest, data, mode, seed)
@@ -515,8 +469,8 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
     return model, tokenizer, context, stats
 
 
-def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str | Path, source: Path,
-           stats: RoutingStats, seed: int, force: bool, dtype: str, progress: bool) -> Any:
+def _write(loaded: tuple[Any, Any], info: Any, plan: PrunePlan, output: str | Path, stats: RoutingStats,
+           request: PruneRequest, force: bool, progress: bool) -> Any:
     """Write the pruned checkpoint (`materialize.Written`).
 
     A uniform expert plan, or a neuron plan with every expert at one width, is written by
@@ -528,8 +482,10 @@ def _write(model: Any, tokenizer: Any, info: Any, plan: PrunePlan, output: str |
     from moecompress.io.expert_copy import ExpertCopyUnsupported
     from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
 
+    model, tokenizer = loaded
+    source, dtype = Path(info.path), request.dtype
     adapter, config = info.adapter, info.config
-    manifest = build_manifest("prune", plan.method, plan.params, seed, source, config, stats,
+    manifest = build_manifest("prune", plan.method, plan.params, request.seed, source, config, stats,
                               plan=plan.model_dump(exclude={"scores"}))
     copyable = plan.uniform if plan.granularity == "expert" else plan.allocation == "uniform"
     if copyable:

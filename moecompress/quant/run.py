@@ -163,6 +163,27 @@ def parse_request(**values: Any) -> QuantizeRequest:
 
 
 @dataclass
+class QuantizeJob:
+    """What a quantisation pass works on: the opened model, its calibration data, and where it came from."""
+
+    source: Path
+    info: Any  # the checkpoint's `CheckpointInfo`
+    model: torch.nn.Module  # in memory, or a meta-device skeleton read through `reader`
+    adapter: Any
+    reader: Any = None  # the `CheckpointReader` of a meta-device model (one decoder layer at a time)
+    batches: list | None = None  # (domain, (B, S) token ids) calibration batches; None: RTN without data
+    calib: Any = None  # the `CalibrationSet` the batches come from (its record goes into the manifest)
+    tokenizer: Any = None  # saved with the output when given
+    out_dtype: torch.dtype = torch.float32  # the dtype unquantised tensors are written in
+    checkpoints: RunCheckpoints | None = None  # the run's resume checkpoints
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per unquantised value written (`out_dtype`)."""
+        return torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
 class QuantizeResult:
     """What a quantisation run did."""
 
@@ -212,11 +233,11 @@ def measure_sensitivity(model: torch.nn.Module, adapter: Any, batches: list | No
                         checkpoints=(checkpoints or RunCheckpoints.disabled()).layer_pass("sensitivity"))
 
 
-def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: QuantizeRequest,
-                  batches: list | None, input_bytes: int, element_size: int, progress: bool, reader: Any = None,
-                  checkpoints: RunCheckpoints | None = None
+def expert_widths(job: QuantizeJob, targets: Any, request: QuantizeRequest, progress: bool
                   ) -> tuple[dict[int, list[int]], Allocation | None, dict[str, float | str]]:
     """Choose a width per routed expert: uniform, or sensitivity + the integer program."""
+    model, adapter, element_size = job.model, job.adapter, job.element_size
+    input_bytes = job.info.bytes_on_disk
     widths = request.widths()
     settings = request.settings
     unit, budget, budget_record = expert_budget(model, adapter, targets, request, input_bytes, element_size)
@@ -226,7 +247,7 @@ def expert_widths(model: torch.nn.Module, adapter: Any, targets: Any, request: Q
         return {layer: [chosen] * ref.num_experts for layer, ref in targets.moe.items()}, None, budget_record
     check_budget(sizes, widths, budget, request.uniform_per_layer,  # before the sensitivity pass
                  require_top=0 if request.uniform_per_layer else request.require_top)
-    sens = measure_sensitivity(model, adapter, batches, widths, request, progress, reader, checkpoints)
+    sens = measure_sensitivity(model, adapter, job.batches, widths, request, progress, job.reader, job.checkpoints)
     costs = sens.costs(request.alpha, request.beta)
     check_finite_costs(costs)
     result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
@@ -331,8 +352,6 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
     from moecompress.sizes import checkpoint_dtype
 
     streaming = check_model_support(info.adapter, info.config.model_type, request)
-    out_dtype = checkpoint_dtype(info) or torch.float32
-    element_size = torch.empty((), dtype=out_dtype).element_size()
     try:
         tokenizer = load_tokenizer(source)
     except MoecompressError:
@@ -347,11 +366,12 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
         batches = distributed.shard(batches) if batches is not None else None  # this rank's share of the batches
         progress = progress and distributed.is_writer()
     model, adapter, reader = open_for_quantization(source, info, request, streaming, device)
+    job = QuantizeJob(source, info, model, adapter, reader=reader, batches=batches, calib=calib, tokenizer=tokenizer,
+                      out_dtype=checkpoint_dtype(info) or torch.float32, checkpoints=checkpoints)
     targets = find_targets(model, adapter)
     if not targets.moe:
         raise MoecompressError(f"{source} has no MoE layers to quantise")
-    widths, allocation, budget_record = expert_widths(model, adapter, targets, request, batches, info.bytes_on_disk,
-                                                      element_size, progress, reader, checkpoints)
+    widths, allocation, budget_record = expert_widths(job, targets, request, progress)
     allocation_record: dict[str, object] = {}
     if allocation is not None:
         allocation_record = {"solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
@@ -359,24 +379,23 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
                              "scope": request.scope(), "variables": allocation.variables}
     plan = make_plan(targets, adapter, widths, request.settings, request.method, request.widths(), budget_record,
                      allocation_record)
-    result = write_quantized(model, adapter, plan, batches, source, info, output, request, tokenizer, calib, force,
-                             progress, out_dtype, reader=reader, checkpoints=checkpoints)
+    result = write_quantized(job, plan, output, request, force, progress)
     result.allocation = allocation
     return result
 
 
-def write_quantized(model: torch.nn.Module, adapter: Any, plan: QuantPlan, batches: list | None, source: Path,
-                    info: Any, output: str | Path, request: QuantizeRequest, tokenizer: Any, calib: Any, force: bool,
-                    progress: bool, out_dtype: torch.dtype, operation: str = "quantize",
-                    extra_manifest: dict[str, Any] | None = None, reader: Any = None,
-                    checkpoints: RunCheckpoints | None = None) -> QuantizeResult:
-    """Quantise `model` per `plan` layer by layer while writing the chosen format into `output`.
+def write_quantized(job: QuantizeJob, plan: QuantPlan, output: str | Path, request: QuantizeRequest,
+                    force: bool = False, progress: bool = True, operation: str = "quantize",
+                    extra_manifest: dict[str, Any] | None = None) -> QuantizeResult:
+    """Quantise `job.model` per `plan` layer by layer while writing the chosen format into `output`.
 
-    reader: the `CheckpointReader` a meta-device `model` is read from, one layer at a time.
-    checkpoints: the output is built in their folder and the pass saves its progress there
+    job.reader: the `CheckpointReader` a meta-device model is read from, one layer at a time.
+    job.checkpoints: the output is built in their folder and the pass saves its progress there
     after every layer (`moecompress.engine.resume`); a resumed run continues both.
     """
-    checkpoints = checkpoints or RunCheckpoints.disabled()
+    checkpoints = job.checkpoints or RunCheckpoints.disabled()
+    model, adapter, batches, reader = job.model, job.adapter, job.batches, job.reader
+    source, info, out_dtype, tokenizer, calib = job.source, job.info, job.out_dtype, job.tokenizer, job.calib
     from moecompress.engine.layers import resolve_device
     from moecompress.io.checkpoint import folder_bytes
     from moecompress.quant.fake_quant import FakeQuantWriter

@@ -46,42 +46,46 @@ def _stats(stats_dir: Path | None, model: Path) -> Any:
 def run_calibrate(step: CalibrateStep, model: Path, output: Path, progress: bool = True, resume: bool = False) -> Any:
     """`moecompress calibrate`: returns the `RoutingStats` saved in `output`."""
     from moecompress.calibration.calibrate import calibrate_to_folder
+    from moecompress.calibration.request import CalibrationRequest
     from moecompress.io.output import check_output_dir
     from moecompress.models.load import inspect_checkpoint
 
     check_output_dir(output, True, inputs=(model,))
     inspect_checkpoint(model)
     mode = "whole-model" if step.whole_model else "layerwise"
-    return calibrate_to_folder(model, output, _sources(step), num_samples=step.samples, seq_len=step.seq_len,
-                               seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
-                               statistics=step.statistics(), mode=mode, device=step.device,
-                               max_memory=step.max_memory, force=True, resume=resume, progress=progress)
+    return calibrate_to_folder(model, output,
+                               CalibrationRequest(sources=_sources(step), samples=step.samples, seq_len=step.seq_len,
+                                                  seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
+                                                  statistics=step.statistics(), mode=mode, device=step.device,
+                                                  max_memory=step.max_memory), force=True, resume=resume,
+                               progress=progress)
 
 
 def run_prune(step: PruneStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True,
               resume: bool = False) -> Any:
     """`moecompress prune`: returns the `PruneResult` (under torchrun `prune_checkpoint` writes on rank 0 only)."""
+    from moecompress.prune.request import PruneRequest
     from moecompress.prune.run import prune_checkpoint
 
-    loaded_stats = _stats(stats_dir, model)
-    return prune_checkpoint(model, output, step.method, ratio=step.ratio, keep=step.keep, params=dict(step.param or {}),
-                            domain=step.domain, stats=loaded_stats, sources=_sources(step), samples=step.samples,
-                            seq_len=step.seq_len, seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
-                            protect_super_experts=not step.no_protect_super_experts, dry_run=False, force=True,
-                            progress=progress, allocation=step.allocation, dynamic_skip=step.dynamic_skip,
-                            new_top_k=step.top_k, patterns=step.patterns, device=step.device,
-                            max_memory=step.max_memory, resume=resume, scoring=step.scoring, merge=step.merge)
+    request = PruneRequest(method=step.method, ratio=step.ratio, keep=step.keep, params=dict(step.param or {}),
+                           domain=step.domain, protect_super_experts=not step.no_protect_super_experts,
+                           allocation=step.allocation, new_top_k=step.top_k, dynamic_skip=step.dynamic_skip,
+                           patterns=step.patterns, scoring=step.scoring, merge=step.merge, sources=_sources(step),
+                           samples=step.samples, seq_len=step.seq_len, seed=step.seed, batch_size=step.batch_size,
+                           dtype=step.dtype, device=step.device, max_memory=step.max_memory)
+    return prune_checkpoint(model, output, request, stats=_stats(stats_dir, model), force=True, progress=progress,
+                            resume=resume)
 
 
 def run_condense(step: CondenseStep, model: Path, output: Path, progress: bool = True) -> Any:
     """`moecompress condense`: returns the `CondenseResult`."""
-    from moecompress.condense.run import condense_checkpoint
+    from moecompress.condense.run import CondenseRequest, condense_checkpoint
 
-    return condense_checkpoint(model, output, layers=step.layer_list(), experts=step.experts,
-                               num_layers=step.num_layers, criterion=step.criterion.lower(),
-                               layout=step.layout.lower(), sources=_sources(step), samples=step.samples,
-                               seq_len=step.seq_len, seed=step.seed, batch_size=step.batch_size, dtype=step.dtype,
-                               timing=not step.no_timing, dry_run=False, force=True, progress=progress)
+    request = CondenseRequest(layers=step.layer_list(), experts=step.experts, num_layers=step.num_layers,
+                              criterion=step.criterion.lower(), layout=step.layout.lower(), sources=_sources(step),
+                              samples=step.samples, seq_len=step.seq_len, seed=step.seed,
+                              batch_size=step.batch_size, dtype=step.dtype, timing=not step.no_timing)
+    return condense_checkpoint(model, output, request, force=True, progress=progress)
 
 
 def _request(step: QuantizeStep | CompressStep) -> Any:
@@ -103,14 +107,14 @@ def run_quantize(step: QuantizeStep, model: Path, output: Path, progress: bool =
 def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path | None, progress: bool = True,
                  resume: bool = False) -> Any:
     """`moecompress compress`: returns the `QuantizeResult`."""
-    from moecompress.compress.joint import compress_checkpoint
+    from moecompress.compress.joint import JointPruning, compress_checkpoint
 
     request = _request(step)
     loaded_stats = _stats(stats_dir, model)
-    result, _ = compress_checkpoint(model, output, request, prune_method=step.prune_method,
-                                    prune_params=dict(step.param or {}),
-                                    protect_super_experts=not step.no_protect_super_experts, stats=loaded_stats,
-                                    sources=_sources(step), force=True, progress=progress, resume=resume)
+    pruning = JointPruning(method=step.prune_method, params=dict(step.param or {}),
+                           protect_super_experts=not step.no_protect_super_experts, stats=loaded_stats)
+    result, _ = compress_checkpoint(model, output, request, pruning, sources=_sources(step), force=True,
+                                    progress=progress, resume=resume)
     return result
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import collect_statistics
+from moecompress.calibration.request import ObservedPass
 from moecompress.engine import distributed
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters import get_adapter
@@ -62,7 +63,7 @@ def test_two_shards_reduce_to_the_whole(monkeypatch) -> None:
     ids = token_batch(model.config.vocab_size, batch=7, length=12, seed=3)
     domain_ids = torch.tensor([0, 1, 0, 1, 0, 0, 1])  # a: 4 rows, 2 batches; b: 3 rows, 2 batches
     domains = ["a", "b"]
-    whole = collect_statistics(model, adapter, ids, domain_ids, domains, batch_size=2, progress=False)
+    whole = collect_statistics(model, adapter, ids, domain_ids, domains, ObservedPass(batch_size=2), False)
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
@@ -70,7 +71,7 @@ def test_two_shards_reduce_to_the_whole(monkeypatch) -> None:
     sent: list[tuple[torch.Tensor, str]] = []
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "all_reduce_", lambda t, op="sum": sent.append((t.clone(), op)) or t)
-    collect_statistics(model, adapter, ids, domain_ids, domains, batch_size=2, progress=False, data_parallel=True)
+    collect_statistics(model, adapter, ids, domain_ids, domains, ObservedPass(batch_size=2, data_parallel=True), False)
     assert {op for _, op in sent} == {"sum", "max"}
 
     received = iter(sent)
@@ -82,8 +83,8 @@ def test_two_shards_reduce_to_the_whole(monkeypatch) -> None:
 
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     monkeypatch.setattr(distributed, "all_reduce_", combine)
-    reduced = collect_statistics(model, adapter, ids, domain_ids, domains, batch_size=2, progress=False,
-                                 data_parallel=True)
+    reduced = collect_statistics(model, adapter, ids, domain_ids, domains,
+                                 ObservedPass(batch_size=2, data_parallel=True), False)
     assert next(received, None) is None  # both ranks made the same reductions, in the same order
     assert reduced.token_counts() == whole.token_counts()
     expected, got = whole.tensors(), reduced.tensors()
@@ -102,8 +103,8 @@ def test_a_rank_without_batches_contributes_zeros(monkeypatch) -> None:
     monkeypatch.setattr(distributed, "rank", lambda: 2)  # 2 batches for 3 ranks: rank 2 has none
     monkeypatch.setattr(distributed, "agree", lambda error, what: None)
     monkeypatch.setattr(distributed, "all_reduce_", lambda t, op="sum": calls.append(op) or t)
-    observer = collect_statistics(model, adapter, ids, torch.zeros(4, dtype=torch.long), ["all"], batch_size=2,
-                                  progress=False, data_parallel=True)
+    observer = collect_statistics(model, adapter, ids, torch.zeros(4, dtype=torch.long), ["all"],
+                                  ObservedPass(batch_size=2, data_parallel=True), False)
     assert all(not tensor.any() for tensor in observer.tensors().values())
     assert all(tokens == {"all": 0} for tokens in observer.token_counts().values())
     layers = len(observer.observers)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import collect_statistics, layer_budget
+from moecompress.calibration.request import CalibrationRequest, ObservedPass
 from moecompress.calibration.observer import DEFAULT_STATISTICS, DENSE_STATISTICS
 from moecompress.engine.layers import LayerEngine
 from moecompress.engine.reader import CheckpointReader
@@ -40,8 +41,8 @@ def test_grouped_layers_give_the_ungrouped_hidden_states_and_statistics(model_ty
         reader = CheckpointReader(tmp_path, dtype="float32")
         engine = LayerEngine.from_reader(reader, max_layer_bytes=max_layer_bytes)
         observer = collect_statistics(reader.model, reader.adapter, ids, domain_ids, ["a", "b"],
-                                      DEFAULT_STATISTICS + DENSE_STATISTICS, batch_size=2, reader=reader,
-                                      max_layer_bytes=max_layer_bytes)
+                                      ObservedPass(statistics=DEFAULT_STATISTICS + DENSE_STATISTICS, batch_size=2,
+                                                   reader=reader, max_layer_bytes=max_layer_bytes))
         engine.prepare([("all", ids)])
         for index in range(len(engine.layers)):
             engine.run_layer(index)
@@ -114,7 +115,8 @@ def test_auto_dtype_narrows_when_float32_copies_do_not_fit(tmp_path) -> None:
     outside = wide.keys_bytes(wide.outside_layers(include_head=False))
     budget = activations + max(outside, widest_dense_bytes(narrow)) + 1
     assert widest_dense_bytes(wide) > budget - activations
-    stats = calibrate(folder, num_samples=samples, seq_len=seq_len, progress=False, max_memory=budget)
+    stats = calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, max_memory=budget), progress=False)
     assert stats.header.data["compute_dtype"] == "bfloat16"
-    roomy = calibrate(folder, num_samples=samples, seq_len=seq_len, progress=False, max_memory=10 * 2**30)
+    roomy = calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, max_memory=10 * 2**30),
+                      progress=False)
     assert roomy.header.data["compute_dtype"] == "float32"

@@ -21,6 +21,7 @@ from moecompress.models.load import inspect_checkpoint
 from moecompress.io.expert_copy import ExpertCopyUnsupported, supports_expert_copy
 from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
 from moecompress.prune.plan import PrunePlan
+from moecompress.prune.request import PruneRequest
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.adapters.test_contract import ATOL
 from tests.helpers import contract_keep, tiny_model, token_batch
@@ -94,8 +95,8 @@ def test_prune_command_streams_and_copies(tmp_path) -> None:
     from moecompress.prune.run import prune_checkpoint
 
     example = Path(moecompress.__file__).parent / "example" / "model"
-    result = prune_checkpoint(example, tmp_path / "out", "frequency", ratio=0.5, samples=2, seq_len=32,
-                              progress=False)
+    result = prune_checkpoint(example, tmp_path / "out", PruneRequest(method="frequency", ratio=0.5, samples=2,
+                                                                      seq_len=32), progress=False)
     manifest = json.loads((tmp_path / "out" / "moecompress_manifest.json").read_text())
     assert manifest["written_by"] == "tensor copy"
     assert manifest["calibration"]["mode"] == "layerwise"
@@ -171,8 +172,8 @@ def test_heapr_uniform_prune_streams_end_to_end(tmp_path) -> None:
     from tests.cli_helpers import make_checkpoint
 
     example = make_checkpoint(tmp_path / "model", "qwen3_moe")
-    result = prune_checkpoint(example, tmp_path / "out", "heapr", ratio=0.25, allocation="uniform", samples=2,
-                              seq_len=32, progress=False)
+    request = PruneRequest(method="heapr", ratio=0.25, allocation="uniform", samples=2, seq_len=32)
+    result = prune_checkpoint(example, tmp_path / "out", request, progress=False)
     manifest = json.loads((tmp_path / "out" / "moecompress_manifest.json").read_text())
     assert manifest["written_by"] == "tensor copy"
     assert manifest["calibration"]["mode"] == "layerwise"  # the backward pass streamed too

@@ -50,6 +50,7 @@ def test_auto_dtype_keeps_experts_stored_and_computes_in_float32_on_cpu(tmp_path
     """`auto` on the CPU: experts stay bfloat16, the rest float32; the engine then gives the float32 model's
     statistics (the same bfloat16 weights, widened), with every layer's experts read in bfloat16."""
     from moecompress.calibration.calibrate import collect_statistics
+    from moecompress.calibration.request import ObservedPass
 
     model = tiny_model(TINY_CONFIGS["qwen3_moe"]()).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
@@ -61,8 +62,8 @@ def test_auto_dtype_keeps_experts_stored_and_computes_in_float32_on_cpu(tmp_path
     adapter = reader.adapter
     ids = token_batch(model.config.vocab_size, batch=2, length=12)
     domains = torch.zeros(2, dtype=torch.long)
-    expected = collect_statistics(widened, adapter, ids, domains, ["all"], mode="whole-model", progress=False)
-    got = collect_statistics(reader.model, adapter, ids, domains, ["all"], progress=False, reader=reader)
+    expected = collect_statistics(widened, adapter, ids, domains, ["all"], ObservedPass(mode="whole-model"), False)
+    got = collect_statistics(reader.model, adapter, ids, domains, ["all"], ObservedPass(reader=reader), False)
     a, b = expected.tensors(), got.tensors()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)

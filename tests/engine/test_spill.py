@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moecompress.calibration.calibrate import calibrate
+from moecompress.calibration.request import CalibrationRequest
 from moecompress.engine.spill import SpilledActivations
 from tests.cli_helpers import make_checkpoint
 
@@ -38,10 +39,10 @@ def test_calibration_over_a_spilled_cache_equals_the_in_memory_one(tmp_path: Pat
         return real_keep(self, batch, value)
 
     monkeypatch.setattr(SpilledActivations, "keep", keep)
-    in_memory = calibrate(model, num_samples=16, seq_len=64, progress=False)
+    in_memory = calibrate(model, CalibrationRequest(samples=16, seq_len=64), progress=False)
     assert not folders  # the default budget holds this cache
     with caplog.at_level(logging.WARNING):
-        spilled = calibrate(model, num_samples=16, seq_len=64, progress=False, max_memory="1.2MB")
+        spilled = calibrate(model, CalibrationRequest(samples=16, seq_len=64, max_memory="1.2MB"), progress=False)
     assert "kept in memory-mapped files" in caplog.text
     assert [folder.parent for folder in folders] == [tmp_path / "tmp"]
     assert in_memory.tensors.keys() == spilled.tensors.keys()

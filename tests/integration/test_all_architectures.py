@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import calibrate
+from moecompress.calibration.request import CalibrationRequest
 from moecompress.calibration.data import DomainSource
 from moecompress.cli.inspect_cmd import describe_checkpoint
 from moecompress.evaluate import evaluate_perplexity
@@ -36,8 +37,10 @@ def test_inspect_calibrate_eval(model_type, tmp_path, text_source) -> None:
     description = describe_checkpoint(folder)
     assert description["model_type"] == model_type or model_type.startswith(description["model_type"])
 
-    stats = calibrate(folder, [text_source], num_samples=2, seq_len=16, seed=0, batch_size=2,
-                      statistics=["count", "soft_count", "gated_out_norm", "max_act"], progress=False)
+    stats = calibrate(folder,
+                      CalibrationRequest(sources=[text_source], samples=2, seq_len=16, seed=0, batch_size=2,
+                                         statistics=["count", "soft_count", "gated_out_norm", "max_act"]),
+                      progress=False)
     model, adapter = load_model(folder)
     layers = {ref.index: ref for ref in adapter.moe_layers(model)}
     assert stats.header.moe_layers == sorted(layers)

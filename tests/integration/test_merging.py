@@ -18,16 +18,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecompress.calibration.calibrate import calibrate
+from moecompress.calibration.request import CalibrationRequest
 from moecompress.calibration.data import parse_data_specs
 from moecompress.models.load import load_model
 from moecompress.models.tensors import get_tensor
 from moecompress.prune.materialize import merge_in_place, write_pruned
 from moecompress.models.neuron_alignment import align_neurons, neuron_features
 from moecompress.prune.run import prune_checkpoint
+from moecompress.prune.request import PruneRequest
 from tests.cli_helpers import error_lines, make_checkpoint, run_cli, two_domain_specs
 from tests.helpers import token_batch
 
-CALIBRATION = dict(samples=4, seq_len=32, batch_size=2, progress=False)
+CALIBRATION = dict(samples=4, seq_len=32, batch_size=2)  # PruneRequest fields
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,9 @@ def _reference(source: Path, plan) -> torch.nn.Module:
 def test_mean_output_sums_every_expert_over_every_token(checkpoints, data) -> None:
     """The statistic against hooks on the whole model: each expert's canonical forward on all of the layer's inputs."""
     source = checkpoints["qwen3_moe"]
-    stats = calibrate(source, parse_data_specs(data), num_samples=4, seq_len=32, batch_size=2,
-                      statistics=["count", "mean_output"], progress=False)
+    stats = calibrate(source,
+                      CalibrationRequest(sources=parse_data_specs(data), samples=4, seq_len=32, batch_size=2,
+                                         statistics=["count", "mean_output"]), progress=False)
     model, adapter = load_model(source, dtype="float32")
     refs = adapter.moe_layers(model)
     inputs: dict[int, list[torch.Tensor]] = {ref.index: [] for ref in refs}
@@ -108,8 +111,9 @@ def test_mean_output_sums_every_expert_over_every_token(checkpoints, data) -> No
 def test_merged_checkpoint_holds_what_the_plan_says(arch, merge, checkpoints, data, tmp_path) -> None:
     source = checkpoints[arch]
     out = tmp_path / "merged"
-    result = prune_checkpoint(source, out, "frequency", ratio=0.5, sources=parse_data_specs(data),
-                              protect_super_experts=False, merge=merge, **CALIBRATION)
+    result = prune_checkpoint(source, out, PruneRequest(method="frequency", ratio=0.5,
+                                                        sources=parse_data_specs(data), protect_super_experts=False,
+                                                        merge=merge, **CALIBRATION), progress=False)
     plan = result.plan
     assert plan.merge == merge and set(plan.merged) == set(plan.keep)
     assert any(len(members) > 1 for per in plan.merged.values() for members in per)  # something was merged
@@ -147,8 +151,9 @@ def test_merged_checkpoint_holds_what_the_plan_says(arch, merge, checkpoints, da
 def test_copy_and_model_paths_write_the_same_merge(checkpoints, data, tmp_path) -> None:
     """The streaming tensor copy (per-expert keys) against materialising the merge on the whole model."""
     source = checkpoints["qwen3_moe"]
-    copied = prune_checkpoint(source, tmp_path / "copied", "reap", ratio=0.5, sources=parse_data_specs(data),
-                              protect_super_experts=False, merge="centroid", **CALIBRATION)
+    copied = prune_checkpoint(source, tmp_path / "copied",
+        PruneRequest(method="reap", ratio=0.5, sources=parse_data_specs(data), protect_super_experts=False,
+                     merge="centroid", **CALIBRATION), progress=False)
     from moecompress.models.load import inspect_checkpoint, load_tokenizer
 
     model, adapter = load_model(source, dtype="auto")
@@ -164,8 +169,10 @@ def test_copy_and_model_paths_write_the_same_merge(checkpoints, data, tmp_path) 
 def test_merging_nothing_away_is_plain_pruning(checkpoints, data, tmp_path) -> None:
     """--merge centroid at ratio 0 keeps every expert unchanged: the output equals the input."""
     source = checkpoints["qwen3_moe"]
-    result = prune_checkpoint(source, tmp_path / "same", "frequency", ratio=0.0, sources=parse_data_specs(data),
-                              protect_super_experts=False, merge="centroid", **CALIBRATION)
+    result = prune_checkpoint(source, tmp_path / "same", PruneRequest(method="frequency", ratio=0.0,
+                                                                      sources=parse_data_specs(data),
+                                                                      protect_super_experts=False, merge="centroid",
+                                                                      **CALIBRATION), progress=False)
     assert all(members == [rep] for layer, per in result.plan.merged.items()
                for rep, members in zip(result.plan.keep[layer], per))
     one = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
@@ -202,8 +209,9 @@ def test_cli_refuses_merges_it_cannot_serve(extra, message, checkpoints, tmp_pat
 def test_stats_without_mean_output_are_refused_in_one_line(checkpoints, data, tmp_path, monkeypatch, capsys) -> None:
     source = checkpoints["qwen3_moe"]
     stats_dir = tmp_path / "stats"
-    calibrate(source, parse_data_specs(data), num_samples=4, seq_len=32, batch_size=2, statistics=["count"],
-              progress=False).save(stats_dir)
+    calibrate(source,
+              CalibrationRequest(sources=parse_data_specs(data), samples=4, seq_len=32, batch_size=2,
+                                 statistics=["count"]), progress=False).save(stats_dir)
     code, _, err = run_cli(["prune", str(source), "--ratio", "0.5", "--method", "frequency", "--merge", "centroid",
                             "--stats", str(stats_dir), "--no-protect-super-experts", "-o", str(tmp_path / "out")],
                            monkeypatch, capsys)

@@ -21,11 +21,13 @@ from transformers import AutoModelForCausalLM
 
 import moecompress
 from moecompress.calibration.calibrate import build_stats, collect_statistics
+from moecompress.calibration.request import ObservedPass
 from moecompress.calibration.observer import ALL_STATISTICS
 from moecompress.io.manifest import build_manifest
 from moecompress.models.adapters import get_adapter
 from moecompress.prune.materialize import materialize, write_pruned
 from moecompress.prune.run import params_after, plan_pruning, routing_shape
+from moecompress.prune.request import PruneRequest
 from moecompress.prune.scorers import ScoringContext, available_scorers
 from moecompress.prune.select import feasible_counts
 from tests.adapters.tiny_configs import TINY_CONFIGS
@@ -52,8 +54,8 @@ def _cases():
 def _calibrate(model, adapter):
     ids = token_batch(model.config.vocab_size, batch=4, length=16, seed=2)
     domain_ids = torch.tensor([0, 0, 1, 1])
-    observer = collect_statistics(model, adapter, ids, domain_ids, ["a", "b"], ALL_STATISTICS, batch_size=2,
-                                  mode="whole-model", progress=False)
+    observer = collect_statistics(model, adapter, ids, domain_ids, ["a", "b"],
+                                  ObservedPass(statistics=ALL_STATISTICS, batch_size=2, mode="whole-model"), False)
     stats = build_stats(model, adapter, observer, "tiny", "digest", {}, "whole-model", 0)
     return stats, [("a", ids[:2]), ("b", ids[2:])]
 
@@ -76,8 +78,8 @@ def test_every_method_equals_masked(name: str, tmp_path) -> None:
     reload_method = EXPERT_METHODS[sorted(TINY_CONFIGS).index(name) % len(EXPERT_METHODS)]
     for method in EXPERT_METHODS:
         context = ScoringContext(model, adapter, batches, progress=False)
-        plan = plan_pruning(stats, adapter, model.config, method, keep=keep, params=METHOD_PARAMS.get(method),
-                            context=context)
+        plan = plan_pruning(stats, adapter, model.config,
+            PruneRequest(method=method, keep=keep, params=METHOD_PARAMS.get(method)), context=context)
         assert all(len(v) == keep for v in plan.keep.values()), method
         for layer, ids_protected in plan.protected.items():
             assert set(ids_protected) <= set(plan.keep[layer]), method
@@ -117,7 +119,7 @@ def test_heapr_neuron_layouts_equal_zeroed_neurons(name: str, tmp_path) -> None:
     with expect_refusal(HEAPR_CALIBRATION, name):  # no architecture is listed today
         stats, _ = _calibrate(model, adapter)
     ids = token_batch(model.config.vocab_size, seed=7)
-    plan = plan_pruning(stats, adapter, model.config, "heapr", ratio=0.25)
+    plan = plan_pruning(stats, adapter, model.config, PruneRequest(method="heapr", ratio=0.25))
     with torch.no_grad():
         expected = _zeroed(model, adapter, plan.neurons)(ids).logits
     manifest = build_manifest("prune", "heapr", plan.params, 0, "tiny", model.config, stats)
@@ -127,7 +129,8 @@ def test_heapr_neuron_layouts_equal_zeroed_neurons(name: str, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(moecompress.load(written.path)(ids).logits, expected, atol=ATOL, rtol=1e-4)
 
-    uniform = plan_pruning(stats, adapter, model.config, "heapr", ratio=0.25, allocation="uniform")
+    uniform = plan_pruning(stats, adapter, model.config,
+                           PruneRequest(method="heapr", ratio=0.25, allocation="uniform"))
     assert len({w for per in uniform.widths.values() for w in per}) == 1
     with expect_refusal(HEAPR_UNIFORM_WIDTH, name, skip=False) as outcome:
         adapter.check_width_patchable(model.config)

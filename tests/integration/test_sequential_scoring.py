@@ -14,11 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecompress.calibration.calibrate import collect_statistics, build_stats
+from moecompress.calibration.request import ObservedPass
 from moecompress.calibration.data import build_calibration_set, parse_data_specs
 from moecompress.io.manifest import read_manifest
 from moecompress.models.adapters import get_adapter
 from moecompress.models.load import load_model, load_tokenizer
 from moecompress.prune.run import plan_pruning, prune_checkpoint, protected_experts, routing_shape
+from moecompress.prune.request import PruneRequest
 from moecompress.prune.scorers import get_scorer
 from moecompress.prune.select import kept_count, select_uniform
 from tests.cli_helpers import error_lines, make_checkpoint, run_cli, write_two_domains
@@ -72,7 +74,8 @@ def _reference_keep(source: Path, data: list[str], method: str, ratio: float) ->
     for ref in adapter.moe_layers(model):
         with adapter.mask_experts(model, dict(keep)):
             observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
-                                          list(scorer.statistics()) + ["count"], BATCH, "whole-model", progress=False)
+                                          ObservedPass(statistics=list(scorer.statistics()) + ["count"],
+                                                       batch_size=BATCH, mode="whole-model"), False)
         stats = build_stats(model, adapter, observer, source, calib.digest, {}, "whole-model", 0)
         scores = scorer.score(stats, scorer.parse_params(None), None, None)
         keep[ref.index] = select_uniform({ref.index: scores[ref.index]}, shape, count)[ref.index]
@@ -84,14 +87,13 @@ def _reference_keep(source: Path, data: list[str], method: str, ratio: float) ->
 def test_sequential_choice_equals_the_whole_model_reference(model_type, method, checkpoints, data) -> None:
     source = checkpoints[model_type]
     ratio = 0.5
-    result = prune_checkpoint(source, None, method, ratio=ratio, sources=parse_data_specs(data), samples=SAMPLES,
-                              seq_len=SEQ_LEN, batch_size=BATCH, protect_super_experts=False, dry_run=True,
-                              progress=False, scoring="sequential")
+    request = PruneRequest(method=method, ratio=ratio, sources=parse_data_specs(data), samples=SAMPLES,
+                           seq_len=SEQ_LEN, batch_size=BATCH, protect_super_experts=False)
+    result = prune_checkpoint(source, None, request.model_copy(update={"scoring": "sequential"}), dry_run=True,
+                              progress=False)
     assert result.plan.scoring == "sequential"
     assert result.plan.keep == _reference_keep(source, data, method, ratio)
-    one_pass = prune_checkpoint(source, None, method, ratio=ratio, sources=parse_data_specs(data), samples=SAMPLES,
-                                seq_len=SEQ_LEN, batch_size=BATCH, protect_super_experts=False, dry_run=True,
-                                progress=False)
+    one_pass = prune_checkpoint(source, None, request, dry_run=True, progress=False)
     first = min(result.plan.keep)
     assert result.plan.keep[first] == one_pass.plan.keep[first]  # the first MoE layer sees the same inputs
 
@@ -113,7 +115,8 @@ def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(with_
     model, adapter = load_model(source, dtype="auto")
     calib = _calibration(source, data)
     observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
-                                  ["count", "max_act"], BATCH, "layerwise", progress=False)
+                                  ObservedPass(statistics=["count", "max_act"], batch_size=BATCH, mode="layerwise"),
+                                  False)
     one_pass = build_stats(model, adapter, observer, source, calib.digest, {}, "layerwise", 0)
     protected = protected_experts(one_pass, model.config, True)
     assert protected == {adapter.moe_layers(model)[SUPER[0]].index: [SUPER[1]]}
@@ -128,7 +131,8 @@ def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(with_
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, expected, atol=2e-5, rtol=1e-4)
     # the plan a one-pass run builds from the pass's statistics is the one written (the checks in prune agree)
-    plan = plan_pruning(one_pass, adapter, model.config, "frequency", ratio=0.5, protect_super_experts=True)
+    plan = plan_pruning(one_pass, adapter, model.config, PruneRequest(method="frequency", ratio=0.5,
+                                                                      protect_super_experts=True))
     assert plan.scoring == "one-pass" and plan.protected == protected
 
 

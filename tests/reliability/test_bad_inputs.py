@@ -170,9 +170,10 @@ def output_not_empty(model: Path, work: Path) -> list[str]:
 
 def stats_of_another_model(model: Path, work: Path) -> list[str]:
     from moecompress.calibration.calibrate import calibrate
+    from moecompress.calibration.request import CalibrationRequest
 
     other = make_checkpoint(work / "other", model_type="mixtral")
-    calibrate(other, num_samples=2, seq_len=16, progress=False).save(work / "other-stats")
+    calibrate(other, CalibrationRequest(samples=2, seq_len=16), progress=False).save(work / "other-stats")
     shutil.rmtree(other)
     return ["prune", str(model), "--stats", str(work / "other-stats"), "--method", "frequency", "--ratio", "0.5",
             "-o", str(work / "out")]

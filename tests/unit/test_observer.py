@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import build_stats, collect_statistics
+from moecompress.calibration.request import ObservedPass
 from moecompress.calibration.observer import DEFAULT_STATISTICS
 from moecompress.calibration.stats import RoutingStats
 from moecompress.errors import MoecompressError
@@ -76,7 +77,7 @@ def _reference(model, adapter, ids):
 def test_statistics_match_slow_reference(setup) -> None:
     model, adapter, ids, _ = setup
     observer = collect_statistics(model, adapter, ids, torch.zeros(len(ids), dtype=torch.long), ["all"],
-                                  mode="whole-model", progress=False)
+                                  ObservedPass(mode="whole-model"), False)
     reference = _reference(model, adapter, ids)
     for ref in adapter.moe_layers(model):
         sums = observer.observers[ref.index].sums["all"]
@@ -88,8 +89,10 @@ def test_statistics_match_slow_reference(setup) -> None:
 
 def test_layerwise_equals_whole_model(setup) -> None:
     model, adapter, ids, domain_ids = setup
-    whole = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, mode="whole-model", batch_size=2, progress=False)
-    layerwise = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, mode="layerwise", batch_size=2, progress=False)
+    whole = collect_statistics(model, adapter, ids, domain_ids, DOMAINS,
+                               ObservedPass(mode="whole-model", batch_size=2), False)
+    layerwise = collect_statistics(model, adapter, ids, domain_ids, DOMAINS,
+                                   ObservedPass(mode="layerwise", batch_size=2), False)
     a, b = whole.tensors(), layerwise.tensors()
     assert a.keys() == b.keys()
     for key in a:
@@ -102,10 +105,10 @@ def test_checkpoint_read_layer_by_layer_matches_in_memory(setup, tmp_path) -> No
     model, adapter, ids, domain_ids = setup
     model.save_pretrained(tmp_path / "ckpt")
     reader = CheckpointReader(tmp_path / "ckpt", dtype="float32")
-    in_memory = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, mode="whole-model", batch_size=2,
-                                   progress=False)
-    streamed = collect_statistics(reader.model, reader.adapter, ids, domain_ids, DOMAINS, batch_size=2,
-                                  progress=False, reader=reader)
+    in_memory = collect_statistics(model, adapter, ids, domain_ids, DOMAINS,
+                                   ObservedPass(mode="whole-model", batch_size=2), False)
+    streamed = collect_statistics(reader.model, reader.adapter, ids, domain_ids, DOMAINS,
+                                  ObservedPass(batch_size=2, reader=reader), False)
     a, b = in_memory.tensors(), streamed.tensors()
     assert a.keys() == b.keys()
     for key in a:
@@ -123,12 +126,12 @@ def test_gradient_statistics_layer_by_layer_equal_the_whole_model_backward(model
     ids = token_batch(model.config.vocab_size, batch=4, length=16, seed=2)
     domain_ids = torch.tensor([0, 0, 1, 1])
     names = [*DEFAULT_STATISTICS, "neuron_grad_proj"]
-    whole = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, names, mode="whole-model", batch_size=2,
-                               progress=False)
+    whole = collect_statistics(model, adapter, ids, domain_ids, DOMAINS,
+                               ObservedPass(statistics=names, mode="whole-model", batch_size=2), False)
     model.save_pretrained(tmp_path / "ckpt")
     reader = CheckpointReader(tmp_path / "ckpt", dtype="float32")
-    streamed = collect_statistics(reader.model, reader.adapter, ids, domain_ids, DOMAINS, names, batch_size=2,
-                                  progress=False, reader=reader)
+    streamed = collect_statistics(reader.model, reader.adapter, ids, domain_ids, DOMAINS,
+                                  ObservedPass(statistics=names, batch_size=2, reader=reader), False)
     a, b = whole.tensors(), streamed.tensors()
     assert a.keys() == b.keys() and any("neuron_grad_proj" in key for key in a)
     for key in a:
@@ -142,7 +145,7 @@ def test_gradient_statistic_uses_exact_identity(setup) -> None:
     model, adapter, ids, _ = setup
     ids = ids[:1, :8]
     observer = collect_statistics(model, adapter, ids, torch.zeros(1, dtype=torch.long), ["all"],
-                                  statistics=["count", "neuron_grad_proj"], mode="whole-model", progress=False)
+                                  ObservedPass(statistics=["count", "neuron_grad_proj"], mode="whole-model"), False)
     ref = adapter.moe_layers(model)[-1]
     grads = {}
     # Reference: retain the grad of each expert output through a forward hook on the down projection input.
@@ -170,7 +173,7 @@ def test_gradient_statistic_uses_exact_identity(setup) -> None:
 
 def test_stats_round_trip_and_refuse_other_model(setup, tmp_path) -> None:
     model, adapter, ids, domain_ids = setup
-    observer = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, batch_size=2, progress=False)
+    observer = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, ObservedPass(batch_size=2), False)
     stats = build_stats(model, adapter, observer, "tiny", "digest", {"note": "test"}, "layerwise", 0)
     stats.save(tmp_path / "stats")
     loaded = RoutingStats.load(tmp_path / "stats", expect_config=model.config)

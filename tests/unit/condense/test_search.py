@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import collect_statistics
+from moecompress.calibration.request import ObservedPass
 from moecompress.calibration.stats import RoutingStats
 from moecompress.condense.apply import build_condensed_modules, moe_layer_map, swapped_experts
 from moecompress.condense.search import (
@@ -83,7 +84,7 @@ def test_mean_gate_equals_observer_soft_count_over_count() -> None:
     plan = search_condensation(model, adapter, batches, 2, layers=[1, 2], progress=False)
     ids = torch.cat([b for _, b in batches])
     observer = collect_statistics(model, adapter, ids, torch.zeros(ids.shape[0], dtype=torch.long), ["text"],
-                                  statistics=["count", "soft_count"], progress=False)
+                                  ObservedPass(statistics=["count", "soft_count"]), False)
     tensors = observer.tensors()
     for layer in plan.layers:
         count = tensors[RoutingStats.key("count", layer, "text")].double()
