@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from moecompress.quant.allocate import DROP, PruneRules, allocate
+from moecompress.quant.allocate import DROP, AllocationRules, PruneRules, SolverOptions, allocate
 
 
 def synthetic_costs(layers: int, experts: int, widths: list[int], seed: int = 0) -> tuple[dict, dict]:
@@ -62,8 +62,9 @@ def run(layers: int, experts: int, time_limit: float) -> list[dict]:
         costs, sizes = synthetic_costs(layers, experts, widths)
         for solver in ("highs", "cbc"):
             started = time.perf_counter()
-            result = allocate(costs, sizes, widths, bits * total, scope=scope, prune=prune, require_top=1,
-                              time_limit=time_limit, solver=solver)
+            result = allocate(costs, sizes, widths, bits * total,
+                              rules=AllocationRules(scope=scope, prune=prune, require_top=1),
+                              solving=SolverOptions(time_limit=time_limit, name=solver))
             seconds = time.perf_counter() - started
             average = result.size / total
             records.append({"program": name, "solver": solver, "variables": result.variables,

@@ -33,7 +33,8 @@ import torch
 from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
-from moecompress.quant.allocate import DROP, Allocation, PruneRules, allocate, check_budget
+from moecompress.quant.allocate import (DROP, Allocation, AllocationRules, PruneRules, SolverOptions, allocate,
+                                        check_budget)
 from moecompress.quant.run import QuantizeJob, QuantizeRequest, QuantizeResult, calibration_batches, write_quantized
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,9 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prunin
     check_finite_costs(costs)
     rules = PruneRules(feasible_kept=tuple(feasible_counts(shape)),
                        n_group=shape.groups[0] if shape.groups else 1, protected=protected)
-    allocation = allocate(costs, sizes, choices, budget, scope="global", require_top=request.require_top,
-                          prune=rules, time_limit=request.time_limit)
+    allocation = allocate(costs, sizes, choices, budget,
+                          rules=AllocationRules(scope="global", require_top=request.require_top, prune=rules),
+                          solving=SolverOptions(time_limit=request.time_limit))
     allocation = distributed.broadcast_object(allocation)  # under torchrun every rank follows rank 0's choice
 
     keep = {layer: [e for e, w in enumerate(ws) if w != DROP] for layer, ws in allocation.widths.items()}

@@ -151,7 +151,7 @@ def budget_units(choices: Sequence[TensorChoice], budget: GGUFBudget, header_byt
 def allocate_types(choices: Sequence[TensorChoice], errors: TypeErrors, budget: GGUFBudget, header_bytes: int = 0,
                    input_bytes: int = 0, time_limit: float = 60.0) -> GGUFAllocation:
     """Solve the program of the module docstring; fixed tensors keep their types."""
-    from moecompress.quant.allocate import allocate
+    from moecompress.quant.allocate import AllocationRules, SolverOptions, allocate
 
     unit, allowed, _ = budget_units(choices, budget, header_bytes, input_bytes)
     allocated = [c for c in choices if c.fixed is None]
@@ -167,8 +167,9 @@ def allocate_types(choices: Sequence[TensorChoice], errors: TypeErrors, budget: 
         costs[k] = torch.tensor([row_cost], dtype=torch.float64)  # (1, C)
         sizes[k] = torch.tensor([row_size], dtype=torch.float64)
         index_of[k] = choice
-    solved = allocate(costs, sizes, list(range(1, width + 1)), allowed, scope="global", require_top=0,
-                      time_limit=time_limit)
+    solved = allocate(costs, sizes, list(range(1, width + 1)), allowed,
+                      rules=AllocationRules(scope="global", require_top=0),
+                      solving=SolverOptions(time_limit=time_limit))
     types = {c.name: c.fixed for c in choices if c.fixed is not None}
     for k, choice in index_of.items():
         types[choice.name] = choice.candidates[min(solved.widths[k][0] - 1, len(choice.candidates) - 1)]

@@ -85,28 +85,39 @@ def _solver(name: str, time_limit: float, gap: float | None, threads: int | None
     return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, threads=threads), "cbc"
 
 
-def allocate(
-    costs: dict[int, torch.Tensor],
-    sizes: dict[int, torch.Tensor],
-    widths: Sequence[int],
-    budget: float,
-    scope: str = "global",
-    require_top: int = 1,
-    uniform_per_layer: bool = False,
-    prune: PruneRules | None = None,
-    time_limit: float = 120.0,
-    gap: float | None = None,
-    solver: str = "auto",
-    threads: int | None = None,
-) -> Allocation:
+@dataclass(frozen=True)
+class AllocationRules:
+    """What the program must respect besides the budget: its scope and the rules on widths and drops."""
+
+    scope: str = "global"  # "global": one program; "layer": one per layer, the budget split by size
+    require_top: int = 1  # each layer keeps an expert at each of its `require_top` widest widths
+    uniform_per_layer: bool = False  # one width per layer (ignores require_top)
+    prune: PruneRules | None = None  # given exactly when the widths contain 0 (drop)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How the program is solved: the solver (`auto`: HiGHS when installed, else CBC), time and gap bounds."""
+
+    name: str = "auto"  # auto | highs | cbc
+    time_limit: float = 120.0  # seconds
+    gap: float | None = None  # relative optimality gap at which to stop
+    threads: int | None = None
+
+
+def allocate(costs: dict[int, torch.Tensor], sizes: dict[int, torch.Tensor], widths: Sequence[int], budget: float,
+             rules: AllocationRules | None = None, solving: SolverOptions | None = None) -> Allocation:
     """Choose a width per expert minimising total cost under the size budget.
 
     costs[l], sizes[l]: (E, C) cost and size of each choice (column c = widths[c]).
     budget: total size allowed (for scope "layer" it is split by each layer's share of the
-    size at the widest choice). require_top: each layer keeps at least one expert at each of
-    its `require_top` widest widths (ignored with uniform_per_layer). prune: rules that must be
-    given when widths contain 0 (drop). time_limit (s) and gap (relative) bound the solve.
+    size at the widest choice). rules.require_top: each layer keeps at least one expert at each
+    of its `require_top` widest widths (ignored with uniform_per_layer). rules.prune: rules that
+    must be given when widths contain 0 (drop). solving.time_limit (s) and solving.gap
+    (relative) bound the solve.
     """
+    rules, solving = rules or AllocationRules(), solving or SolverOptions()
+    scope, require_top, uniform_per_layer, prune = rules.scope, rules.require_top, rules.uniform_per_layer, rules.prune
     widths = list(widths)
     layers = sorted(costs)
     if not layers:
@@ -140,8 +151,7 @@ def allocate(
     statuses, gaps, variables = [], [], 0
     solver_name = ""
     for group, group_budget in zip(groups, budgets):
-        part = _solve(costs, sizes, widths, group, group_budget, require_top, uniform_per_layer, prune,
-                      time_limit, gap, solver, threads)
+        part = _solve(costs, sizes, widths, group, group_budget, rules, solving)
         result_widths.update(part.widths)
         objective += part.objective
         size += part.size
@@ -189,10 +199,10 @@ def check_budget(sizes: dict[int, torch.Tensor], widths: Sequence[int], budget: 
 
 
 def _solve(costs: dict[int, torch.Tensor], sizes: dict[int, torch.Tensor], widths: list[int], layers: list[int],
-           budget: float, require_top: int, uniform_per_layer: bool, prune: PruneRules | None, time_limit: float,
-           gap: float | None, solver: str, threads: int | None) -> Allocation:
+           budget: float, rules: AllocationRules, solving: SolverOptions) -> Allocation:
     import pulp
 
+    require_top, uniform_per_layer, prune = rules.require_top, rules.uniform_per_layer, rules.prune
     started = time.perf_counter()
     prob = pulp.LpProblem("moecompress_bits", pulp.LpMinimize)
     num_choices = len(widths)
@@ -232,7 +242,7 @@ def _solve(costs: dict[int, torch.Tensor], sizes: dict[int, torch.Tensor], width
             _add_prune_rules(prob, choice, widths, layers, {layer: costs[layer].shape[0] for layer in layers}, prune)
     prob += pulp.LpAffineExpression(objective_terms)
     prob += pulp.LpAffineExpression(size_terms) <= budget / unit
-    engine, engine_name = _solver(solver, time_limit, gap, threads)
+    engine, engine_name = _solver(solving.name, solving.time_limit, solving.gap, solving.threads)
     prob.solve(engine)
     status = prob.sol_status
     if status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):

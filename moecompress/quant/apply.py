@@ -115,32 +115,44 @@ def _needs_statistics(plan: QuantPlan) -> bool:
                for entry in plan.entries.values())
 
 
+@dataclass
+class QuantPass:
+    """How `quantize_model` runs: GPTQ's statistics, memory, where the layers come from and compute, resuming."""
+
+    min_tokens: int = 16  # fewer calibration tokens than this: round-to-nearest instead of GPTQ
+    weighted_hessian: bool = False  # expert Hessians weighted by the routing weights
+    expert_memory: int = DEFAULT_EXPERT_MEMORY  # bytes of expert Hessians held at once
+    reader: CheckpointReader | None = None  # the checkpoint a meta-device model is read from
+    device: torch.device | str | None = None  # where layers, Hessians and solves run
+    checkpoints: LayerPassCheckpoints | None = None  # where the pass saves its progress and resumes from
+    resumable: Resumable | None = None  # a writer whose state is saved and restored with the pass
+
+
 def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
                    batches: Sequence[tuple[str, torch.Tensor]] | None, on_layer: LayerCallback | None = None,
-                   min_tokens: int = 16, weighted_hessian: bool = False, progress: bool = True,
-                   expert_memory: int = DEFAULT_EXPERT_MEMORY, reader: CheckpointReader | None = None,
-                   device: torch.device | str | None = None, checkpoints: LayerPassCheckpoints | None = None,
-                   resumable: Resumable | None = None) -> QuantReport:
+                   options: QuantPass | None = None, progress: bool = True) -> QuantReport:
     """Quantise every entry of `plan` in place, layer by layer; `on_layer(i, result)` after each layer.
 
     batches: (domain, (B, S) token ids) calibration batches; may be None when every entry uses
     round-to-nearest. The output head (when in the plan) is quantised last, with RTN.
-    expert_memory: bytes of expert Hessians held at once; a MoE layer whose experts need more
+    options (`QuantPass`): options.expert_memory: bytes of expert Hessians held at once; a MoE layer whose experts need more
     is processed in several passes over its cached inputs (same result).
-    reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a time;
-    device: where layers, Hessians and GPTQ solves run (default: where the model is).
-    checkpoints: where the pass saves its progress after each layer (the cached inputs of the
-    next, the report, `resumable`'s state) and resumes from; earlier layers are not re-read.
+    options.reader: the checkpoint `model` (a meta-device skeleton) is read from, one layer at a
+    time; options.device: where layers, Hessians and GPTQ solves run (default: where the model
+    is). options.checkpoints: where the pass saves its progress after each layer (the cached inputs of the
+    next, the report, `options.resumable`'s state) and resumes from; earlier layers are not re-read.
     """
+    options = options or QuantPass()
+    resumable = options.resumable
     targets = find_targets(model, adapter)
-    checkpoints = checkpoints or LayerPassCheckpoints(None, "quantizing")
+    checkpoints = options.checkpoints or LayerPassCheckpoints(None, "quantizing")
     needs_data = _needs_statistics(plan)
     if needs_data and not batches:
         raise ValueError("GPTQ needs calibration batches")
     if needs_data and not getattr(adapter, "layerwise_supported", True):
         raise MoecompressError(f"{model.config.model_type} layers pass state between layers: GPTQ cannot run one "
                                "layer at a time on it; use round-to-nearest")
-    engine = LayerEngine(model, adapter, reader=reader, device=device)
+    engine = LayerEngine(model, adapter, reader=options.reader, device=options.device)
     runner = None
     if needs_data:
         runner = engine
@@ -153,8 +165,7 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     for index in tqdm(range(restored.next_layer, targets.num_layers), total=targets.num_layers,
                       initial=restored.next_layer, desc="quantising", unit="layer", disable=not progress):
         with engine.layer_loaded(index):
-            result = _quantize_layer(model, adapter, plan, targets, index, runner, min_tokens, weighted_hessian,
-                                     expert_memory)
+            result = _quantize_layer(adapter, plan, targets, index, runner, options)
             if runner is not None:
                 runner.run_layer(index)
             report.add(result, damp)
@@ -179,9 +190,9 @@ def quantize_model(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan,
     return report
 
 
-def _quantize_layer(model: nn.Module, adapter: MoEAdapter, plan: QuantPlan, targets: ModelTargets, index: int,
-                    runner: LayerEngine | None, min_tokens: int, weighted: bool, expert_memory: int
-                    ) -> LayerResult:
+def _quantize_layer(adapter: MoEAdapter, plan: QuantPlan, targets: ModelTargets, index: int,
+                    runner: LayerEngine | None, options: QuantPass) -> LayerResult:
+    min_tokens, weighted, expert_memory = options.min_tokens, options.weighted_hessian, options.expert_memory
     result = LayerResult(index=index)
     moe = targets.moe.get(index)
     for stage in (0, 1):

@@ -11,6 +11,7 @@ program), ``uniform`` (every routed expert at --bits, no sensitivity pass).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from moecompress.engine import distributed
 from moecompress.engine.resume import RunCheckpoints, source_fingerprint
 from moecompress.errors import MoecompressError
-from moecompress.quant.allocate import Allocation, allocate, check_budget
+from moecompress.quant.allocate import Allocation, AllocationRules, SolverOptions, allocate, check_budget
 from moecompress.quant.budget import expert_sizes, fixed_bytes, parse_size
 from moecompress.quant.plan import QuantPlan
 from moecompress.quant.settings import QuantSettings
@@ -250,8 +251,10 @@ def expert_widths(job: QuantizeJob, targets: Any, request: QuantizeRequest, prog
     sens = measure_sensitivity(model, adapter, job.batches, widths, request, progress, job.reader, job.checkpoints)
     costs = sens.costs(request.alpha, request.beta)
     check_finite_costs(costs)
-    result = allocate(costs, sizes, widths, budget, scope=request.scope(), require_top=request.require_top,
-                      uniform_per_layer=request.uniform_per_layer, time_limit=request.time_limit)
+    result = allocate(costs, sizes, widths, budget,
+                      rules=AllocationRules(scope=request.scope(), require_top=request.require_top,
+                                            uniform_per_layer=request.uniform_per_layer),
+                      solving=SolverOptions(time_limit=request.time_limit))
     result = distributed.broadcast_object(result)  # under torchrun every rank quantises with rank 0's choice
     log.info("allocation: %s %s program(s), %d binaries, %s in %.2f s", result.solver, request.scope(),
              result.variables, result.status, result.seconds)
@@ -402,22 +405,23 @@ def write_quantized(job: QuantizeJob, plan: QuantPlan, output: str | Path, reque
     from moecompress.quant.gptq_writer import GPTQWriter
     from moecompress.io.manifest import build_manifest, write_manifest
     from moecompress.io.output import atomic_output_dir
-    from moecompress.quant.apply import quantize_model
+    from moecompress.quant.apply import QuantPass, quantize_model
 
     average = plan.average_expert_bits()
     device = resolve_device(request.device)
-    passes: dict[str, Any] = {"min_tokens": request.min_tokens, "weighted_hessian": request.weighted_hessian,
-                              "expert_memory": request.expert_memory, "reader": reader, "device": device}
+    passes = QuantPass(min_tokens=request.min_tokens, weighted_hessian=request.weighted_hessian,
+                       expert_memory=request.expert_memory, reader=reader, device=device)
     if distributed.active() and not distributed.is_writer():  # the same passes and collectives, nothing written
-        quantize_model(model, adapter, plan, batches, progress=False, **passes)
+        quantize_model(model, adapter, plan, batches, options=passes, progress=False)
         return distributed.broadcast_object(None)  # type: ignore[return-value]
     with atomic_output_dir(output, force=force, folder=checkpoints.output_folder()) as tmp:
         if request.format == "gptq":
             writer: Any = GPTQWriter(tmp, model, adapter, plan, out_dtype, request.max_shard_bytes)
         else:
             writer = FakeQuantWriter(tmp, model, adapter, out_dtype, request.max_shard_bytes)
-        report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, progress=progress,
-                                checkpoints=checkpoints.layer_pass("quantizing"), resumable=writer, **passes)
+        passes = dataclasses.replace(passes, checkpoints=checkpoints.layer_pass("quantizing"), resumable=writer)
+        report = quantize_model(model, adapter, plan, batches, on_layer=writer.on_layer, options=passes,
+                                progress=progress)
         writer.finish()
         if request.format == "fake":
             (tmp / "quant_plan.json").write_text(plan.model_dump_json(indent=2) + "\n")

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from moecompress.quant.fake_quant import FakeQuantWriter
 from moecompress.quant.gptq_writer import GPTQWriter
 from moecompress.models.adapters import get_adapter
-from moecompress.quant.apply import quantize_model
+from moecompress.quant.apply import QuantPass, quantize_model
 from moecompress.quant.load import load_quantized
 from moecompress.quant.packed_experts import packed_sources
 from moecompress.quant.plan import QuantPlan
@@ -84,7 +84,7 @@ def quantise(model: torch.nn.Module, folder: Path, settings: QuantSettings) -> N
         fake.on_layer(index, result)
 
     batches = [("d", token_batch(model.config.vocab_size, batch=2, length=24, seed=s)) for s in (11, 12)]
-    quantize_model(model, adapter, plan, batches, on_layer=on_layer, min_tokens=4, progress=False)
+    quantize_model(model, adapter, plan, batches, on_layer=on_layer, progress=False, options=QuantPass(min_tokens=4))
     gptq.finish()
     fake.finish()
 

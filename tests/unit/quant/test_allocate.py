@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moecompress.errors import MoecompressError
-from moecompress.quant.allocate import DROP, PruneRules, allocate, check_budget
+from moecompress.quant.allocate import DROP, AllocationRules, PruneRules, SolverOptions, allocate, check_budget
 
 WIDTHS = [2, 3, 4]
 
@@ -49,7 +49,8 @@ def brute_force(costs: dict, sizes: dict, widths: list[int], budget: float, requ
 def test_global_program_matches_brute_force(solver: str, require_top: int) -> None:
     costs, sizes = synthetic(layers=2, experts=4, widths=WIDTHS, seed=require_top)
     budget = 2.5 * 10 * 8
-    result = allocate(costs, sizes, WIDTHS, budget, scope="global", require_top=require_top, solver=solver)
+    result = allocate(costs, sizes, WIDTHS, budget, rules=AllocationRules(scope="global", require_top=require_top),
+                      solving=SolverOptions(name=solver))
     assert result.status == "optimal"
     assert result.solver == solver
     assert result.size <= budget + 1e-9
@@ -58,7 +59,7 @@ def test_global_program_matches_brute_force(solver: str, require_top: int) -> No
 
 def test_require_top_keeps_an_expert_at_the_widest_width_per_layer() -> None:
     costs, sizes = synthetic(layers=3, experts=6, widths=WIDTHS, seed=5)
-    result = allocate(costs, sizes, WIDTHS, 2.6 * 10 * 18, require_top=2)
+    result = allocate(costs, sizes, WIDTHS, 2.6 * 10 * 18, rules=AllocationRules(require_top=2))
     for layer in range(3):
         assert 4 in result.widths[layer] and 3 in result.widths[layer]
 
@@ -66,16 +67,16 @@ def test_require_top_keeps_an_expert_at_the_widest_width_per_layer() -> None:
 def test_per_layer_programs_meet_each_layers_budget() -> None:
     costs, sizes = synthetic(layers=3, experts=5, widths=WIDTHS, seed=2)
     costs[0] = costs[0] * 1000  # a very sensitive layer cannot borrow bits from the others
-    result = allocate(costs, sizes, WIDTHS, 2.5 * 10 * 15, scope="layer", require_top=0)
+    result = allocate(costs, sizes, WIDTHS, 2.5 * 10 * 15, rules=AllocationRules(scope="layer", require_top=0))
     for layer in range(3):
         assert sum(result.widths[layer]) * 10 <= 2.5 * 10 * 5 + 1e-9
-    global_result = allocate(costs, sizes, WIDTHS, 2.5 * 10 * 15, scope="global", require_top=0)
+    global_result = allocate(costs, sizes, WIDTHS, 2.5 * 10 * 15, rules=AllocationRules(scope="global", require_top=0))
     assert sum(global_result.widths[0]) > sum(result.widths[0])  # the global program moves bits to layer 0
 
 
 def test_uniform_per_layer_gives_one_width_per_layer() -> None:
     costs, sizes = synthetic(layers=4, experts=8, widths=[4, 8], seed=1)
-    result = allocate(costs, sizes, [4, 8], 5.0 * 10 * 32, uniform_per_layer=True)
+    result = allocate(costs, sizes, [4, 8], 5.0 * 10 * 32, rules=AllocationRules(uniform_per_layer=True))
     widths = [set(result.widths[layer]) for layer in range(4)]
     assert all(len(w) == 1 for w in widths)
     assert sum(next(iter(w)) for w in widths) == 4 + 4 + 4 + 8  # 5.0 average allows one 8-bit layer
@@ -95,7 +96,7 @@ def test_required_top_width_counts_in_the_early_budget_check() -> None:
     check_budget(sizes, WIDTHS, 2.0 * 10 * 4 * 2, require_top=0)
     check_budget(sizes, WIDTHS, (2.0 * 10 * 3 + 4 * 10) * 2, require_top=1)  # exactly enough
     with pytest.raises(MoecompressError, match="budget is too small"):
-        allocate(costs, sizes, WIDTHS, 2.0 * 10 * 4 * 2, require_top=1)
+        allocate(costs, sizes, WIDTHS, 2.0 * 10 * 4 * 2, rules=AllocationRules(require_top=1))
 
 
 def test_joint_program_drops_the_same_number_per_layer_and_keeps_protected() -> None:
@@ -103,7 +104,7 @@ def test_joint_program_drops_the_same_number_per_layer_and_keeps_protected() -> 
     costs, sizes = synthetic(layers=3, experts=8, widths=widths, seed=3)
     costs[1][5, 0] = 0.0  # free to drop expert 5 of layer 1 ...
     rules = PruneRules(feasible_kept=tuple(range(2, 9)), protected={1: [5]})  # ... but it is protected
-    result = allocate(costs, sizes, widths, 1.6 * 10 * 24, prune=rules, require_top=0)
+    result = allocate(costs, sizes, widths, 1.6 * 10 * 24, rules=AllocationRules(prune=rules, require_top=0))
     kept = [sum(1 for w in result.widths[layer] if w != DROP) for layer in range(3)]
     assert len(set(kept)) == 1 and kept[0] >= 2
     assert kept[0] < 8  # 1.6 average bits forces drops
@@ -114,7 +115,7 @@ def test_joint_program_drops_equally_per_group() -> None:
     widths = [DROP, 2, 4]
     costs, sizes = synthetic(layers=2, experts=8, widths=widths, seed=4)
     rules = PruneRules(feasible_kept=(4, 6, 8), n_group=2)
-    result = allocate(costs, sizes, widths, 1.5 * 10 * 16, prune=rules, require_top=0)
+    result = allocate(costs, sizes, widths, 1.5 * 10 * 16, rules=AllocationRules(prune=rules, require_top=0))
     for layer in range(2):
         first = sum(1 for w in result.widths[layer][:4] if w != DROP)
         second = sum(1 for w in result.widths[layer][4:] if w != DROP)
@@ -123,6 +124,6 @@ def test_joint_program_drops_equally_per_group() -> None:
 
 def test_time_limited_solve_reports_its_status() -> None:
     costs, sizes = synthetic(layers=4, experts=32, widths=WIDTHS, seed=9)
-    result = allocate(costs, sizes, WIDTHS, 2.5 * 10 * 128, time_limit=5.0, gap=0.0)
+    result = allocate(costs, sizes, WIDTHS, 2.5 * 10 * 128, solving=SolverOptions(time_limit=5.0, gap=0.0))
     assert result.status in ("optimal", "feasible")
     assert result.variables == 4 * 32 * 3

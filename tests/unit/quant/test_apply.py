@@ -9,7 +9,7 @@ import torch
 
 from moecompress.models.adapters import get_adapter
 from moecompress.models.load import load_model
-from moecompress.quant.apply import quantize_model
+from moecompress.quant.apply import QuantPass, quantize_model
 from moecompress.quant.settings import QuantSettings, make_plan
 from moecompress.quant.targets import find_targets
 from tests.adapters.tiny_configs import TINY_CONFIGS
@@ -40,7 +40,7 @@ def test_gptq_model_is_closer_to_the_original_than_rtn() -> None:
         quantised = copy.deepcopy(model)
         settings = QuantSettings(group_size=16, method=method, attention=3, dense_mlp=3)
         report = quantize_model(quantised, get_adapter(quantised), plan_for(quantised, 2, settings), batches,
-                                min_tokens=1, progress=False)
+                                progress=False, options=QuantPass(min_tokens=1))
         assert report.methods.get(method, 0) > 0
         errors[method] = float(((logits(quantised, ids) - reference) ** 2).mean())
     assert errors["gptq"] < errors["rtn"]
@@ -56,7 +56,8 @@ def test_written_back_weights_are_the_dequantised_results() -> None:
     def on_layer(index, result):  # noqa: ANN001, ANN202
         seen[index] = result
 
-    quantize_model(model, adapter, plan, [("d", ids)], on_layer=on_layer, min_tokens=1, progress=False)
+    quantize_model(model, adapter, plan, [("d", ids)], on_layer=on_layer, progress=False,
+                   options=QuantPass(min_tokens=1))
     ref = adapter.moe_layers(model)[1]
     result = seen[ref.index]
     for e in range(ref.num_experts):
@@ -74,8 +75,8 @@ def test_written_back_weights_are_the_dequantised_results() -> None:
 def test_starved_experts_fall_back_to_rtn_and_are_listed() -> None:
     model = tiny_model(TINY_CONFIGS["mixtral"](), seed=0)
     ids = token_batch(model.config.vocab_size, batch=1, length=8)
-    report = quantize_model(model, get_adapter(model), plan_for(model, 4, QuantSettings(group_size=16)),
-                            [("d", ids)], min_tokens=5, progress=False)
+    report = quantize_model(model, get_adapter(model), plan_for(model, 4, QuantSettings(group_size=16)), [("d", ids)],
+                            progress=False, options=QuantPass(min_tokens=5))
     assert report.fallbacks  # 8 tokens x top-2 over 8 experts: some experts see < 5 tokens
     assert all(tokens < 5 for tokens in report.fallbacks.values())
     assert report.methods["rtn-fallback"] == 3 * len(report.fallbacks)
@@ -109,7 +110,7 @@ def test_model_read_layer_by_layer_quantises_like_the_in_memory_one(tmp_path) ->
                 _got["head"] = _model.get_output_embeddings().weight.detach().clone()
 
         quantize_model(loaded, adapter, plan_for(loaded, 3, QuantSettings(group_size=16)), [("d", ids)],
-                       on_layer=on_layer, min_tokens=1, progress=False, reader=reader)
+                       on_layer=on_layer, progress=False, options=QuantPass(min_tokens=1, reader=reader))
         results[streaming] = got
         if streaming:
             assert all(p.device.type == "meta" for p in loaded.parameters())
@@ -130,7 +131,7 @@ def test_expert_passes_within_a_memory_limit_give_the_same_result() -> None:
     for memory in (2**30, 1):
         copy_ = copy.deepcopy(model)
         quantize_model(copy_, get_adapter(copy_), plan_for(copy_, 3, QuantSettings(group_size=16)), [("d", ids)],
-                       min_tokens=1, progress=False, expert_memory=memory)
+                       progress=False, options=QuantPass(min_tokens=1, expert_memory=memory))
         states.append(copy_.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
@@ -208,7 +209,7 @@ def test_a_stop_before_attention_falls_back_to_the_full_pass(monkeypatch: pytest
             monkeypatch.setattr(apply, "_later_stages", lambda targets, index, moe: [
                 next(t.module for t in targets.linears[index] if t.role == "attention")])
         quantize_model(copy_, get_adapter(copy_), plan_for(copy_, 3, QuantSettings(group_size=16)), [("d", ids)],
-                       min_tokens=1, progress=False)
+                       progress=False, options=QuantPass(min_tokens=1))
         states.append(copy_.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
