@@ -111,7 +111,7 @@ def tensor_peaks(fixture: Fixture, calib: Any) -> dict[str, Any]:
     accumulators = {layer: sum(t.numel() * t.element_size() for stat in ("neuron_act_sq", "neuron_grad_proj")
                                for t in (per[stat] for per in obs.sums.values()))
                     for layer, obs in observer.observers.items()}
-    stats = build_stats(model, adapter, observer, fixture.folder, calib.digest, {}, "whole-model",
+    stats = build_stats(model, observer, fixture.folder, calib.digest, {}, "whole-model",
                         fixture.protocol.calib_seed)
     _, scoring = tensor_peak(lambda: plan_pruning(stats, adapter, model.config,
         PruneRequest(method="heapr", ratio=0.5, protect_super_experts=False, allocation="global")))

@@ -103,7 +103,7 @@ def calibrated(fixture: Fixture, statistics: tuple[str, ...]) -> Calibration:
         observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                       ObservedPass(statistics=list(statistics), batch_size=protocol.batch_size,
                                                    mode=mode), False)
-        stats = build_stats(model, adapter, observer, fixture.folder, calib.digest,
+        stats = build_stats(model, observer, fixture.folder, calib.digest,
                             {"sources": calib.sources, "seq_len": calib.seq_len,
                              "num_samples_per_domain": protocol.calib_windows, "seed": protocol.calib_seed,
                              "batch_size": protocol.batch_size, "dtype": "float32"}, mode, protocol.calib_seed)

@@ -232,12 +232,11 @@ def observed_layer(observer: Observer, index: int) -> RoutingStats:
     What scorers read is complete (tensors, token counts, shapes, domains); the header's
     provenance fields (model path, data digest, seed) are empty: it is never saved.
     """
-    return build_stats(observer.model, observer.adapter, observer, "", "", {}, "layerwise", 0, layers=[index])
+    return build_stats(observer.model, observer, "", "", {}, "layerwise", 0, layers=[index])
 
 
 def build_stats(
     model: nn.Module,
-    adapter: MoEAdapter,
     observer: Observer,
     model_path: str | Path,
     data_digest: str,
@@ -424,7 +423,7 @@ def calibrate(model_path: str | Path, request: CalibrationRequest | None = None,
             "world_size": distributed.world_size() if parallel else 1}
     if choose_experts is not None:
         data["sequential"] = True
-    return build_stats(setup.model, setup.adapter, observer, model_path, calib.digest, data, setup.mode, seed)
+    return build_stats(setup.model, observer, model_path, calib.digest, data, setup.mode, seed)
 
 
 def calibrate_to_folder(model_path: str | Path, output: str | Path, request: CalibrationRequest | None = None,

@@ -118,8 +118,7 @@ def compress_command(
 
     request = parse_request(
         bits=bits, size=size, method=method, candidate_bits=parse_candidates(candidates), require_top=require_top,
-        format=fmt, settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size,
-                                                   asym, act_order, damp, rtn, group_aware=group_aware),
+        format=fmt, settings=settings_from_options(locals()),
         weighted_hessian=weighted_hessian, min_tokens=min_tokens, samples=samples, seq_len=seq_len, seed=seed,
         batch_size=batch_size, time_limit=time_limit, expert_memory=parse_expert_memory(expert_memory),
         device=device,

@@ -121,8 +121,7 @@ def quantize_command(
     request = parse_request(
         bits=bits, size=size, method=method, allocation=allocation, candidate_bits=parse_candidates(candidates),
         require_top=require_top, uniform_per_layer=uniform_per_layer, format=fmt,
-        settings=settings_from_options(attention_bits, shared_bits, dense_bits, lm_head_bits, group_size, asym,
-                                       act_order, damp, rtn, group_aware=group_aware),
+        settings=settings_from_options(locals()),
         sensitivity_quantizer=sensitivity_quantizer, weighted_hessian=weighted_hessian, min_tokens=min_tokens,
         samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, streaming=streaming, dtype=dtype,
         device=device, time_limit=time_limit, expert_memory=parse_expert_memory(expert_memory),

@@ -153,7 +153,7 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prunin
                                                    batch_size=request.batch_size, mode="layerwise", reader=reader,
                                                    device=device, data_parallel=True,
                                                    checkpoints=checkpoints.layer_pass("calibrating")), progress)
-        stats = build_stats(model, adapter, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
+        stats = build_stats(model, observer, source, calib.digest, calib.record(), "layerwise", request.seed)
         keep_statistics(checkpoints, stats)
     scores = scorer.score(stats, params, None)
     protected: dict[int, list[int]] = {}

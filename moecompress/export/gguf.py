@@ -182,7 +182,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, output_type: str = "aut
     header = _HeaderMaker(spec, config, vocab, folder, chosen, planned)
     allocation = None
     if mix is not None:
-        allocation = _allocate(folder, info, names, spec, planned, config, mix, header, progress)
+        allocation = _allocate(folder, info, names, spec, planned, mix, header, progress)
         planned = [PlannedTensor(t.name, t.shape, allocation.types[t.name]) for t in planned]
     gguf = header.build(planned, _record(allocation, mix, planned, header))
     with atomic_output_file(out, force) as tmp:
@@ -252,13 +252,13 @@ class _HeaderMaker:
         return padded(size)
 
 
-def _allocate(folder: Path, info: Any, names: GGUFNames, spec: GGUFArch, planned: list[PlannedTensor], config: Any,
+def _allocate(folder: Path, info: Any, names: GGUFNames, spec: GGUFArch, planned: list[PlannedTensor],
               mix: MixOptions, header: _HeaderMaker, progress: bool) -> GGUFAllocation:
     """Check the budget, measure every allocated tensor on calibration data, solve the program."""
     from moecompress.io.checkpoint import folder_bytes
 
     shapes = [(t.name, t.shape) for t in planned]
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = bool(getattr(info.config, "tie_word_embeddings", False))
     input_bytes = folder_bytes(folder)
     check_budget_early(shapes, tied, mix, input_bytes)
     choices = tensor_choices(shapes, tied, mix.candidates)

@@ -463,7 +463,7 @@ def _load_and_calibrate(source: Path, stats: RoutingStats | None, needs: list[st
                                       ObservedPass(statistics=needs, batch_size=batch_size, mode=mode), progress)
         data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": samples, "seed": seed,
                 "batch_size": batch_size, "dtype": dtype}
-        stats = build_stats(model, adapter, observer, source, calib.digest, data, mode, seed)
+        stats = build_stats(model, observer, source, calib.digest, data, mode, seed)
     context = ScoringContext(model=model, adapter=adapter, batches=list(calib.domain_batches(batch_size)), seed=seed,
                              progress=progress)
     return model, tokenizer, context, stats

@@ -337,18 +337,20 @@ def quantize_checkpoint(checkpoint: str | Path, output: str | Path, request: Qua
     source = Path(checkpoint)
     distributed.initialise(request.device)  # under torchrun: join the other ranks (data parallel, rank 0 writes)
     check_output_dir(output, force, inputs=(source,))
-    device = resolve_device(request.device)  # a one-line error before any work when there is no such device
+    resolve_device(request.device)  # a one-line error before any work when there is no such device
     info = inspect_checkpoint(source)
     with RunCheckpoints(output, "quantize", resume=resume) as checkpoints:
         checkpoints.require("options", {"request": request.model_dump(mode="json"),
                                         "sources": [repr(item) for item in sources or []]})
         checkpoints.require("input checkpoint", source_fingerprint(source))
-        return _quantize(source, info, output, request, sources, force, progress, device, checkpoints)
+        return _quantize(source, info, output, request, sources, force, progress, checkpoints)
 
 
 def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequest, sources: list[Any] | None,
-              force: bool, progress: bool, device: torch.device, checkpoints: RunCheckpoints) -> QuantizeResult:
+              force: bool, progress: bool, checkpoints: RunCheckpoints) -> QuantizeResult:
     """`quantize_checkpoint` after its first checks, inside the run's checkpoints."""
+    from moecompress.engine.layers import resolve_device
+
     from moecompress.models.load import load_tokenizer
     from moecompress.quant.settings import make_plan
     from moecompress.quant.targets import find_targets
@@ -368,7 +370,7 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
     if distributed.active():
         batches = distributed.shard(batches) if batches is not None else None  # this rank's share of the batches
         progress = progress and distributed.is_writer()
-    model, adapter, reader = open_for_quantization(source, info, request, streaming, device)
+    model, adapter, reader = open_for_quantization(source, info, request, streaming, resolve_device(request.device))
     job = QuantizeJob(source, info, model, adapter, reader=reader, batches=batches, calib=calib, tokenizer=tokenizer,
                       out_dtype=checkpoint_dtype(info) or torch.float32, checkpoints=checkpoints)
     targets = find_targets(model, adapter)

@@ -8,6 +8,8 @@ method (GPTQ or RTN) apply to every quantised map, routed experts included.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -101,10 +103,16 @@ def parse_expert_memory(text: str) -> int:
     return size.bytes
 
 
-def settings_from_options(attention_bits: int, shared_bits: int, dense_bits: int, lm_head_bits: int, group_size: int,
-                          asym: bool, act_order: bool, damp: float, rtn: bool, group_aware: bool = True
-                          ) -> dict[str, Any]:
-    """The QuantSettings values of the shared role / grid options."""
-    return {"attention": attention_bits, "shared_experts": shared_bits, "dense_mlp": dense_bits,
-            "lm_head": lm_head_bits, "group_size": group_size, "sym": not asym, "act_order": act_order,
-            "group_aware": group_aware, "damp": damp, "method": "rtn" if rtn else "gptq"}
+# QuantSettings field -> the option (CLI flag / recipe key) that sets it
+SETTING_OPTIONS = {"attention": "attention_bits", "shared_experts": "shared_bits", "dense_mlp": "dense_bits",
+                   "lm_head": "lm_head_bits", "group_size": "group_size", "act_order": "act_order",
+                   "group_aware": "group_aware", "damp": "damp"}
+
+
+def settings_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The QuantSettings values of the shared role / grid options, read by their option names from `options`
+    (a command's arguments or a recipe step's keys: attention_bits, shared_bits, dense_bits, lm_head_bits,
+    group_size, asym, act_order, group_aware, damp, rtn)."""
+    values = {field: options[option] for field, option in SETTING_OPTIONS.items()}
+    values.update(sym=not options["asym"], method="rtn" if options["rtn"] else "gptq")
+    return values

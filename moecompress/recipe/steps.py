@@ -273,9 +273,7 @@ class _QuantOptions(Step):
 
     def quant_settings(self) -> dict[str, Any]:
         """QuantSettings values from the role-bits / grid keys, by `settings_from_options` (the CLI's too)."""
-        return settings_from_options(self.attention_bits, self.shared_bits, self.dense_bits, self.lm_head_bits,
-                                     self.group_size, self.asym, self.act_order, self.damp, self.rtn,
-                                     group_aware=self.group_aware)
+        return settings_from_options(self.model_dump())
 
     def expert_memory_bytes(self, where: Location) -> int:
         """`expert_memory` in bytes, by `parse_expert_memory` (the CLI's too)."""

@@ -56,7 +56,7 @@ def _calibrate(model, adapter):
     domain_ids = torch.tensor([0, 0, 1, 1])
     observer = collect_statistics(model, adapter, ids, domain_ids, ["a", "b"],
                                   ObservedPass(statistics=ALL_STATISTICS, batch_size=2, mode="whole-model"), False)
-    stats = build_stats(model, adapter, observer, "tiny", "digest", {}, "whole-model", 0)
+    stats = build_stats(model, observer, "tiny", "digest", {}, "whole-model", 0)
     return stats, [("a", ids[:2]), ("b", ids[2:])]
 
 

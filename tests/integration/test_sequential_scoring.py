@@ -76,7 +76,7 @@ def _reference_keep(source: Path, data: list[str], method: str, ratio: float) ->
             observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                           ObservedPass(statistics=list(scorer.statistics()) + ["count"],
                                                        batch_size=BATCH, mode="whole-model"), False)
-        stats = build_stats(model, adapter, observer, source, calib.digest, {}, "whole-model", 0)
+        stats = build_stats(model, observer, source, calib.digest, {}, "whole-model", 0)
         scores = scorer.score(stats, scorer.parse_params(None), None, None)
         keep[ref.index] = select_uniform({ref.index: scores[ref.index]}, shape, count)[ref.index]
     return keep
@@ -117,7 +117,7 @@ def test_sequential_output_reloads_and_protects_the_one_pass_super_experts(with_
     observer = collect_statistics(model, adapter, calib.input_ids, calib.domain_ids, calib.domains,
                                   ObservedPass(statistics=["count", "max_act"], batch_size=BATCH, mode="layerwise"),
                                   False)
-    one_pass = build_stats(model, adapter, observer, source, calib.digest, {}, "layerwise", 0)
+    one_pass = build_stats(model, observer, source, calib.digest, {}, "layerwise", 0)
     protected = protected_experts(one_pass, model.config, True)
     assert protected == {adapter.moe_layers(model)[SUPER[0]].index: [SUPER[1]]}
     assert {int(k): v for k, v in manifest["plan"]["protected"].items()} == protected

@@ -174,7 +174,7 @@ def test_gradient_statistic_uses_exact_identity(setup) -> None:
 def test_stats_round_trip_and_refuse_other_model(setup, tmp_path) -> None:
     model, adapter, ids, domain_ids = setup
     observer = collect_statistics(model, adapter, ids, domain_ids, DOMAINS, ObservedPass(batch_size=2), False)
-    stats = build_stats(model, adapter, observer, "tiny", "digest", {"note": "test"}, "layerwise", 0)
+    stats = build_stats(model, observer, "tiny", "digest", {"note": "test"}, "layerwise", 0)
     stats.save(tmp_path / "stats")
     loaded = RoutingStats.load(tmp_path / "stats", expect_config=model.config)
     layer = loaded.header.moe_layers[0]
