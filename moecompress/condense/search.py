@@ -228,10 +228,11 @@ class CachedDecoder:
         return self.inputs()
 
 
-def greedy_by_divergence(decoder: CachedDecoder, adapter: MoEAdapter, layer: MoELayerRef, inputs: Hidden,
-                         reference: Hidden, routing: LayerRouting, count: int, divergence: Divergence,
-                         dtype: torch.dtype) -> tuple[list[int], list[float]]:
+def greedy_by_divergence(decoder: CachedDecoder, layer: MoELayerRef, inputs: Hidden, reference: Hidden,
+                         routing: LayerRouting, count: int, divergence: Divergence, dtype: torch.dtype
+                         ) -> tuple[list[int], list[float]]:
     """Experts added one at a time by smallest divergence of the decoder layer's output (the paper's search)."""
+    adapter = decoder.runner.adapter
     weights = routing.mean_gate()
     available = [e for e in range(layer.num_experts) if routing.count[e] > 0]
     _check_enough(len(available), count)
@@ -360,7 +361,7 @@ def search_condensation(
             experts[index], expert_search[index] = greedy_by_reconstruction(tap.routing, experts_per_layer)
         else:
             experts[index], expert_search[index] = greedy_by_divergence(
-                decoder, adapter, ref, hidden, out, tap.routing, experts_per_layer, divergence, dtype)
+                decoder, ref, hidden, out, tap.routing, experts_per_layer, divergence, dtype)
         if layers is None:  # the layer search restarts from these cached inputs
             layer_inputs[index] = hidden
         hidden = out
