@@ -76,8 +76,13 @@ def condense_command(
     request = CondenseRequest(layers=parse_layers(layers), experts=experts, num_layers=num_layers,
                               criterion=criterion.lower(), layout=layout.lower(), sources=sources, samples=samples,
                               seq_len=seq_len, seed=seed, batch_size=batch_size, dtype=dtype, timing=not no_timing)
-    result = condense_checkpoint(model, output, request, dry_run=dry_run, force=force)
-    print_condense_summary(result, dry_run)
+    from moecompress.engine import distributed
+
+    distributed.initialise("cpu")  # under torchrun rank 0 condenses while the others wait (docs/distributed.md)
+    result = distributed.writer_only(lambda: condense_checkpoint(model, output, request, dry_run=dry_run, force=force),
+                                     "condensing")
+    if distributed.is_writer():
+        print_condense_summary(result, dry_run)
 
 
 def print_condense_summary(result, dry_run: bool, console: Console | None = None) -> None:

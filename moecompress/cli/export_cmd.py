@@ -49,7 +49,7 @@ def gguf_command(
     sensitivity: Annotated[str, typer.Option("--sensitivity", help="How --bits / --size weigh a tensor's error at a "
                                              "type: fisher (by the loss's squared gradient at its outputs, from a "
                                              "backward pass one layer at a time) or output (its output error, "
-                                             "every tensor alike; forward only).")] = "output",
+                                             "every tensor alike; forward only). See docs/gguf.md.")] = "fisher",
     data: DataOption = None,
     field: FieldOption = "text",
     samples: SamplesOption = 32,
@@ -85,8 +85,15 @@ def gguf_command(
         return echo_step("export-gguf", locals())
     from moecompress.export.gguf import export_gguf
 
+    from moecompress.engine import distributed
+
     mix = _mix_options(bits, size, data, field, samples, seq_len, seed, sensitivity, batch_size)
-    result = export_gguf(model, output, output_type=type_, force=force, progress=not no_progress, mix=mix)
+    distributed.initialise("cpu")  # under torchrun rank 0 exports while the others wait (docs/distributed.md)
+    result = distributed.writer_only(
+        lambda: export_gguf(model, output, output_type=type_, force=force, progress=not no_progress, mix=mix),
+        "exporting the GGUF file")
+    if not distributed.is_writer():
+        return
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(result.type_counts.items()))
     typer.echo(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): llama.cpp arch {result.arch}, type "
                f"{result.output_type}, {result.tensors} tensors ({kinds}), pre-tokenizer {result.pre_tokenizer}")

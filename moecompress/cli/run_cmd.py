@@ -78,5 +78,9 @@ def run_command(
             print_step_result(console, planned, result)
 
     manifest = run_plan(plan, resume=resume, force=force, progress=True, report=report)
+    from moecompress.engine import distributed
+
+    if not distributed.is_writer():  # under torchrun rank 0 reports
+        return
     ran = sum(1 for record in manifest["steps"] if not record.get("skipped"))
     console.print(f"done: {ran} step(s) ran, {total - ran} kept; run folder {plan.run_dir} (manifest run.json)")

@@ -43,7 +43,7 @@ class MixOptions:
     seed: int = 0
     batch_size: int = 8
     candidates: tuple[GGMLQuantizationType, ...] = CANDIDATES
-    sensitivity: str = "output"  # one of SENSITIVITIES
+    sensitivity: str = "fisher"  # one of SENSITIVITIES (fisher: lower KL than output in the gguf-allocation suite)
     errors: TypeErrors | None = None  # measured before (same checkpoint, same data): skip the calibration pass
     calibration: dict[str, Any] = field(default_factory=dict)  # the calibration record (set when measured)
 

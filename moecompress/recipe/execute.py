@@ -121,6 +121,7 @@ def run_compress(step: CompressStep, model: Path, output: Path, stats_dir: Path 
 def run_eval(step: EvalStep, model: Path, output: Path, progress: bool = True) -> Any:
     """`moecompress eval --json-out OUTPUT/eval.json`: returns the `EvalReport`."""
     from moecompress.calibration.data import default_calibration_sources
+    from moecompress.engine import distributed
     from moecompress.evaluate import evaluate_perplexity
     from moecompress.io.output import atomic_output_dir
     from moecompress.models.load import load_tokenizer
@@ -135,8 +136,13 @@ def run_eval(step: EvalStep, model: Path, output: Path, progress: bool = True) -
     report.extra["dtype"] = step.dtype
     report.extra["streaming"] = step.streaming
     report.extra["data"] = [{"name": s.name, "path": str(s.path), "field": s.field} for s in sources]
-    with atomic_output_dir(output, force=True) as tmp:
-        (tmp / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    report.extra["world_size"] = distributed.world_size()
+
+    def write() -> None:
+        with atomic_output_dir(output, force=True) as tmp:
+            (tmp / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+    distributed.writer_only(write, "writing eval.json")  # under torchrun every rank scored its share; rank 0 writes
     return report
 
 

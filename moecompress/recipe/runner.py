@@ -13,6 +13,11 @@ statistics it reuses, its data files (sizes and times) and the moecompress versi
 `resume=True` a step whose fingerprint matches the manifest's record and whose folder is
 there is skipped; anything downstream of a changed step runs again because its fingerprint
 changes too. Statistics are reused from disk exactly as `--stats` reads them.
+
+Under torchrun (`torchrun --nproc-per-node N -m moecompress run RECIPE`) every rank runs the
+plan: calibrate, prune, quantize, compress and eval steps split their batches across the ranks
+and rank 0 writes their outputs (as the commands do); condense, export-gguf and write steps
+run on rank 0 while the others wait; only rank 0 prepares the run folder and writes run.json.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from moecompress.engine import distributed
 from moecompress.engine.resume import file_marks, read_json_file, resume_folder, source_fingerprint
 from moecompress.errors import MoecompressError
 from moecompress.recipe import execute
@@ -85,7 +91,9 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_run(run_dir: Path, manifest: dict[str, Any]) -> None:
-    """Replace run.json atomically (an interrupted run never leaves half a manifest)."""
+    """Replace run.json atomically (an interrupted run never leaves half a manifest); rank 0 only under torchrun."""
+    if not distributed.is_writer():
+        return
     tmp = run_dir / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / RUN_FILE)
@@ -177,8 +185,32 @@ def _remove_stale_folders(plan: Plan) -> None:
             shutil.rmtree(child)
 
 
+WRITER_STEPS = ("condense", "export-gguf", "write")  # under torchrun: run on rank 0, the other ranks wait
+
+
+def _plan_device(plan: Plan) -> str:
+    """The device the steps compute on (the process group's backend follows it); one device type per run."""
+    devices = {str(getattr(planned.step, "device", "cpu") or "cpu") for planned in plan.steps}
+    kinds = {device.split(":")[0] for device in devices}
+    if len(kinds) > 1:
+        raise MoecompressError(f"under torchrun every step computes on the same kind of device; this recipe uses "
+                               f"{', '.join(sorted(devices))}")
+    return sorted(devices)[0] if devices else "cpu"
+
+
 def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, progress: bool, resume: bool) -> Any:
-    """Run one step; `resume`: calibrate, prune, quantize and compress continue from the step's layer checkpoints."""
+    """Run one step; `resume`: calibrate, prune, quantize and compress continue from the step's layer checkpoints.
+
+    Under torchrun the condense, export-gguf and write steps run on rank 0 alone (every rank
+    gets its result); the others run on every rank, which share their work.
+    """
+    if planned.op in WRITER_STEPS and distributed.active():
+        return distributed.writer_only(lambda: _run_step(planned, stats_dir, replace_write, progress, resume),
+                                       f"the {planned.op} step")
+    return _run_step(planned, stats_dir, replace_write, progress and distributed.is_writer(), resume)
+
+
+def _run_step(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, progress: bool, resume: bool) -> Any:
     step, model, output = planned.step, planned.input, planned.folder
     resume = resume and resume_folder(output).is_dir()  # only a step that was interrupted has checkpoints
     if planned.op == "calibrate":
@@ -203,13 +235,24 @@ def _execute(planned: PlannedStep, stats_dir: Path | None, replace_write: bool, 
 def run_plan(plan: Plan, resume: bool = False, force: bool = False, progress: bool = True,
              report: Reporter | None = None) -> dict[str, Any]:
     """Run every step of `plan` in order (see the module docstring); returns the run manifest."""
-    previous = _prepare_run_dir(plan, resume, force)
+    if distributed.launched_in_parallel():
+        if resume:
+            raise MoecompressError("--resume continues a run of one process; under torchrun start the run again "
+                                   "with --force, or resume it in one process")
+        distributed.initialise(_plan_device(plan))
+
+    def prepare() -> dict[str, Any] | None:
+        found = _prepare_run_dir(plan, resume, force)
+        _check_write_destinations(plan, force, _previous_writes(found))
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _remove_stale_folders(plan)
+        return found
+
+    previous = distributed.writer_only(prepare, "preparing the run folder")  # one process: just `prepare()`
+    report = report if distributed.is_writer() else None  # under torchrun rank 0 reports
     overwritable = _previous_writes(previous)
-    _check_write_destinations(plan, force, overwritable)
     prints = step_fingerprints(plan)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        _remove_stale_folders(plan)
     manifest: dict[str, Any] = {
         "run_version": RUN_VERSION,
         "recipe_file": str(plan.loaded.file) if plan.loaded.file else None,

@@ -424,7 +424,7 @@ class ExportGGUFStep(_CalibrationData):
     type: str = "auto"
     bits: Annotated[float | None, Field(gt=0)] = None
     size: str | None = None
-    sensitivity: Literal["fisher", "output"] = "output"
+    sensitivity: Literal["fisher", "output"] = "fisher"
 
     def check(self, where: Location) -> None:
         super().check(where)

@@ -48,7 +48,7 @@ steps:
     ours.pop("created"), cli_record.pop("created")
     assert ours == cli_record
     assert int(reader.fields["qwen3moe.expert_count"].contents()) == 4
-    assert ours["gguf"]["allocation"]["sensitivity"] == "output"
+    assert ours["gguf"]["allocation"]["sensitivity"] == "fisher"  # the default
 
 
 def test_export_after_gptq_is_refused_before_anything_runs(tiny_model, tmp_path) -> None:

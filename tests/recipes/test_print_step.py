@@ -35,8 +35,8 @@ def test_print_step_writes_the_non_default_options(tiny_model, tmp_path, monkeyp
         "op": "condense", "layers": "1,2", "experts": 3}
     assert _printed(["compress", str(tiny_model), "-o", str(out), "--size", "40%"], monkeypatch, capsys) == {
         "op": "compress", "size": "40%"}
-    assert _printed(["export", "gguf", str(tiny_model), "-o", str(out), "--bits", "5.5", "--sensitivity", "fisher"],
-                    monkeypatch, capsys) == {"op": "export-gguf", "bits": 5.5, "sensitivity": "fisher"}
+    assert _printed(["export", "gguf", str(tiny_model), "-o", str(out), "--bits", "5.5", "--sensitivity", "output"],
+                    monkeypatch, capsys) == {"op": "export-gguf", "bits": 5.5, "sensitivity": "output"}
     assert not out.exists()
 
 
