@@ -325,7 +325,7 @@ def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_mem
         return None
     activations = ACTIVATION_COPIES * cached_bytes(reader, int(input_shape[0]), int(input_shape[1]))
     left = budget - activations
-    outside = reader.keys_bytes(reader.outside_layers(include_head=False))
+    outside = reader.new_memory_bytes(reader.outside_layers(include_head=False))  # file-backed views cost nothing
     if left < outside:
         given = "--max-memory" if max_memory is not None else "the memory available"
         raise MoecompressError(

@@ -281,6 +281,26 @@ class CheckpointReader:
             total += shape.numel() * dtype.itemsize
         return total
 
+    def new_memory_bytes(self, keys: list[str]) -> int:
+        """Bytes of the named parameters and buffers that loading makes new memory (anonymous pages).
+
+        A tensor stored in its compute dtype loads as a view of the memory-mapped file (page
+        cache, which the kernel reclaims under pressure): it costs no new memory. One that is
+        dequantised (FP8 blocks, MXFP4), converted to another dtype, or fused from several disk
+        tensors is a new tensor: its compute-dtype bytes.
+        """
+        is_quantized = getattr(self.files, "is_quantized", None)
+        entries = getattr(getattr(self.files, "store", self.files), "entries", {})
+        total = 0
+        for name in keys:
+            shape, dtype = self._meta_shapes[name]
+            sources = self.sources.get(name, [])
+            mapped = (len(sources) == 1 and sources[0] in entries and entries[sources[0]].dtype == dtype
+                      and not (is_quantized is not None and is_quantized(sources[0])))
+            if not mapped:
+                total += shape.numel() * dtype.itemsize
+        return total
+
     def layer_bytes(self, index: int) -> int:
         """Bytes one decoder layer occupies once loaded in the compute dtype."""
         return self.keys_bytes(self.layer_keys(index))

@@ -356,3 +356,27 @@ def test_calibrate_reads_each_format(name: str, request: pytest.FixtureRequest, 
     run("calibrate", str(folder), "--samples", "2", "--seq-len", "32", "-o", str(out))
     stats = RoutingStats.load(out)
     assert stats.header.tokens and all(torch.isfinite(t).all() for t in stats.tensors.values())
+
+
+def test_new_memory_counts_only_what_loading_copies(fp8_deepseek, tmp_path) -> None:
+    """Tensors stored in their compute dtype load as file-backed views (no new memory); dequantised or
+    converted ones are new tensors. The calibration budget counts the embeddings with this."""
+    from moecompress.engine.reader import CheckpointReader
+    from tests.cli_helpers import make_checkpoint
+
+    reader = CheckpointReader(fp8_deepseek, dtype="auto")  # FP8 blocks dequantise to bf16; the embedding is bf16
+    outside = reader.outside_layers(include_head=False)
+    assert reader.new_memory_bytes(outside) < reader.keys_bytes(outside)  # the bf16 embedding is mapped, not copied
+    embedding = [key for key in outside if "embed_tokens" in key]
+    assert embedding and reader.new_memory_bytes(embedding) == 0
+    quantized = [key for key in reader.layer_keys(0) if key.endswith("q_a_proj.weight")]
+    assert quantized and reader.new_memory_bytes(quantized) == reader.keys_bytes(quantized)  # dequantised: new
+
+    plain = make_checkpoint(tmp_path / "plain", "qwen3_moe")
+    stored = {entry.dtype for entry in CheckpointReader(plain, dtype="auto").files.entries.values()}
+    assert len(stored) == 1
+    other = "bfloat16" if stored == {torch.float32} else "float32"
+    mapped, converted = CheckpointReader(plain, dtype="auto"), CheckpointReader(plain, dtype=other)
+    keys = mapped.outside_layers(include_head=False)
+    assert mapped.new_memory_bytes(keys) == 0  # in its stored dtype: views of the files
+    assert converted.new_memory_bytes(keys) == converted.keys_bytes(keys) > 0  # converted: new memory
