@@ -227,6 +227,27 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def reduce_(tensor: torch.Tensor, dst: int, op: str = "sum") -> torch.Tensor:
+    """Combine `tensor` over all ranks into rank `dst`'s copy in place (the others' are left as they were).
+
+    Every rank must call it with a tensor of the same shape and dtype and the same `dst`. A
+    no-op in a single process.
+    """
+    if op not in _OPS:
+        raise ValueError(f"unknown reduction {op!r}; use one of {', '.join(_OPS)}")
+    if not active():
+        return tensor
+    dist = _dist()
+    where = _comm_device(tensor)
+    work = tensor if tensor.device == where and tensor.is_contiguous() else tensor.to(where).contiguous()
+    _count(work.numel() * work.element_size())
+    with _peers_alive():
+        dist.reduce(work, dst=dst, op=getattr(dist.ReduceOp, _OPS[op]))
+    if work is not tensor and rank() == dst:
+        tensor.copy_(work)
+    return tensor
+
+
 @contextlib.contextmanager
 def _peers_alive() -> Iterator[None]:
     """A collective whose peer died (killed, out of memory) fails here in one line instead of a backend traceback."""

@@ -37,7 +37,7 @@ from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
-from moecompress.quant.data_parallel import all_reduce_gptq, solve_experts_in_parallel
+from moecompress.quant.data_parallel import all_reduce_gptq, owners, reduce_gptq_to_owners, solve_experts_in_parallel
 from moecompress.quant.layer_pass import (
     DEFAULT_EXPERT_MEMORY,
     ExpertHessians,
@@ -223,7 +223,9 @@ def _quantize_layer(adapter: MoEAdapter, plan: QuantPlan, targets: ModelTargets,
                 for chunk in expert_chunks(gptq_experts, hessian_bytes(hidden, width), expert_memory):
                     expert_stats = ExpertHessians(moe.num_experts, hidden, width, experts=chunk, weighted=weighted)
                     visit_recorded(adapter, moe, recorded, expert_stats, chunk)
-                    all_reduce_gptq([*expert_stats.inputs.values(), *expert_stats.activations.values()])
+                    owner = owners(chunk)  # data parallel: each expert's Hessians summed on the rank that solves it
+                    reduce_gptq_to_owners([(expert_stats.inputs[e], owner[e]) for e in sorted(chunk)]
+                                          + [(expert_stats.activations[e], owner[e]) for e in sorted(chunk)])
                     _quantize_experts(adapter, moe, {e: experts[e] for e in chunk}, expert_stats, min_tokens, result)
                     del expert_stats  # the next group's Hessians replace these, never beside them
                     return_freed_memory()

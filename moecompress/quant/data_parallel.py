@@ -12,7 +12,8 @@ would hold (up to the order of additions):
   and gate sums per expert and width, added.
 
 Expert parallelism for the solves (`solve_experts_in_parallel`): rank r solves every N-th
-routed expert of a group (every expert's solve costs the same, its Hessians' size), and the
+routed expert of a group (every expert's solve costs the same, its Hessians' size); each
+routed expert's Hessians are reduced to that rank alone (`reduce_gptq_to_owners`), and the
 solved experts are gathered on every rank. Every rank then holds the same quantised layer
 (the other matrices are solved on every rank from the same statistics) and pushes its own
 batches through it: GPTQ stays sequential and exact.
@@ -46,6 +47,33 @@ def all_reduce_gptq(stats: Iterable[GPTQ]) -> None:
         item.total_weight = total
         combined = packed[:-2] / total if total > 0 else torch.zeros_like(packed[:-2])
         item.hessian = combined.to(item.hessian.dtype).view_as(item.hessian)
+
+
+def owners(experts: Sequence[int]) -> dict[int, int]:
+    """Expert -> the rank that solves it in `solve_experts_in_parallel`: every N-th of the sorted experts."""
+    world = distributed.world_size()
+    return {e: i % world for i, e in enumerate(sorted(experts))}
+
+
+def reduce_gptq_to_owners(stats: Sequence[tuple[GPTQ, int]]) -> None:
+    """Combine each (statistics, owner rank) pair's GPTQ statistics on the owner alone (collective; no-op in one process).
+
+    Only the owner solves the matrix, so only it needs the combined Hessian: the others send
+    their sums and keep their own (unused) ones. The weights and token counts (which decide
+    the RTN fall-back, reported on every rank) are combined on every rank, in one reduction.
+    """
+    if not distributed.active() or not stats:
+        return
+    scalars = torch.tensor([[item.total_weight, float(item.tokens)] for item, _ in stats], dtype=torch.float64)
+    distributed.all_reduce_(scalars, "sum")  # (len(stats), 2)
+    me = distributed.rank()
+    for (item, owner), (total, tokens) in zip(stats, scalars.tolist()):
+        flat = item.hessian.reshape(-1).double() * item.total_weight  # (in * in,) W_r H_r
+        distributed.reduce_(flat, owner, "sum")
+        item.total_weight, item.tokens = total, int(round(tokens))
+        if me == owner:
+            combined = flat / total if total > 0 else torch.zeros_like(flat)
+            item.hessian = combined.to(item.hessian.dtype).view_as(item.hessian)
 
 
 def all_reduce_sums(tensors: Iterable[torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ def test_single_process_needs_nothing(monkeypatch) -> None:
                                                                                                             False)
     tensor = torch.arange(3.0)
     assert distributed.all_reduce_(tensor, "max") is tensor and tensor.tolist() == [0.0, 1.0, 2.0]
+    assert distributed.reduce_(tensor, 0) is tensor and tensor.tolist() == [0.0, 1.0, 2.0]
     distributed.barrier()
     assert distributed.writer_only(lambda: 7, "a step") == 7
     assert distributed.shard(list("abc")) == list("abc")
@@ -37,6 +38,19 @@ def test_single_process_needs_nothing(monkeypatch) -> None:
         distributed.all_reduce_(tensor, "mean")
     with pytest.raises(KeyError), distributed.phase("a step"):  # the error itself, unchanged
         raise KeyError("x")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_expert_owners_are_the_solvers_shares(monkeypatch, world) -> None:
+    """The rank each expert's Hessians are reduced to is the rank whose share solves it."""
+    from moecompress.quant.data_parallel import owners
+
+    experts = [7, 2, 5, 0, 3]
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    owner = owners(experts)
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        assert sorted(e for e, r in owner.items() if r == rank) == sorted(distributed.shard(sorted(experts)))
 
 
 def test_bad_world_size_is_one_line(monkeypatch) -> None:
