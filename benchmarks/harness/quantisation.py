@@ -272,7 +272,7 @@ def quantise_with_widths(folder: Path, output: Path, request: Any, sources: list
     """Quantise a checkpoint with widths chosen by `widths_of(targets, adapter)`, through the library's writer."""
     from moecompress.models.load import inspect_checkpoint, load_model, load_tokenizer
     from moecompress.quant.run import QuantizeJob, calibration_batches, write_quantized
-    from moecompress.quant.settings import make_plan
+    from moecompress.quant.settings import PlanHeader, make_plan
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
 
@@ -284,7 +284,8 @@ def quantise_with_widths(folder: Path, output: Path, request: Any, sources: list
     model, adapter = load_model(folder, dtype="float32")
     targets = find_targets(model, adapter)
     widths = widths_of(targets, adapter)
-    plan = make_plan(targets, adapter, widths, request.settings, method, request.widths(), {"bits": request.bits})
+    plan = make_plan(targets, adapter, widths, request.settings,
+                     PlanHeader(method, request.widths(), {"bits": request.bits}))
     job = QuantizeJob(folder, info, model, adapter, batches=batches, calib=calib, tokenizer=tokenizer,
                       out_dtype=out_dtype)
     return write_quantized(job, plan, output, request, force=False, progress=False)

@@ -103,7 +103,7 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prunin
     from moecompress.prune.super_experts import find_super_experts
     from moecompress.quant.budget import expert_sizes
     from moecompress.quant.run import check_finite_costs, expert_budget, measure_sensitivity
-    from moecompress.quant.settings import make_plan
+    from moecompress.quant.settings import PlanHeader, make_plan
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
 
@@ -188,8 +188,9 @@ def _compress(source: Path, output: str | Path, request: QuantizeRequest, prunin
         "seconds": round(allocation.seconds, 3), "objective": allocation.objective, "scope": "global (joint)",
         "variables": allocation.variables, "kept_per_layer": len(next(iter(keep.values()))),
     }
-    plan = make_plan(pruned_targets, adapter, kept_widths, request.settings, f"joint ({prune_method} + {request.method})",
-                     widths, budget_record, allocation_record, dropped=dropped)
+    plan = make_plan(pruned_targets, adapter, kept_widths, request.settings,
+                     PlanHeader(f"joint ({prune_method} + {request.method})", widths, budget_record,
+                                allocation=allocation_record, dropped=dropped))
     extra = {"pruning": {"method": prune_method, "params": params.model_dump(), "keep": keep, "dropped": dropped,
                          "protected": protected, "stats_digest": stats.digest()}}
     job = QuantizeJob(source, info, model, adapter, reader=reader, batches=batches, calib=calib, tokenizer=tokenizer,

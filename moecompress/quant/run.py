@@ -352,7 +352,7 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
     from moecompress.engine.layers import resolve_device
 
     from moecompress.models.load import load_tokenizer
-    from moecompress.quant.settings import make_plan
+    from moecompress.quant.settings import PlanHeader, make_plan
     from moecompress.quant.targets import find_targets
     from moecompress.sizes import checkpoint_dtype
 
@@ -382,8 +382,8 @@ def _quantize(source: Path, info: Any, output: str | Path, request: QuantizeRequ
         allocation_record = {"solver": allocation.solver, "status": allocation.status, "gap": allocation.gap,
                              "seconds": round(allocation.seconds, 3), "objective": allocation.objective,
                              "scope": request.scope(), "variables": allocation.variables}
-    plan = make_plan(targets, adapter, widths, request.settings, request.method, request.widths(), budget_record,
-                     allocation_record)
+    plan = make_plan(targets, adapter, widths, request.settings,
+                     PlanHeader(request.method, request.widths(), budget_record, allocation=allocation_record))
     result = write_quantized(job, plan, output, request, force, progress)
     result.allocation = allocation
     return result

@@ -9,6 +9,7 @@ method (GPTQ or RTN) apply to every quantised map, routed experts included.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from typing import Any, Literal
 
@@ -57,9 +58,19 @@ class QuantSettings(BaseModel):
         return int(getattr(self, role))
 
 
+@dataclass
+class PlanHeader:
+    """What a plan records about how it was chosen (the `QuantPlan` fields besides its entries)."""
+
+    method: str  # uniform, mc-moe, gemq, or joint (...)
+    candidate_bits: list[int]
+    budget: dict[str, float | str]  # {"bits": 2.5} or {"bytes": ...}
+    allocation: dict[str, object] | None = None  # solver, status, gap, seconds, objective
+    dropped: dict[int, list[int]] | None = None  # joint compression: experts removed per MoE layer
+
+
 def make_plan(targets: ModelTargets, adapter: MoEAdapter, expert_bits: dict[int, list[int]],
-              settings: QuantSettings, method: str, candidate_bits: list[int], budget: dict[str, float | str],
-              allocation: dict[str, object] | None = None, dropped: dict[int, list[int]] | None = None) -> QuantPlan:
+              settings: QuantSettings, header: PlanHeader) -> QuantPlan:
     """The plan for a model: routed experts at `expert_bits[layer][e]`, other roles per `settings`."""
     entries: dict[str, PlanEntry] = {}
     for index in range(targets.num_layers):
@@ -79,8 +90,8 @@ def make_plan(targets: ModelTargets, adapter: MoEAdapter, expert_bits: dict[int,
     if targets.head is not None:
         entries[targets.head.name] = PlanEntry(kind="linear", role="lm_head", params=targets.head.params,
                                                spec=settings.spec(settings.lm_head))
-    return QuantPlan(method=method, candidate_bits=list(candidate_bits), budget=budget, entries=entries,
-                     dropped=dropped or {}, allocation=allocation or {})
+    return QuantPlan(method=header.method, candidate_bits=list(header.candidate_bits), budget=header.budget,
+                     entries=entries, dropped=header.dropped or {}, allocation=header.allocation or {})
 
 
 def parse_candidates(text: str | None) -> list[int] | None:

@@ -35,7 +35,7 @@ from moecompress.quant.apply import QuantPass, quantize_model
 from moecompress.quant.load import load_quantized
 from moecompress.quant.packed_experts import packed_sources
 from moecompress.quant.plan import QuantPlan
-from moecompress.quant.settings import QuantSettings, make_plan
+from moecompress.quant.settings import PlanHeader, QuantSettings, make_plan
 from moecompress.quant.targets import find_targets
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.helpers import tiny_model, token_batch
@@ -73,7 +73,7 @@ def quantise(model: torch.nn.Module, folder: Path, settings: QuantSettings) -> N
     targets = find_targets(model, adapter)
     widths = {index: [WIDTHS[(e + index) % len(WIDTHS)] for e in range(ref.num_experts)]
               for index, ref in targets.moe.items()}
-    plan = make_plan(targets, adapter, widths, settings, "test", list(WIDTHS), {"bits": 4.25})
+    plan = make_plan(targets, adapter, widths, settings, PlanHeader("test", list(WIDTHS), {"bits": 4.25}))
     gptq = GPTQWriter(folder / "gptq", model, adapter, plan, torch.float32)
     fake = FakeQuantWriter(folder / "fake", model, adapter, torch.float32)
     (folder / "gptq").mkdir(parents=True)

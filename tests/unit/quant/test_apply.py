@@ -10,7 +10,7 @@ import torch
 from moecompress.models.adapters import get_adapter
 from moecompress.models.load import load_model
 from moecompress.quant.apply import QuantPass, quantize_model
-from moecompress.quant.settings import QuantSettings, make_plan
+from moecompress.quant.settings import PlanHeader, QuantSettings, make_plan
 from moecompress.quant.targets import find_targets
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.helpers import tiny_model, token_batch
@@ -22,7 +22,7 @@ def plan_for(model: torch.nn.Module, bits: int, settings: QuantSettings, mixed: 
     widths = {}
     for index, ref in targets.moe.items():
         widths[index] = [(2, 3, 4, 8)[e % 4] if mixed else bits for e in range(ref.num_experts)]
-    return make_plan(targets, adapter, widths, settings, "test", [2, 3, 4, 8], {"bits": bits})
+    return make_plan(targets, adapter, widths, settings, PlanHeader("test", [2, 3, 4, 8], {"bits": bits}))
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from moecompress.quant.gptq_writer import GPTQWriter
 from moecompress.models.adapters import get_adapter
 from moecompress.quant.apply import quantize_model
 from moecompress.quant.load import load_quantized
-from moecompress.quant.settings import QuantSettings, make_plan
+from moecompress.quant.settings import PlanHeader, QuantSettings, make_plan
 from moecompress.quant.targets import find_targets
 from tests.adapters.tiny_configs import TINY_CONFIGS
 from tests.helpers import tiny_model, token_batch
@@ -32,7 +32,8 @@ def test_tied_head_checkpoints_keep_embeddings_and_final_norm(tmp_path: Path) ->
     targets = find_targets(model, adapter)
     assert targets.head is None  # tied: no separate head to quantise
     widths = {index: [3] * ref.num_experts for index, ref in targets.moe.items()}
-    plan = make_plan(targets, adapter, widths, QuantSettings(group_size=16, method="rtn"), "test", [3], {"bits": 3})
+    plan = make_plan(targets, adapter, widths, QuantSettings(group_size=16, method="rtn"),
+                     PlanHeader("test", [3], {"bits": 3}))
     writers = [GPTQWriter(tmp_path / "gptq", model, adapter, plan, torch.float32),
                FakeQuantWriter(tmp_path / "fake", model, adapter, torch.float32)]
     for kind in ("gptq", "fake"):
