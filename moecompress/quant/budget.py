@@ -20,7 +20,7 @@ from torch import nn
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.quant.settings import QuantSettings
-from moecompress.quant.spec import UNQUANTISED, QuantSpec
+from moecompress.quant.spec import UNQUANTIZED, QuantSpec
 from moecompress.quant.targets import ModelTargets, expert_params
 
 # bytes a tensor costs in a safetensors JSON header besides its name (dtype, shape, offsets, quotes)
@@ -105,7 +105,7 @@ def expert_sizes(adapter: MoEAdapter, targets: ModelTargets, widths: list[int], 
             elif unit == "bits":
                 row.append(float(params * width))
             else:
-                spec = settings.spec(width) if width != UNQUANTISED else None
+                spec = settings.spec(width) if width != UNQUANTIZED else None
                 row.append(sum(packed_bytes(spec, o, i, element_size, b, prefix + proj) for proj, o, i, b in shapes))
         out[layer] = torch.tensor(row, dtype=torch.float64).expand(ref.num_experts, -1).clone()
     return out

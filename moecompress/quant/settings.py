@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
 from moecompress.quant.plan import PlanEntry, QuantPlan
-from moecompress.quant.spec import SUPPORTED_BITS, UNQUANTISED, QuantSpec
+from moecompress.quant.spec import SUPPORTED_BITS, UNQUANTIZED, QuantSpec
 from moecompress.quant.targets import ModelTargets, expert_params
 
 
@@ -30,7 +30,7 @@ class QuantSettings(BaseModel):
     attention: int = 4
     shared_experts: int = 4
     dense_mlp: int = 4
-    lm_head: int = UNQUANTISED
+    lm_head: int = UNQUANTIZED
     group_size: int = 128
     sym: bool = True
     act_order: bool = False
@@ -41,13 +41,13 @@ class QuantSettings(BaseModel):
     @field_validator("attention", "shared_experts", "dense_mlp", "lm_head")
     @classmethod
     def _check_bits(cls, value: int) -> int:
-        if value not in SUPPORTED_BITS + (UNQUANTISED,):
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or {UNQUANTISED} (unquantised), got {value}")
+        if value not in SUPPORTED_BITS + (UNQUANTIZED,):
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS} or {UNQUANTIZED} (unquantised), got {value}")
         return value
 
     def spec(self, bits: int) -> QuantSpec | None:
         """The spec for `bits` with these settings (None for 16 = unquantised)."""
-        if bits == UNQUANTISED:
+        if bits == UNQUANTIZED:
             return None
         return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
                          group_aware=self.group_aware,

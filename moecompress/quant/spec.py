@@ -22,7 +22,7 @@ from moecompress.errors import MoecompressError
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 # bits the GPTQ format (and GPTQModel) can hold; 1 bit is fake-quant / moecompress loader only
 GPTQ_FORMAT_BITS = (2, 3, 4, 8)
-UNQUANTISED = 16
+UNQUANTIZED = 16
 
 
 class QuantSpec(BaseModel):

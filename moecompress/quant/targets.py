@@ -17,7 +17,7 @@ from torch import nn
 from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
 from moecompress.sizes import tensor_roles
 
-QUANTISABLE_ROLES = ("attention", "shared_experts", "dense_mlp")
+QUANTIZABLE_ROLES = ("attention", "shared_experts", "dense_mlp")
 # layer stages, quantised in this order (the MLP slot sees inputs from the quantised attention)
 STAGE_OF_ROLE = {"attention": 0, "shared_experts": 1, "dense_mlp": 1, "routed_experts": 1}
 
@@ -58,7 +58,7 @@ def find_targets(model: nn.Module, adapter: MoEAdapter) -> ModelTargets:
                 continue
             full = f"{prefix}.{name}"
             role = roles.get(full + ".weight")
-            if role in QUANTISABLE_ROLES:
+            if role in QUANTIZABLE_ROLES:
                 linears[index].append(LinearTarget(full, module, role, index))
     moe = {ref.index: ref for ref in adapter.moe_layers(model)}
     head = None

@@ -29,7 +29,7 @@ from typing import Any
 from moecompress.errors import MoecompressError
 from moecompress.recipe.errors import RecipeError, cli_flags_to_keys
 from moecompress.recipe.schema import Calibration, LoadedRecipe
-from moecompress.recipe.steps import CALIBRATION_KEY, INHERITED, QUANTISING_OPS, STATS_OPS, Step
+from moecompress.recipe.steps import CALIBRATION_KEY, INHERITED, QUANTIZING_OPS, STATS_OPS, Step
 from moecompress.recipe.yaml_io import Location, dump_yaml
 
 EXAMPLE_PREFIX = "example:"
@@ -230,11 +230,11 @@ def make_plan(loaded: LoadedRecipe, run_dir: str | Path | None = None) -> Plan:
         planned = PlannedStep(index, step, run / f"{index:02d}-{step.op}", current, producer,  # type: ignore[attr-defined]
                               inherited=inherited)
         op = planned.op
-        if step.CHANGES_MODEL and producer is not None and plan.steps[producer].op in QUANTISING_OPS:
+        if step.CHANGES_MODEL and producer is not None and plan.steps[producer].op in QUANTIZING_OPS:
             raise plan.error(RecipeError(
                 f"{op} cannot change the quantised checkpoint of steps[{producer}] ({plan.steps[producer].op}); "
                 f"move it before steps[{producer}]", planned.where("op")))
-        if op == "export-gguf" and producer is not None and plan.steps[producer].op in QUANTISING_OPS \
+        if op == "export-gguf" and producer is not None and plan.steps[producer].op in QUANTIZING_OPS \
                 and getattr(plan.steps[producer].step, "format", "gptq") == "gptq":
             raise plan.error(RecipeError(
                 f"export-gguf reads float checkpoints and steps[{producer}] ({plan.steps[producer].op}) writes GPTQ "

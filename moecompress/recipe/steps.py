@@ -458,7 +458,7 @@ STEP_MODELS: dict[str, type[Step]] = {
     "write": WriteStep,
 }
 OPS = tuple(STEP_MODELS)
-QUANTISING_OPS = ("quantize", "compress")  # outputs that no later step may change
+QUANTIZING_OPS = ("quantize", "compress")  # outputs that no later step may change
 STATS_OPS = ("prune", "compress")  # steps that reuse calibration statistics (`--stats`)
 
 AnyStep = Annotated[
