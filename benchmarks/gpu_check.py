@@ -18,6 +18,9 @@ frequency` from the same statistics. Checks, each printed with its measured valu
 * `quantize --bits 3 --device cuda` (MC-MoE sensitivity, GPTQ through the layer engine) chooses the
   same bits per expert as on cpu, and its output, reopened with `moecompress.load`, gives the cpu
   output's logits within `--rtol` (of the largest logit), with the seconds each device took;
+* `export gguf --bits 5.5 --device cuda` (Fisher-weighted type errors from the layer-streamed
+  backward pass) chooses the same GGML type for every tensor as on cpu, and every tensor's errors
+  agree within `--rtol` (of that tensor's largest), with the seconds each device took;
 * with two or more GPUs, `torchrun --nproc-per-node 2 -m moecompress quantize --bits 3 --device cuda`
   (NCCL, data-parallel passes, expert-parallel solves) chooses the single-GPU run's bits per
   expert and gives its logits within `--rtol`, with the seconds it took (a machine with one GPU
@@ -38,7 +41,7 @@ from pathlib import Path
 
 
 def build_checkpoint(folder: Path, layers: int) -> None:
-    """A random bf16 Qwen3-MoE (hidden 512, 32 experts, top-4) with a tokenizer."""
+    """A random bf16 Qwen3-MoE (hidden 512, 32 experts, top-4, renormalised as Qwen3-30B-A3B) with a tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -47,7 +50,7 @@ def build_checkpoint(folder: Path, layers: int) -> None:
     tokenizer = save_tokenizer(folder, vocab_size=300)
     config = Qwen3MoeConfig(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
                             num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                            num_experts=32, num_experts_per_tok=4, vocab_size=len(tokenizer),
+                            num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, vocab_size=len(tokenizer),
                             tie_word_embeddings=False)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
@@ -113,6 +116,31 @@ def quantize_on_devices(checkpoint: Path, folder: Path, devices: tuple[str, ...]
     return out
 
 
+def gguf_mix_on_devices(checkpoint: Path, folder: Path, devices: tuple[str, ...] = ("cpu", "cuda")) -> dict:
+    """`export gguf --bits 5.5` (Fisher sensitivity) of the same checkpoint on each device: seconds, types, errors."""
+    from moecompress.export.gguf import export_gguf
+    from moecompress.export.gguf_budget import GGUFBudget
+    from moecompress.export.gguf_mix import MixOptions
+
+    out = {}
+    for device in devices:
+        mix = MixOptions(budget=GGUFBudget(bits=5.5), samples=4, seq_len=128, device=device)
+        start = time.perf_counter()
+        result = export_gguf(checkpoint, folder / f"mix-{device}.gguf", progress=False, mix=mix)
+        out[device] = {"seconds": time.perf_counter() - start, "errors": mix.errors,
+                       "types": {name: qtype.name for name, qtype in result.allocation.types.items()}}
+    return out
+
+
+def worst_error_gap(reference: dict, other: dict) -> float:
+    """Largest |difference| of two type-error tables, relative to each tensor's largest error."""
+    worst = 0.0
+    for name, per_type in reference.items():
+        scale = max(abs(value) for value in per_type.values()) or 1.0
+        worst = max(worst, max(abs(other[name][t] - value) for t, value in per_type.items()) / scale)
+    return worst
+
+
 def torchrun_quantize(checkpoint: Path, folder: Path, ranks: int = 2) -> dict:
     """`quantize --bits 3 --device cuda` under torchrun with `ranks` GPUs: seconds, bits per expert, logits."""
     import os
@@ -164,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = run_device(checkpoint, "cpu", args.layers)
         cuda = run_device(checkpoint, "cuda", args.layers)
         quantised = quantize_on_devices(checkpoint, Path(tmp))
+        mixes = gguf_mix_on_devices(checkpoint, Path(tmp))
         ranks = torchrun_quantize(checkpoint, Path(tmp)) if torch.cuda.device_count() >= 2 else None
     worst = 0.0
     for key, value in cpu["stats"].tensors.items():
@@ -187,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     report["checks"]["quantize --device cuda: logits max relative difference"] = {
         "value": logit_gap, "ok": logit_gap <= args.rtol}
     report["quantize_seconds"] = {device: quantised[device]["seconds"] for device in ("cpu", "cuda")}
+    same_types = mixes["cpu"]["types"] == mixes["cuda"]["types"]
+    error_gap = worst_error_gap(mixes["cpu"]["errors"], mixes["cuda"]["errors"])
+    report["checks"]["export gguf --device cuda: same type per tensor"] = {"value": same_types, "ok": same_types}
+    report["checks"]["export gguf --device cuda: type errors max relative difference"] = {
+        "value": error_gap, "ok": error_gap <= args.rtol}
+    report["gguf_mix_seconds"] = {device: mixes[device]["seconds"] for device in ("cpu", "cuda")}
     if ranks is None:
         report["torchrun"] = "not run: this machine has one GPU (the check needs two)"
     elif "error" in ranks:

@@ -11,6 +11,7 @@ from moecompress.cli.app import app
 from moecompress.cli.options import (
     BatchSizeOption,
     DataOption,
+    DeviceOption,
     FieldOption,
     ForceOption,
     ModelArg,
@@ -56,6 +57,7 @@ def gguf_command(
     seq_len: SeqLenOption = 256,
     seed: SeedOption = 0,
     batch_size: BatchSizeOption = 8,
+    device: DeviceOption = "cpu",
     force: ForceOption = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not show the progress bar.")] = False,
     print_step: PrintStepOption = False,
@@ -87,7 +89,7 @@ def gguf_command(
 
     from moecompress.engine import distributed
 
-    mix = _mix_options(bits, size, data, field, samples, seq_len, seed, sensitivity, batch_size)
+    mix = _mix_options(bits, size, data, field, samples, seq_len, seed, sensitivity, batch_size, device)
     distributed.initialise("cpu")  # under torchrun rank 0 exports while the others wait (docs/distributed.md)
     result = distributed.writer_only(
         lambda: export_gguf(model, output, output_type=type_, force=force, progress=not no_progress, mix=mix),
@@ -103,7 +105,7 @@ def gguf_command(
 
 
 def _mix_options(bits: float | None, size: str | None, data: list[str] | None, field: str, samples: int,
-                 seq_len: int, seed: int, sensitivity: str, batch_size: int):  # noqa: ANN202
+                 seq_len: int, seed: int, sensitivity: str, batch_size: int, device: str):  # noqa: ANN202
     """MixOptions for `--bits` / `--size`, None without either."""
     from moecompress.calibration.data import parse_data_specs
     from moecompress.export.gguf_budget import parse_budget
@@ -115,9 +117,12 @@ def _mix_options(bits: float | None, size: str | None, data: list[str] | None, f
     budget = parse_budget(bits, size)
     if budget is None:
         return None
+    from moecompress.engine.layers import resolve_device
+
+    resolve_device(device)  # an unknown or missing device: a one-line error before any work
     sources = parse_data_specs(data, field=field) if data else None
     return MixOptions(budget=budget, sources=sources, samples=samples, seq_len=seq_len, seed=seed,
-                      batch_size=batch_size, sensitivity=sensitivity)
+                      batch_size=batch_size, sensitivity=sensitivity, device=device)
 
 
 def _mix_summary(result) -> list[str]:  # noqa: ANN001

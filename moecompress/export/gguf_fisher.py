@@ -25,7 +25,8 @@ held in one (in, in) matrix per tensor through the separable approximation F_{t,
 
 The loss is each calibration batch's mean next-token cross entropy; the model runs on the
 unquantised float32 weights one decoder layer at a time (forward, then the backward that
-recomputes each layer from its kept input).
+recomputes each layer from its kept input), on `request.device`; the sums accumulate there in
+float64 and the types' round trips through `gguf.quants` run on the host.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from moecompress.engine.backward import stream_backward
-from moecompress.engine.layers import LayerEngine
+from moecompress.engine.layers import LayerEngine, resolve_device
 from moecompress.engine.reader import CheckpointReader
 from moecompress.export.gguf_sensitivity import (
     TRANSPOSED,
@@ -63,22 +64,29 @@ class FisherMoment:
     def __init__(self, width: int, rows: int) -> None:
         self.hessian = torch.zeros(width, width, dtype=torch.float64)
         self.rows = torch.zeros(rows, dtype=torch.float64)
+        self._host: tuple[np.ndarray, np.ndarray] | None = None  # (H_c, w) on the host, for `error`
 
     def add(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Inputs x (..., in) and the loss's gradient at the outputs (..., rows) of the same positions."""
         flat = x.detach().reshape(-1, self.hessian.shape[0]).double()  # (N, in)
         fisher = grad.detach().reshape(-1, self.rows.shape[0]).double() ** 2  # (N, rows)
+        if self.hessian.device != flat.device:  # the first inputs decide where the sums live (--device)
+            self.hessian, self.rows = self.hessian.to(flat.device), self.rows.to(flat.device)
         self.rows += fisher.sum(0)
         weighted = flat * fisher.sum(1, keepdim=True).sqrt()  # sqrt(c_t) x_t
         self.hessian.addmm_(weighted.T, weighted)
+        self._host = None
 
     def error(self, delta: np.ndarray, row_weights: np.ndarray | None = None) -> float:
         """sum_r (w_r / S) D_r H_c D_r^T for D (R, in); `row_weights` (R,): w laid out as D's rows (default: w)."""
-        weights = self.rows.numpy() if row_weights is None else row_weights
-        total = float(self.rows.sum())
+        if self._host is None:
+            self._host = (self.hessian.cpu().numpy(), self.rows.cpu().numpy())
+        hessian, rows = self._host
+        weights = rows if row_weights is None else row_weights
+        total = float(rows.sum())
         if total <= 0.0:
             return 0.0
-        per_row = ((delta @ self.hessian.numpy()) * delta).sum(1)  # (R,)
+        per_row = ((delta @ hessian) * delta).sum(1)  # (R,)
         return float(per_row @ weights) / total
 
 
@@ -92,9 +100,9 @@ def _split_errors(linears: dict[str, tuple[nn.Linear, str]], moments: dict[str, 
     for path, (module, key) in linears.items():
         moment = moments[path]
         width = moment.hessian.shape[0]
-        weight = module.weight.detach().float()  # (rows, in)
+        weight = module.weight.detach().float().cpu()  # (rows, in)
         # w laid out like the weight, so the arch's split (row permutations, MLA's kv_b split) moves it with its rows
-        spread = moment.rows.float()[:, None].expand_as(weight).contiguous()
+        spread = moment.rows.float().cpu()[:, None].expand_as(weight).contiguous()
         parts = dict(spec.split(names.resolve(key), spread, config))
         for name, tensor in spec.split(names.resolve(key), weight, config):
             if name not in request.wanted:
@@ -206,7 +214,7 @@ def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, recorded: list, names:
                 name, moment = targets[proj], visitor.moments[e][attr]
                 if name not in request.wanted or moment is None:
                     continue
-                weight = getattr(expert, attr).detach().float().contiguous().numpy()  # (rows, in)
+                weight = getattr(expert, attr).detach().float().cpu().contiguous().numpy()  # (rows, in)
                 for t in request.wanted[name]:
                     errors[name][t.name] += moment.error(_delta(weight, t))
 
@@ -240,7 +248,7 @@ class _EmbeddingFisher:
 
     def _add(self, slot: int, grad: torch.Tensor) -> None:
         positions = torch.searchsorted(self.used, self.ids[slot])  # (B*S,)
-        self.fisher.index_add_(0, positions, grad.detach().reshape(len(positions), -1).double() ** 2)
+        self.fisher.index_add_(0, positions, grad.detach().reshape(len(positions), -1).double().cpu() ** 2)
 
 
 def _embedding_errors(reader: CheckpointReader, names: GGUFNames, request: SensitivityRequest,
@@ -260,7 +268,7 @@ def measure_fisher_errors(folder: str | Path, names: GGUFNames, spec: GGUFArch, 
     """Fisher-weighted err(tensor, type) of every tensor in `request.wanted` (module docstring)."""
     reader = CheckpointReader(Path(folder), dtype="float32", info=info)
     adapter, config = reader.adapter, reader.config
-    engine = LayerEngine(reader.model, adapter, reader=reader, device="cpu")
+    engine = LayerEngine(reader.model, adapter, reader=reader, device=resolve_device(request.device))
     moe = {ref.index: ref for ref in adapter.moe_layers(reader.model)}
     embedding = _EmbeddingFisher(request.batches, int(config.hidden_size))
     errors: TypeErrors = {}

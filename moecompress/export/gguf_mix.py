@@ -44,6 +44,7 @@ class MixOptions:
     batch_size: int = 8
     candidates: tuple[GGMLQuantizationType, ...] = CANDIDATES
     sensitivity: str = "fisher"  # one of SENSITIVITIES (fisher: lower KL than output in the gguf-allocation suite)
+    device: str = "cpu"  # where the calibration pass computes: cpu, cuda, cuda:N or auto
     errors: TypeErrors | None = None  # measured before (same checkpoint, same data): skip the calibration pass
     calibration: dict[str, Any] = field(default_factory=dict)  # the calibration record (set when measured)
 
@@ -70,7 +71,8 @@ def measure(folder: Path, names: GGUFNames, spec: GGUFArch, choices: Sequence[Te
         missing = sorted(set(wanted) - set(options.errors))
         if not missing:
             return options.errors
-    request = SensitivityRequest(wanted, calibration_batches(folder, options), progress=progress)
+    request = SensitivityRequest(wanted, calibration_batches(folder, options), progress=progress,
+                                 device=options.device)
     measure_errors = measure_fisher_errors if options.sensitivity == "fisher" else measure_type_errors
     options.errors = measure_errors(folder, names, spec, request, info=info)
     return options.errors

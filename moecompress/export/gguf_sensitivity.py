@@ -19,7 +19,8 @@ computes with) and H the full input second moment (in, in), accumulated in float
   from kv_b's (nope, kv_rank) rows per head) has D transposed back before the product.
 
 The model runs on the unquantised float32 weights through the layer engine, one decoder layer
-in memory at a time (`CheckpointReader`); a MoE layer's expert Hessians are held a group of
+in memory at a time (`CheckpointReader`), on `request.device` (the moments accumulate there in
+float64; the round trips through `gguf.quants` run on the host); a MoE layer's expert Hessians are held a group of
 experts at a time (`expert_chunks`, within `expert_memory` bytes).
 """
 
@@ -37,7 +38,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 from tqdm.auto import tqdm
 
-from moecompress.engine.layers import LayerEngine
+from moecompress.engine.layers import LayerEngine, resolve_device
 from moecompress.engine.reader import CheckpointReader
 from moecompress.io.gguf.arches import GGUFArch
 from moecompress.io.gguf.names import EXPERT_PROJECTIONS, GGUFNames
@@ -59,6 +60,7 @@ class SensitivityRequest:
     batches: list[tuple[str, torch.Tensor]]  # (domain, (B, S) token ids)
     expert_memory: int = DEFAULT_EXPERT_MEMORY
     progress: bool = True
+    device: str = "cpu"  # where the layers (and the statistics) compute; the types' round trips stay on the host
     tokens: int = field(default=0)  # calibration tokens seen (set by the pass)
 
 
@@ -94,19 +96,25 @@ def tensor_error(gguf_tensor: np.ndarray, qtype: GGMLQuantizationType, hessian: 
 
 
 class _Moment:
-    """sum_t c_t x_t x_t^T of a map's inputs (in, in), float64."""
+    """sum_t c_t x_t x_t^T of a map's inputs (in, in), float64, on the device of the inputs."""
 
     def __init__(self, width: int) -> None:
-        self.sum = torch.zeros(width, width, dtype=torch.float64)
+        self.width = width
+        self.sum: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        flat = x.detach().reshape(-1, self.sum.shape[0]).double()  # (N, in)
+        flat = x.detach().reshape(-1, self.width).double()  # (N, in)
         if weight is not None:
             flat = flat * weight.detach().double().reshape(-1, 1).sqrt()
+        if self.sum is None:
+            self.sum = torch.zeros(self.width, self.width, dtype=torch.float64, device=flat.device)
         self.sum.addmm_(flat.T, flat)
 
     def numpy(self) -> np.ndarray:
-        return self.sum.numpy()
+        """The sum on the host (zeros when no input was seen)."""
+        if self.sum is None:
+            return np.zeros((self.width, self.width))
+        return self.sum.cpu().numpy()
 
 
 class _ExpertMoments:
@@ -165,7 +173,7 @@ def _linear_errors(linears: dict[str, tuple[nn.Linear, str]], moments: dict[str,
                    spec: GGUFArch, config: Any, request: SensitivityRequest, errors: TypeErrors) -> None:
     for path, (module, key) in linears.items():
         hessian = moments[path].numpy()
-        weight = module.weight.detach().float()
+        weight = module.weight.detach().float().cpu()
         for name, tensor in spec.split(names.resolve(key), weight, config):
             if name not in request.wanted:
                 continue
@@ -201,7 +209,7 @@ def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, names: G
                 name = targets[proj]
                 if name not in request.wanted:
                     continue
-                weight = getattr(expert, attr).detach().float().contiguous().numpy()  # (rows, in)
+                weight = getattr(expert, attr).detach().float().cpu().contiguous().numpy()  # (rows, in)
                 hessian = (moments.activations if attr == "down" else moments.inputs)[e].numpy()
                 for t in request.wanted[name]:
                     errors[name][t.name] += weighted_error(weight, t, hessian)
@@ -248,7 +256,7 @@ def measure_type_errors(folder: str | Path, names: GGUFNames, spec: GGUFArch, re
     reader = CheckpointReader(Path(folder), dtype="float32", info=info)
     adapter, config = reader.adapter, reader.config
     errors: TypeErrors = {}
-    engine = LayerEngine(reader.model, adapter, reader=reader, device="cpu")
+    engine = LayerEngine(reader.model, adapter, reader=reader, device=resolve_device(request.device))
     engine.prepare(request.batches)
     moe = {ref.index: ref for ref in adapter.moe_layers(reader.model)}
     for index in tqdm(range(len(engine.layers)), desc="gguf sensitivity", unit="layer", disable=not request.progress):

@@ -160,7 +160,8 @@ def run_export_gguf(step: ExportGGUFStep, model: Path, output: Path, progress: b
     mix = None
     if budget is not None:
         mix = MixOptions(budget=budget, sources=_sources(step), samples=step.samples, seq_len=step.seq_len,  # type: ignore[arg-type]
-                         seed=step.seed, batch_size=step.batch_size, sensitivity=step.sensitivity)  # type: ignore[arg-type]
+                         seed=step.seed, batch_size=step.batch_size, sensitivity=step.sensitivity,  # type: ignore[arg-type]
+                         device=step.device)
     with atomic_output_dir(output, force=True) as tmp:
         result = export_gguf(model, tmp / GGUF_FILE, output_type=step.type, force=True, progress=progress, mix=mix)
     result.path = output / GGUF_FILE

@@ -425,6 +425,7 @@ class ExportGGUFStep(_CalibrationData):
     bits: Annotated[float | None, Field(gt=0)] = None
     size: str | None = None
     sensitivity: Literal["fisher", "output"] = "fisher"
+    device: str = "cpu"
 
     def check(self, where: Location) -> None:
         super().check(where)

@@ -149,3 +149,13 @@ def test_cli_unknown_sensitivity_is_one_line(example_dir: Path, tmp_path: Path, 
     lines = error_lines(err)
     assert len(lines) == 1 and "fisher" in lines[0] and "output" in lines[0], err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_unknown_device_is_one_line(example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_cli(["export", "gguf", str(example_dir), "-o", str(tmp_path / "x.gguf"), "--bits", "5.5",
+                            "--device", "tpu"], monkeypatch, capsys)
+    assert code != 0
+    lines = error_lines(err)
+    assert len(lines) == 1 and "unknown device 'tpu'" in lines[0], err
+    assert not (tmp_path / "x.gguf").exists()
