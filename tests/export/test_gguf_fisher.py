@@ -141,21 +141,13 @@ def test_cli_fisher_mix_records_its_measure(example_dir: Path, tmp_path: Path, m
     assert record["bits_per_weight"] <= 5.5
 
 
-def test_cli_unknown_sensitivity_is_one_line(example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(("option", "message"), [(["--sensitivity", "hessian"], "not one of fisher, output"),
+                                                  (["--device", "tpu"], "unknown device 'tpu'")])
+def test_cli_bad_allocation_option_is_one_line(option: list[str], message: str, example_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_cli(["export", "gguf", str(example_dir), "-o", str(tmp_path / "x.gguf"), "--bits", "5.5",
-                            "--sensitivity", "hessian"], monkeypatch, capsys)
+                            *option], monkeypatch, capsys)
     assert code != 0
     lines = error_lines(err)
-    assert len(lines) == 1 and "fisher" in lines[0] and "output" in lines[0], err
-    assert not (tmp_path / "x.gguf").exists()
-
-
-def test_cli_unknown_device_is_one_line(example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_cli(["export", "gguf", str(example_dir), "-o", str(tmp_path / "x.gguf"), "--bits", "5.5",
-                            "--device", "tpu"], monkeypatch, capsys)
-    assert code != 0
-    lines = error_lines(err)
-    assert len(lines) == 1 and "unknown device 'tpu'" in lines[0], err
+    assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "x.gguf").exists()
