@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.harness.context import Fixture
 from benchmarks.harness.packed_loading import checks, packed_loading, render_packed_loading
 
@@ -11,6 +13,7 @@ from benchmarks.harness.packed_loading import checks, packed_loading, render_pac
 OPTIONS = {"method": "uniform", "bits": 4, "decode_tokens": 4, "prompt_tokens": 8, "scale_layers": 0}
 
 
+@pytest.mark.slow
 def test_suite_measures_both_modes_and_renders(mini_fixture: Fixture) -> None:
     data = packed_loading([mini_fixture], OPTIONS)
     json.dumps(data)  # stored as raw JSON

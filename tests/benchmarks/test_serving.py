@@ -96,6 +96,7 @@ def test_llama_cpp_client_scores_the_example_like_transformers(tmp_path: Path) -
     assert scored["logprob_max_abs_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_gptqmodel_client_scores_a_gptq_output(tmp_path: Path, monkeypatch, capsys) -> None:
     """The GPTQModel column: a child process loads our GPTQ folder with GPTQModel and is scored by `compare`."""
     pytest.importorskip("gptqmodel")

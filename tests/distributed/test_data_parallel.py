@@ -26,6 +26,8 @@ from moecompress.models.load import load_config
 from tests.cli_helpers import make_checkpoint, run_cli, write_two_domains
 from tests.distributed.failing_rank import FAILURE
 
+pytestmark = pytest.mark.slow  # each test launches torchrun with 2 processes (15-25 s)
+
 REPO = Path(__file__).resolve().parents[2]
 # 5 windows per domain in batches of 2: 3 batches per domain, 6 in all, split 3 + 3 across the
 # ranks with each rank holding batches of both domains (and rank 1 the short one of domain b)

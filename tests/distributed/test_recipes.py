@@ -17,6 +17,8 @@ from tests.cli_helpers import make_checkpoint, write_two_domains
 from tests.distributed.test_data_parallel import _assert_same_quantised, _leftovers, torchrun
 from tests.recipes.conftest import write_recipe
 
+pytestmark = pytest.mark.slow  # each test launches torchrun with 2 processes (15-25 s)
+
 RECIPE = """\
 version: 1
 model: {model}

@@ -29,6 +29,8 @@ from moecompress.unfinished import INCOMPLETE_MARKER
 from tests.cli_helpers import make_checkpoint
 from tests.reliability.test_bad_inputs import digest
 
+pytestmark = pytest.mark.slow  # each test kills a real command process mid-run (10-30 s)
+
 REPO = Path(__file__).resolve().parents[2]
 CALIB = ["--samples", "2", "--seq-len", "16"]
 

@@ -25,6 +25,8 @@ from moecompress.unfinished import INCOMPLETE_MARKER
 from tests.cli_helpers import error_lines, make_checkpoint
 from tests.reliability.test_determinism import _contents
 
+pytestmark = pytest.mark.slow  # each test interrupts and resumes real command processes (10-70 s)
+
 REPO = Path(__file__).resolve().parents[2]
 CALIB = ["--samples", "2", "--seq-len", "16"]
 
