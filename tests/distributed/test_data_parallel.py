@@ -2,8 +2,8 @@
 
 Each launch is `python -m torch.distributed.run --nproc-per-node 2 -m moecompress ...` in a
 subprocess (about 15 s on a loaded 2-core machine, mostly the two ranks importing torch and
-transformers); the single-process runs go through the CLI in-process. The two slowest checks
-are marked `slow`.
+transformers); the single-process runs go through the CLI in-process. Every test here is
+marked `slow`: the README's test command leaves them out and `.ci/run` runs them after it.
 """
 
 from __future__ import annotations
