@@ -212,19 +212,7 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     Every rank must call it with a tensor of the same shape and dtype; the tensor is moved to
     the backend's device for the reduction and back. A no-op in a single process.
     """
-    if op not in _OPS:
-        raise ValueError(f"unknown reduction {op!r}; use one of {', '.join(_OPS)}")
-    if not active():
-        return tensor
-    dist = _dist()
-    where = _comm_device(tensor)
-    work = tensor if tensor.device == where and tensor.is_contiguous() else tensor.to(where).contiguous()
-    _count(work.numel() * work.element_size())
-    with _peers_alive():
-        dist.all_reduce(work, op=getattr(dist.ReduceOp, _OPS[op]))
-    if work is not tensor:
-        tensor.copy_(work)
-    return tensor
+    return _reduce(tensor, op, None)
 
 
 def reduce_(tensor: torch.Tensor, dst: int, op: str = "sum") -> torch.Tensor:
@@ -233,6 +221,11 @@ def reduce_(tensor: torch.Tensor, dst: int, op: str = "sum") -> torch.Tensor:
     Every rank must call it with a tensor of the same shape and dtype and the same `dst`. A
     no-op in a single process.
     """
+    return _reduce(tensor, op, dst)
+
+
+def _reduce(tensor: torch.Tensor, op: str, dst: int | None) -> torch.Tensor:
+    """`all_reduce_` (dst None) or `reduce_` to rank `dst`: the tensor goes to the backend's device and back."""
     if op not in _OPS:
         raise ValueError(f"unknown reduction {op!r}; use one of {', '.join(_OPS)}")
     if not active():
@@ -241,9 +234,13 @@ def reduce_(tensor: torch.Tensor, dst: int, op: str = "sum") -> torch.Tensor:
     where = _comm_device(tensor)
     work = tensor if tensor.device == where and tensor.is_contiguous() else tensor.to(where).contiguous()
     _count(work.numel() * work.element_size())
+    reduce_op = getattr(dist.ReduceOp, _OPS[op])
     with _peers_alive():
-        dist.reduce(work, dst=dst, op=getattr(dist.ReduceOp, _OPS[op]))
-    if work is not tensor and rank() == dst:
+        if dst is None:
+            dist.all_reduce(work, op=reduce_op)
+        else:
+            dist.reduce(work, dst=dst, op=reduce_op)
+    if work is not tensor and (dst is None or rank() == dst):
         tensor.copy_(work)
     return tensor
 

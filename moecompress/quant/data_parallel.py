@@ -42,11 +42,14 @@ def all_reduce_gptq(stats: Iterable[GPTQ]) -> None:
         packed = torch.cat([flat, torch.tensor([item.total_weight, float(item.tokens)], dtype=torch.float64,
                                                device=flat.device)])
         distributed.all_reduce_(packed, "sum")
-        total = float(packed[-2])
-        item.tokens = int(round(float(packed[-1])))
-        item.total_weight = total
-        combined = packed[:-2] / total if total > 0 else torch.zeros_like(packed[:-2])
-        item.hessian = combined.to(item.hessian.dtype).view_as(item.hessian)
+        _set_combined(item, packed[:-2], float(packed[-2]), float(packed[-1]))
+
+
+def _set_combined(item: GPTQ, weighted_sum: torch.Tensor, total: float, tokens: float) -> None:
+    """`item` holding every rank's statistics: H = sum_r W_r H_r / sum_r W_r from the summed W_r H_r (in * in,)."""
+    item.total_weight, item.tokens = total, int(round(tokens))
+    combined = weighted_sum / total if total > 0 else torch.zeros_like(weighted_sum)
+    item.hessian = combined.to(item.hessian.dtype).view_as(item.hessian)
 
 
 def owners(experts: Sequence[int]) -> dict[int, int]:
@@ -70,10 +73,10 @@ def reduce_gptq_to_owners(stats: Sequence[tuple[GPTQ, int]]) -> None:
     for (item, owner), (total, tokens) in zip(stats, scalars.tolist()):
         flat = item.hessian.reshape(-1).double() * item.total_weight  # (in * in,) W_r H_r
         distributed.reduce_(flat, owner, "sum")
-        item.total_weight, item.tokens = total, int(round(tokens))
         if me == owner:
-            combined = flat / total if total > 0 else torch.zeros_like(flat)
-            item.hessian = combined.to(item.hessian.dtype).view_as(item.hessian)
+            _set_combined(item, flat, total, tokens)
+        else:  # its own Hessian stays (unused); the counts are every rank's
+            item.total_weight, item.tokens = total, int(round(tokens))
 
 
 def all_reduce_sums(tensors: Iterable[torch.Tensor]) -> None:
