@@ -49,6 +49,7 @@ from moecompress.engine.memory import default_budget, format_gib, parse_memory
 from moecompress.engine.reader import CheckpointReader
 from moecompress.engine.resume import LayerPassCheckpoints, RunCheckpoints, source_fingerprint
 from moecompress.engine.spill import SpilledActivations
+from moecompress.engine.working_memory import layer_working_bytes
 from moecompress.calibration.observer import GRADIENT_STATISTICS, Observer, validate_statistics
 from moecompress.calibration.request import CalibrationRequest, ExpertChoice, ObservedPass
 from moecompress.calibration.stats import RoutingStats, StatsHeader
@@ -295,9 +296,6 @@ def widest_dense_bytes(reader: CheckpointReader) -> int:
     return int(DENSE_LOAD_FACTOR * widest)
 
 
-ACTIVATION_COPIES = 3  # cached inputs of every batch, one batch's output, and the layer's working activations
-
-
 def host_budget(max_memory: str | int | None, processes: int = 1) -> int | None:
     """Host bytes a pass may plan with: `max_memory`, or this process's share of the memory available (None: unknown)."""
     if max_memory is not None:
@@ -311,26 +309,41 @@ def cached_bytes(reader: CheckpointReader, samples: int, seq_len: int) -> int:
     return samples * seq_len * int(text_config(reader.config).hidden_size) * max(reader.dtype.itemsize, 4)
 
 
+def activation_bytes(reader: CheckpointReader, input_shape: tuple[int, ...], batch_rows: int) -> int:
+    """Activations a layer pass holds while a layer runs: the cached states in memory, one batch's output, its working set.
+
+    input_shape: (windows, seq_len) of the cached states held in memory (one batch's when
+    they are spilled to files); batch_rows: windows per batch.
+    """
+    samples, seq_len = int(input_shape[0]), int(input_shape[1])
+    rows = max(1, min(int(batch_rows), samples))
+    return (cached_bytes(reader, samples, seq_len) + cached_bytes(reader, rows, seq_len)
+            + layer_working_bytes(reader, rows, seq_len))
+
+
 def layer_budget(reader: CheckpointReader, input_shape: tuple[int, ...], max_memory: str | int | None,
-                 processes: int = 1, budget: int | None = None) -> int | None:
-    """Bytes one decoder layer may occupy: the host budget minus the cached activations (None: unknown budget).
+                 processes: int = 1, budget: int | None = None, batch_rows: int | None = None) -> int | None:
+    """Bytes one decoder layer's weights may occupy: the host budget minus the activations (None: unknown budget).
 
     The budget is `max_memory`, or a share of the memory available to this process (divided
     among `processes` processes calibrating side by side on this machine); `budget` gives it
-    when the caller has it already. A budget that cannot hold the activations, or the
+    when the caller has it already. The activations (`activation_bytes`, batches of
+    `batch_rows` windows, default all of them at once) include the layer's working set
+    (`moecompress.engine.working_memory`). A budget that cannot hold the activations, or the
     embeddings while batches are embedded, is refused in one line with what it needs.
     """
     budget = host_budget(max_memory, processes) if budget is None else budget
     if budget is None:
         return None
-    activations = ACTIVATION_COPIES * cached_bytes(reader, int(input_shape[0]), int(input_shape[1]))
+    activations = activation_bytes(reader, input_shape, int(input_shape[0]) if batch_rows is None else batch_rows)
     left = budget - activations
     outside = reader.new_memory_bytes(reader.outside_layers(include_head=False))  # file-backed views cost nothing
     if left < outside:
         given = "--max-memory" if max_memory is not None else "the memory available"
         raise MoecompressError(
             f"{given} ({format_gib(budget)}) cannot hold the calibration activations ({format_gib(activations)}) "
-            f"and the embeddings ({format_gib(outside)}); lower --samples or --seq-len, or raise --max-memory")
+            f"and the embeddings ({format_gib(outside)}); lower --batch-size, --samples or --seq-len, or raise "
+            "--max-memory")
     return left
 
 
@@ -351,10 +364,84 @@ def plan_activations(reader: CheckpointReader, input_shape: tuple[int, ...], bat
     samples, seq_len = int(input_shape[0]), int(input_shape[1])
     cached = copies * cached_bytes(reader, samples, seq_len)
     if budget is None or cached <= SPILL_SHARE * budget:  # unknown budget: nothing to plan with
-        return layer_budget(reader, input_shape, max_memory, processes, budget), False
+        return layer_budget(reader, input_shape, max_memory, processes, budget, batch_size), False
     log.warning("the cached hidden states (%s) exceed half the memory budget (%s): they are kept in memory-mapped "
                 "files instead", format_gib(cached), format_gib(budget))
-    return layer_budget(reader, (min(batch_size, samples), seq_len), max_memory, processes, budget), True
+    rows = min(batch_size, samples)
+    return layer_budget(reader, (rows, seq_len), max_memory, processes, budget, rows), True
+
+
+class LayerPassPlan(NamedTuple):
+    """How a layer-by-layer calibration pass runs within its memory budget."""
+
+    reader: CheckpointReader  # in the dtype the pass computes in
+    max_layer_bytes: int | None  # what one loaded layer's weights may take (None: no budget known)
+    spill: bool  # the cached hidden states go to memory-mapped files
+    batch_size: int  # windows per batch
+
+
+def plan_layer_pass(model_path: str | Path, info: Any, calib: Any, request: CalibrationRequest, parallel: bool,
+                    backward: bool) -> LayerPassPlan:
+    """The compute dtype, layer budget, spilling and batch size of a layer pass over the checkpoint at `model_path`.
+
+    info: its `CheckpointInfo`; calib: the `CalibrationSet`; backward: the pass keeps every
+    layer's input (gradient statistics).
+
+    `auto` on the CPU computes outside the routed experts in float32 only while those float32
+    copies fit the budget, else in the stored dtype. When the widest decoder layer's weights
+    outside the routed experts (which cannot be split into expert groups) and one batch's
+    working activations do not fit together, the batch size is lowered (with a warning) to the
+    largest that fits; when none fits, the run stops in one line with what it needs.
+    Data parallel, a rank plans with the activations of its own share of the batches and
+    (without --max-memory) its share of the node's memory.
+    """
+    batch_size = request.batch_size
+    reader = CheckpointReader(model_path, dtype=request.dtype, info=info)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
+    copies = len(reader.adapter.decoder_layers(reader.model)) + 1 if backward else 1
+
+    def planned(candidate: CheckpointReader, rows: int) -> tuple[int | None, bool]:
+        shape = tuple(calib.input_ids.shape)
+        if parallel:
+            mine = distributed.shard(_batches(calib.input_ids, calib.domain_ids, calib.domains, rows))
+            shape = (sum(ids.shape[0] for _, ids in mine), shape[1])
+        return plan_activations(candidate, shape, rows, request.max_memory, processes=local_ranks, copies=copies)
+
+    if host_budget(request.max_memory, local_ranks) is None:
+        return LayerPassPlan(reader, None, *planned(reader, batch_size)[1:], batch_size)
+    if request.dtype == "auto" and reader.mixed_precision:
+        try:
+            wide_fits = widest_dense_bytes(reader) <= planned(reader, batch_size)[0]
+        except MoecompressError:
+            wide_fits = False
+        if not wide_fits:  # float32 copies of the weights outside the routed experts do not fit: the stored dtype
+            log.info("the layers' weights outside the routed experts do not fit the budget in float32; computing "
+                     "in %s", str(reader.expert_dtype).replace("torch.", ""))
+            reader = CheckpointReader(model_path, dtype=reader.expert_dtype, info=info)
+    needed = widest_dense_bytes(reader)
+    rows = batch_size
+    while True:  # halve the batch until the widest layer and a batch's activations fit
+        try:
+            max_layer_bytes, spill = planned(reader, rows)
+        except MoecompressError:
+            if rows == 1:
+                raise
+            rows = max(1, rows // 2)
+            continue
+        if needed <= max_layer_bytes:
+            break
+        if rows == 1:
+            budget = host_budget(request.max_memory, local_ranks) or 0
+            given = "--max-memory" if request.max_memory is not None else "the memory available"
+            raise MoecompressError(
+                f"{given} ({format_gib(budget)}) cannot hold the widest decoder layer's weights outside the routed "
+                f"experts ({format_gib(needed)}) beside one window's activations; raise --max-memory or lower "
+                "--seq-len")
+        rows = max(1, rows // 2)
+    if rows != batch_size:
+        log.warning("lowering --batch-size from %d to %d: the widest decoder layer (%s outside its routed experts) "
+                    "and a batch's activations must fit the memory budget", batch_size, rows, format_gib(needed))
+    return LayerPassPlan(reader, max_layer_bytes, spill, rows)
 
 
 STATISTICS_RESULT = "statistics"  # the name of the calibrated statistics among a run's kept results
@@ -409,7 +496,7 @@ def calibrate(model_path: str | Path, request: CalibrationRequest | None = None,
     checkpoints.require("calibration data", calib.digest)
     observer = collect_statistics(
         setup.model, setup.adapter, calib.input_ids, calib.domain_ids, calib.domains,
-        ObservedPass(statistics=setup.statistics, batch_size=request.batch_size, mode=setup.mode, reader=setup.reader,
+        ObservedPass(statistics=setup.statistics, batch_size=setup.batch_size, mode=setup.mode, reader=setup.reader,
                      device=setup.device, max_layer_bytes=setup.max_layer_bytes, data_parallel=parallel,
                      checkpoints=checkpoints.layer_pass(pass_name),
                      spill_to=(checkpoints.folder or Path(tempfile.gettempdir())) if setup.spill else None,
@@ -417,7 +504,7 @@ def calibrate(model_path: str | Path, request: CalibrationRequest | None = None,
         progress)
     seed = request.seed
     data = {"sources": calib.sources, "seq_len": calib.seq_len, "num_samples_per_domain": request.samples,
-            "seed": seed, "batch_size": request.batch_size, "dtype": request.dtype,
+            "seed": seed, "batch_size": setup.batch_size, "dtype": request.dtype,
             "compute_dtype": str(setup.reader.dtype if setup.reader is not None else next(setup.model.parameters()).dtype)
             .replace("torch.", ""), "device": str(setup.device),
             "world_size": distributed.world_size() if parallel else 1}
@@ -459,6 +546,7 @@ class _Setup(NamedTuple):
     reader: CheckpointReader | None
     max_layer_bytes: int | None
     spill: bool = False  # the cached hidden states go to memory-mapped files
+    batch_size: int = 8  # windows per batch: the request's, or fewer where its activations do not fit the budget
 
 
 def _prepare(model_path: str | Path, request: CalibrationRequest, parallel: bool) -> _Setup:
@@ -491,25 +579,12 @@ def _prepare(model_path: str | Path, request: CalibrationRequest, parallel: bool
     max_layer_bytes = None
     spill = False
     if mode == "layerwise" and info.adapter.streaming_supported:
-        reader = CheckpointReader(model_path, dtype=dtype, info=info)
-        model, adapter = reader.model, reader.adapter
-        shape = tuple(calib.input_ids.shape)
-        if parallel:
-            mine = distributed.shard(_batches(calib.input_ids, calib.domain_ids, calib.domains, batch_size))
-            shape = (sum(ids.shape[0] for _, ids in mine), shape[1])
-        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if parallel else 1
         backward = any(name in GRADIENT_STATISTICS for name in statistics)  # keeps every layer's input
-        copies = len(reader.adapter.decoder_layers(reader.model)) + 1 if backward else 1
-        max_layer_bytes, spill = plan_activations(reader, shape, batch_size, request.max_memory,
-                                                  processes=local_ranks, copies=copies)
-        if dtype == "auto" and reader.mixed_precision and max_layer_bytes is not None \
-                and widest_dense_bytes(reader) > max_layer_bytes:
-            # float32 copies of the weights outside the routed experts do not fit: compute in the stored dtype
-            log.info("the layers' weights outside the routed experts do not fit the budget in float32; "
-                     "computing in %s", str(reader.expert_dtype).replace("torch.", ""))
-            reader = CheckpointReader(model_path, dtype=reader.expert_dtype, info=info)
-            model, adapter = reader.model, reader.adapter
+        plan = plan_layer_pass(model_path, info, calib, request, parallel, backward)
+        reader, max_layer_bytes, spill, batch_size = plan.reader, plan.max_layer_bytes, plan.spill, plan.batch_size
+        model, adapter = reader.model, reader.adapter
     else:
         model, adapter = load_model(model_path, dtype=dtype)
         model.to(compute_device)
-    return _Setup(model, adapter, calib, statistics, mode, compute_device, reader, max_layer_bytes, spill)
+    return _Setup(model, adapter, calib, statistics, mode, compute_device, reader, max_layer_bytes, spill,
+                  batch_size)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moecompress.calibration.calibrate import collect_statistics, layer_budget
+from moecompress.engine.working_memory import WORKING_FACTOR, layer_working_bytes, working_elements_per_token
 from moecompress.calibration.request import CalibrationRequest, ObservedPass
 from moecompress.calibration.observer import DEFAULT_STATISTICS, DENSE_STATISTICS
 from moecompress.engine.layers import LayerEngine
@@ -77,8 +78,10 @@ def test_layer_budget_leaves_room_for_activations(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     reader = CheckpointReader(tmp_path, dtype="float32")
     hidden = model.config.hidden_size
-    left = layer_budget(reader, (4, 16), 10_000_000)
-    assert left == 10_000_000 - 3 * 4 * 16 * hidden * 4
+    left = layer_budget(reader, (4, 16), 10_000_000)  # one batch of all 4 windows
+    assert left == 10_000_000 - 2 * 4 * 16 * hidden * 4 - layer_working_bytes(reader, 4, 16)
+    left_small_batches = layer_budget(reader, (4, 16), 10_000_000, batch_rows=1)
+    assert left_small_batches == 10_000_000 - 5 * 16 * hidden * 4 - layer_working_bytes(reader, 1, 16)
     with pytest.raises(MoecompressError, match="cannot hold the calibration activations"):
         layer_budget(reader, (4, 16), 1000)
 
@@ -100,7 +103,7 @@ def test_calibrate_cli_max_memory(tmp_path, monkeypatch, capsys) -> None:  # noq
 
 def test_auto_dtype_narrows_when_float32_copies_do_not_fit(tmp_path) -> None:
     """`auto` on the CPU widens the weights outside the experts to float32 only when that fits the budget."""
-    from moecompress.calibration.calibrate import ACTIVATION_COPIES, calibrate, widest_dense_bytes
+    from moecompress.calibration.calibrate import activation_bytes, calibrate, widest_dense_bytes
     from tests.cli_helpers import make_checkpoint
 
     folder = make_checkpoint(tmp_path / "ckpt", "deepseek_v3")
@@ -111,7 +114,7 @@ def test_auto_dtype_narrows_when_float32_copies_do_not_fit(tmp_path) -> None:
     narrow = CheckpointReader(folder, dtype=torch.bfloat16)
     assert wide.mixed_precision
     samples, seq_len = 2, 16
-    activations = ACTIVATION_COPIES * 3 * samples * seq_len * wide.config.hidden_size * 4  # three shipped domains
+    activations = activation_bytes(wide, (3 * samples, seq_len), CalibrationRequest().batch_size)  # three domains
     outside = wide.keys_bytes(wide.outside_layers(include_head=False))
     budget = activations + max(outside, widest_dense_bytes(narrow)) + 1
     assert widest_dense_bytes(wide) > budget - activations
@@ -120,3 +123,47 @@ def test_auto_dtype_narrows_when_float32_copies_do_not_fit(tmp_path) -> None:
     roomy = calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, max_memory=10 * 2**30),
                       progress=False)
     assert roomy.header.data["compute_dtype"] == "float32"
+
+
+def test_working_memory_counts_the_linears_outputs_and_the_attention_scores(tmp_path) -> None:
+    """Per token of the widest layer: its linears' outputs outside the routed experts, scores and probabilities per head."""
+    model = tiny_model(TINY_CONFIGS["qwen3_moe"]())
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    c = model.config
+    head_dim = c.head_dim
+    attention = c.num_attention_heads * head_dim + 2 * c.num_key_value_heads * head_dim + c.hidden_size  # q, k, v, o
+    assert c.mlp_only_layers  # the widest layer is a dense one: attention, then gate, up and down
+    linears = attention + 2 * c.intermediate_size + c.hidden_size
+    seq_len = 16
+    assert working_elements_per_token(reader, seq_len) == linears + 2 * c.num_attention_heads * seq_len + 2 * c.hidden_size
+    assert layer_working_bytes(reader, 3, seq_len) == int(WORKING_FACTOR * 4 * 3 * seq_len
+                                                          * working_elements_per_token(reader, seq_len))
+    narrow = CheckpointReader(tmp_path, dtype="bfloat16")
+    assert layer_working_bytes(narrow, 3, seq_len) == int(WORKING_FACTOR * 4 * 3 * seq_len  # float32 regardless
+                                                          * working_elements_per_token(narrow, seq_len))
+
+
+def test_a_batch_whose_working_set_does_not_fit_is_halved(tmp_path, caplog) -> None:  # noqa: ANN001
+    """Under a budget that holds the widest layer beside batches of 2 but not of 4, the pass runs batches of 2."""
+    import logging
+
+    from moecompress.calibration.calibrate import activation_bytes, calibrate, widest_dense_bytes
+    from tests.cli_helpers import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "ckpt")
+    reader = CheckpointReader(folder)
+    samples, seq_len, windows = 4, 32, 12  # three shipped domains
+    budget = activation_bytes(reader, (windows, seq_len), 2) + widest_dense_bytes(reader) + 1
+    assert activation_bytes(reader, (windows, seq_len), 4) + widest_dense_bytes(reader) > budget
+    with caplog.at_level(logging.WARNING):
+        lowered = calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, batch_size=8,
+                                                       max_memory=budget), progress=False)
+    assert "lowering --batch-size from 8 to 2" in caplog.text
+    assert lowered.header.data["batch_size"] == 2
+    asked = calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, batch_size=2), progress=False)
+    for name, tensor in asked.tensors.items():
+        assert torch.equal(lowered.tensors[name], tensor), name
+    too_small = activation_bytes(reader, (windows, seq_len), 1) + widest_dense_bytes(reader) - 1
+    with pytest.raises(MoecompressError, match="widest decoder layer's weights outside the routed experts"):
+        calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, max_memory=too_small), progress=False)

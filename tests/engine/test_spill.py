@@ -39,11 +39,13 @@ def test_calibration_over_a_spilled_cache_equals_the_in_memory_one(tmp_path: Pat
         return real_keep(self, batch, value)
 
     monkeypatch.setattr(SpilledActivations, "keep", keep)
-    in_memory = calibrate(model, CalibrationRequest(samples=16, seq_len=64), progress=False)
+    # batches of 2: a budget under twice the cache (so that it spills) then still holds a batch's working set
+    in_memory = calibrate(model, CalibrationRequest(samples=16, seq_len=64, batch_size=2), progress=False)
     assert not folders  # the default budget holds this cache
     with caplog.at_level(logging.WARNING):
-        spilled = calibrate(model, CalibrationRequest(samples=16, seq_len=64, max_memory="1.2MB"), progress=False)
-    assert "kept in memory-mapped files" in caplog.text
+        spilled = calibrate(model, CalibrationRequest(samples=16, seq_len=64, batch_size=2, max_memory="1.2MB"),
+                            progress=False)
+    assert "kept in memory-mapped files" in caplog.text and "lowering --batch-size" not in caplog.text
     assert [folder.parent for folder in folders] == [tmp_path / "tmp"]
     assert in_memory.tensors.keys() == spilled.tensors.keys()
     for name, tensor in in_memory.tensors.items():
