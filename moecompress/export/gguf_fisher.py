@@ -7,7 +7,8 @@ GEMQ's weighting, applied per GGUF tensor). For a tensor W (rows, in), y_t = W x
 
     err(W, t) = sum_t sum_r F_{t,r} ((W - Q_t(W)) x_t)_r^2,        F_{t,r} = (dLoss/dy_{t,r})^2
 
-held in one (in, in) matrix per tensor through the separable approximation F_{t,r} ~ c_t w_r / S
+held in one input moment per tensor (an `InputMoment`: the weighted input rows, or the (in, in)
+matrix once there are more rows than twice the width) through the separable approximation F_{t,r} ~ c_t w_r / S
 (c_t = sum_r F_{t,r}, w_r = sum_t F_{t,r}, S = sum_{t,r} F_{t,r}; exact when F has rank one):
 
     err ~ sum_r (w_r / S) D_r H_c D_r^T,      D = W - Q_t(W),   H_c = sum_t c_t x_t x_t^T
@@ -43,10 +44,12 @@ from torch import nn
 from moecompress.engine.backward import stream_backward
 from moecompress.engine.layers import LayerEngine, resolve_device
 from moecompress.engine.reader import CheckpointReader
+from moecompress.export.gguf_moments import InputMoment, moment_bytes
 from moecompress.export.gguf_sensitivity import (
     TRANSPOSED,
     SensitivityRequest,
     TypeErrors,
+    busiest_expert_rows,
     embedding_table,
     expert_targets,
     layer_linears,
@@ -59,35 +62,33 @@ from moecompress.quant.layer_pass import expert_chunks, visit_recorded
 
 
 class FisherMoment:
-    """H_c = sum_t c_t x_t x_t^T (in, in) and w = sum_t F_t (rows,) of one map, float64 (module docstring)."""
+    """H_c = sum_t c_t x_t x_t^T (an `InputMoment`) and w = sum_t F_t (rows,) of one map, float64 (module docstring)."""
 
     def __init__(self, width: int, rows: int) -> None:
-        self.hessian = torch.zeros(width, width, dtype=torch.float64)
+        self.inputs = InputMoment(width)
         self.rows = torch.zeros(rows, dtype=torch.float64)
-        self._host: tuple[np.ndarray, np.ndarray] | None = None  # (H_c, w) on the host, for `error`
+
+    @property
+    def width(self) -> int:
+        """The map's input width."""
+        return self.inputs.width
 
     def add(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Inputs x (..., in) and the loss's gradient at the outputs (..., rows) of the same positions."""
-        flat = x.detach().reshape(-1, self.hessian.shape[0]).double()  # (N, in)
         fisher = grad.detach().reshape(-1, self.rows.shape[0]).double() ** 2  # (N, rows)
-        if self.hessian.device != flat.device:  # the first inputs decide where the sums live (--device)
-            self.hessian, self.rows = self.hessian.to(flat.device), self.rows.to(flat.device)
+        if self.rows.device != fisher.device:  # the first inputs decide where the sums live (--device)
+            self.rows = self.rows.to(fisher.device)
         self.rows += fisher.sum(0)
-        weighted = flat * fisher.sum(1, keepdim=True).sqrt()  # sqrt(c_t) x_t
-        self.hessian.addmm_(weighted.T, weighted)
-        self._host = None
+        self.inputs.add(x, fisher.sum(1))  # c_t = sum_r F_{t,r}
 
     def error(self, delta: np.ndarray, row_weights: np.ndarray | None = None) -> float:
         """sum_r (w_r / S) D_r H_c D_r^T for D (R, in); `row_weights` (R,): w laid out as D's rows (default: w)."""
-        if self._host is None:
-            self._host = (self.hessian.cpu().numpy(), self.rows.cpu().numpy())
-        hessian, rows = self._host
+        rows = self.rows.cpu().numpy()
         weights = rows if row_weights is None else row_weights
         total = float(rows.sum())
         if total <= 0.0:
             return 0.0
-        per_row = ((delta @ hessian) * delta).sum(1)  # (R,)
-        return float(per_row @ weights) / total
+        return float(self.inputs.row_forms(delta) @ weights) / total
 
 
 def _delta(array: np.ndarray, qtype: Any) -> np.ndarray:
@@ -99,7 +100,7 @@ def _split_errors(linears: dict[str, tuple[nn.Linear, str]], moments: dict[str, 
     """Each measured linear's GGUF tensors at every candidate type, the row weights split as the rows are."""
     for path, (module, key) in linears.items():
         moment = moments[path]
-        width = moment.hessian.shape[0]
+        width = moment.width
         weight = module.weight.detach().float().cpu()  # (rows, in)
         # w laid out like the weight, so the arch's split (row permutations, MLA's kv_b split) moves it with its rows
         spread = moment.rows.float().cpu()[:, None].expand_as(weight).contiguous()
@@ -201,8 +202,9 @@ def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, recorded: list, names:
                    request: SensitivityRequest, errors: TypeErrors) -> None:
     """Sum over experts of the Fisher-weighted errors of the layer's stacked gate, up and down."""
     hidden, intermediate, targets = expert_targets(adapter, ref, names, request, errors)
-    per_expert = 8 * (2 * hidden * hidden + intermediate * intermediate)
     kept = [(flat, routed, grad) for flat, routed, grad in recorded if grad is not None]
+    rows = busiest_expert_rows([routed for _, routed, _ in kept], ref.num_experts)
+    per_expert = 2 * moment_bytes(hidden, rows) + moment_bytes(intermediate, rows) + 8 * (2 * intermediate + hidden)
     for chunk in expert_chunks(range(ref.num_experts), per_expert, request.expert_memory):
         visitor = _ExpertFisher(adapter, ref, list(chunk))
         for flat, routed, grad in kept:

@@ -5,7 +5,8 @@ For a tensor W (rows, in) whose inputs are x_t over the calibration tokens that 
     err(W, t) = sum_t c_t ||(W - Q_t(W)) x_t||^2 = tr(D H D^T),   D = W - Q_t(W),   H = sum_t c_t x_t x_t^T
 
 with Q_t the round trip through `gguf.quants` (quantise, dequantise: exactly what llama.cpp
-computes with) and H the full input second moment (in, in), accumulated in float64:
+computes with) and H the full input second moment (in, in), held exactly as an `InputMoment` (the rows
+sqrt(c_t) x_t while there are fewer than twice the width of them, else H in float64):
 
 * attention, shared-expert and dense-MLP linears: c_t = 1 over every calibration token, H from a
   pre-hook on the linear while the decoder layer runs;
@@ -20,8 +21,9 @@ computes with) and H the full input second moment (in, in), accumulated in float
 
 The model runs on the unquantised float32 weights through the layer engine, one decoder layer
 in memory at a time (`CheckpointReader`), on `request.device` (the moments accumulate there in
-float64; the round trips through `gguf.quants` run on the host); a MoE layer's expert Hessians are held a group of
-experts at a time (`expert_chunks`, within `expert_memory` bytes).
+float64; the round trips through `gguf.quants` run on the host); a MoE layer's expert moments are held a group of
+experts at a time (`expert_chunks`, within `expert_memory` bytes, each expert sized by the most tokens any expert
+was routed).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from tqdm.auto import tqdm
 
 from moecompress.engine.layers import LayerEngine, resolve_device
 from moecompress.engine.reader import CheckpointReader
+from moecompress.export.gguf_moments import InputMoment, moment_bytes
 from moecompress.io.gguf.arches import GGUFArch
 from moecompress.io.gguf.names import EXPERT_PROJECTIONS, GGUFNames
 from moecompress.io.gguf.types import decode, encode
-from moecompress.models.adapters.base import MoEAdapter, MoELayerRef
+from moecompress.models.adapters.base import MoEAdapter, MoELayerRef, RouterOutput
 from moecompress.quant.layer_pass import DEFAULT_EXPERT_MEMORY, expert_chunks, record_block_inputs, visit_recorded
 
 # GGUF tensor name -> candidate type name -> err (the formula above)
@@ -71,58 +74,29 @@ def roundtrip(weight: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return decode(encode(weight, qtype), qtype).reshape(weight.shape)
 
 
-def _trace_form(delta: np.ndarray, hessian: np.ndarray) -> float:
-    """tr(D H D^T) for D (R, in) float64 and H (in, in)."""
-    return float(((delta @ hessian) * delta).sum())
-
-
-def weighted_error(weight: np.ndarray, qtype: GGMLQuantizationType, hessian: np.ndarray) -> float:
-    """tr(D H D^T) for D = weight - Q(weight); weight (..., in) float32, hessian (in, in) float64."""
+def weighted_error(weight: np.ndarray, qtype: GGMLQuantizationType, moment: InputMoment) -> float:
+    """tr(D H D^T) for D = weight - Q(weight); weight (..., in) float32, H the inputs' `moment`."""
     if qtype == GGMLQuantizationType.F32:
         return 0.0
-    delta = (weight - roundtrip(weight, qtype)).astype(np.float64).reshape(-1, weight.shape[-1])  # (R, in)
-    return _trace_form(delta, hessian)
+    return moment.trace((weight - roundtrip(weight, qtype)).reshape(-1, weight.shape[-1]))  # D (R, in)
 
 
-def tensor_error(gguf_tensor: np.ndarray, qtype: GGMLQuantizationType, hessian: np.ndarray,
+def tensor_error(gguf_tensor: np.ndarray, qtype: GGMLQuantizationType, moment: InputMoment,
                  transposed: bool = False) -> float:
-    """err of one GGUF-layout tensor: its rows are a linear's rows (`hessian`'s width), or, transposed, its columns."""
-    width = hessian.shape[0]
+    """err of one GGUF-layout tensor: its rows are a linear's rows (`moment`'s width), or, transposed, its columns."""
     if not transposed:
-        return weighted_error(gguf_tensor, qtype, hessian)
+        return weighted_error(gguf_tensor, qtype, moment)
     # stored transposed (attn_k_b): quantise in GGUF layout, then put the error's axes back
-    delta = (gguf_tensor - roundtrip(gguf_tensor, qtype)).astype(np.float64)  # (..., in, rows)
-    return _trace_form(np.swapaxes(delta, -1, -2).reshape(-1, width), hessian)  # D (R, in)
-
-
-class _Moment:
-    """sum_t c_t x_t x_t^T of a map's inputs (in, in), float64, on the device of the inputs."""
-
-    def __init__(self, width: int) -> None:
-        self.width = width
-        self.sum: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        flat = x.detach().reshape(-1, self.width).double()  # (N, in)
-        if weight is not None:
-            flat = flat * weight.detach().double().reshape(-1, 1).sqrt()
-        if self.sum is None:
-            self.sum = torch.zeros(self.width, self.width, dtype=torch.float64, device=flat.device)
-        self.sum.addmm_(flat.T, flat)
-
-    def numpy(self) -> np.ndarray:
-        """The sum on the host (zeros when no input was seen)."""
-        if self.sum is None:
-            return np.zeros((self.width, self.width))
-        return self.sum.cpu().numpy()
+    delta = gguf_tensor - roundtrip(gguf_tensor, qtype)  # (..., in, rows)
+    return moment.trace(np.swapaxes(delta, -1, -2).reshape(-1, moment.width))  # D (R, in)
 
 
 class _ExpertMoments:
     """Per routed expert: gate^2-weighted second moments of its inputs (H, H) and activations (I, I)."""
 
     def __init__(self, experts: Sequence[int], hidden: int, intermediate: int) -> None:
-        self.inputs = {e: _Moment(hidden) for e in experts}
-        self.activations = {e: _Moment(intermediate) for e in experts}
+        self.inputs = {e: InputMoment(hidden) for e in experts}
+        self.activations = {e: InputMoment(intermediate) for e in experts}
 
     def __call__(self, expert: int, token_idx: torch.Tensor, slot: torch.Tensor, x: torch.Tensor,
                  act: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
@@ -134,11 +108,11 @@ class _ExpertMoments:
 
 
 @contextlib.contextmanager
-def _hooked(modules: dict[str, nn.Linear], moments: dict[str, _Moment]) -> Iterator[None]:
+def _hooked(modules: dict[str, nn.Linear], moments: dict[str, InputMoment]) -> Iterator[None]:
     handles = []
     try:
         for path, module in modules.items():
-            def hook(mod: nn.Module, args: tuple, _m: _Moment = moments[path]) -> None:
+            def hook(mod: nn.Module, args: tuple, _m: InputMoment = moments[path]) -> None:
                 _m.add(args[0])
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -169,17 +143,17 @@ def layer_linears(reader: CheckpointReader, index: int, names: GGUFNames, spec: 
     return out
 
 
-def _linear_errors(linears: dict[str, tuple[nn.Linear, str]], moments: dict[str, _Moment], names: GGUFNames,
+def _linear_errors(linears: dict[str, tuple[nn.Linear, str]], moments: dict[str, InputMoment], names: GGUFNames,
                    spec: GGUFArch, config: Any, request: SensitivityRequest, errors: TypeErrors) -> None:
     for path, (module, key) in linears.items():
-        hessian = moments[path].numpy()
+        moment = moments[path]
         weight = module.weight.detach().float().cpu()
         for name, tensor in spec.split(names.resolve(key), weight, config):
             if name not in request.wanted:
                 continue
             array = tensor.contiguous().numpy()
-            transposed = name.split(".")[-2] in TRANSPOSED or array.shape[-1] != hessian.shape[0]
-            errors[name] = {t.name: tensor_error(array, t, hessian, transposed) for t in request.wanted[name]}
+            transposed = name.split(".")[-2] in TRANSPOSED or array.shape[-1] != moment.width
+            errors[name] = {t.name: tensor_error(array, t, moment, transposed) for t in request.wanted[name]}
 
 
 def expert_targets(adapter: MoEAdapter, ref: MoELayerRef, names: GGUFNames, request: SensitivityRequest,
@@ -195,11 +169,20 @@ def expert_targets(adapter: MoEAdapter, ref: MoELayerRef, names: GGUFNames, requ
     return hidden, intermediate, targets
 
 
+def busiest_expert_rows(routings: Sequence[RouterOutput], num_experts: int) -> int:
+    """The most tokens any one expert was routed over the recorded batches (its moments' row count)."""
+    counts = torch.zeros(num_experts, dtype=torch.long)
+    for routed in routings:
+        counts += torch.bincount(routed.index.reshape(-1).cpu().long(), minlength=num_experts)[:num_experts]
+    return int(counts.max()) if num_experts else 0
+
+
 def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, names: GGUFNames,
                    request: SensitivityRequest, errors: TypeErrors) -> None:
     """Sum over experts of tr(D_e H_e D_e^T) for the layer's stacked gate, up and down, a group of experts at a time."""
     hidden, intermediate, targets = expert_targets(adapter, ref, names, request, errors)
-    per_expert = 8 * (hidden * hidden + intermediate * intermediate)
+    rows = busiest_expert_rows([routed for _, routed in inputs], ref.num_experts)
+    per_expert = moment_bytes(hidden, rows) + moment_bytes(intermediate, rows)
     for chunk in expert_chunks(range(ref.num_experts), per_expert, request.expert_memory):
         moments = _ExpertMoments(chunk, hidden, intermediate)
         visit_recorded(adapter, ref, inputs, moments, chunk)
@@ -210,9 +193,9 @@ def _expert_errors(adapter: MoEAdapter, ref: MoELayerRef, inputs: list, names: G
                 if name not in request.wanted:
                     continue
                 weight = getattr(expert, attr).detach().float().cpu().contiguous().numpy()  # (rows, in)
-                hessian = (moments.activations if attr == "down" else moments.inputs)[e].numpy()
+                moment = (moments.activations if attr == "down" else moments.inputs)[e]
                 for t in request.wanted[name]:
-                    errors[name][t.name] += weighted_error(weight, t, hessian)
+                    errors[name][t.name] += weighted_error(weight, t, moment)
 
 
 @contextlib.contextmanager
@@ -262,7 +245,7 @@ def measure_type_errors(folder: str | Path, names: GGUFNames, spec: GGUFArch, re
     for index in tqdm(range(len(engine.layers)), desc="gguf sensitivity", unit="layer", disable=not request.progress):
         with engine.layer_loaded(index):
             linears = layer_linears(reader, index, names, spec, request.wanted)
-            moments = {path: _Moment(module.in_features) for path, (module, _) in linears.items()}
+            moments = {path: InputMoment(module.in_features) for path, (module, _) in linears.items()}
             with _hooked({path: module for path, (module, _) in linears.items()}, moments):
                 if index in moe:
                     inputs = record_block_inputs(engine, moe[index], index, advance=True)
