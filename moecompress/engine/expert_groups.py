@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moecompress.engine.memory import return_freed_memory
 from moecompress.models.adapters.base import EXPERT_SOURCE_ATTR, ExpertVisitor, MoEAdapter, MoELayerRef
 
 if TYPE_CHECKING:
@@ -64,8 +65,13 @@ class ExpertGroups:
         reader = self._reader_for(group)
         ref = next(r for r in reader.adapter.moe_layers(reader.model) if r.index == layer_index)
         self.loads += 1
-        with reader.loaded(ref.experts, self.device):
-            yield ref
+        try:
+            with reader.loaded(ref.experts, self.device):
+                yield ref
+        finally:
+            # a group's expert tensors (tens of MiB each) are freed into glibc's heap, not to the
+            # system: measured at DeepSeek-V3 shapes, 0.3-0.7 GiB of each group stayed resident
+            return_freed_memory()
 
     def run(self, adapter: MoEAdapter, layer: MoELayerRef, hidden: torch.Tensor, index: torch.Tensor,
             weights: torch.Tensor, visit: ExpertVisitor | None, only: set[int] | None) -> torch.Tensor:

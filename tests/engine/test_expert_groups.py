@@ -167,3 +167,21 @@ def test_a_batch_whose_working_set_does_not_fit_is_halved(tmp_path, caplog) -> N
     too_small = activation_bytes(reader, (windows, seq_len), 1) + widest_dense_bytes(reader) - 1
     with pytest.raises(MoecompressError, match="widest decoder layer's weights outside the routed experts"):
         calibrate(folder, CalibrationRequest(samples=samples, seq_len=seq_len, max_memory=too_small), progress=False)
+
+
+def test_each_group_hands_its_freed_memory_back(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """glibc keeps a released group's tensors in its heap unless trimmed: every group load ends with a trim."""
+    import moecompress.engine.expert_groups as expert_groups
+
+    model = tiny_model(TINY_CONFIGS["deepseek_v3"]())
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path, dtype="float32")
+    ref = next(iter(LayerEngine.from_reader(reader)._moe.values()))
+    groups = expert_groups.ExpertGroups(reader, expert_groups.group_experts(ref.num_experts, 2))
+    trims = []
+    monkeypatch.setattr(expert_groups, "return_freed_memory", lambda: trims.append(groups.loads))
+    for group in groups.groups:
+        with groups.loaded(ref.index, group) as loaded:
+            assert all(p.device.type == "cpu" for p in loaded.experts.parameters())
+        assert all(p.device.type == "meta" for p in loaded.experts.parameters())
+    assert trims == list(range(1, len(groups.groups) + 1))
