@@ -225,7 +225,6 @@ def evaluate_perplexity(
     max_windows: int = 32,
     batch_size: int = 8,
     progress: bool = True,
-    model_path: str | None = None,
     reader: CheckpointReader | None = None,
 ) -> EvalReport:
     """Perplexity of `model` on each domain source: its first `max_windows` windows of `seq_len`.
@@ -233,7 +232,8 @@ def evaluate_perplexity(
     sources: `DomainSource`s (see `moecompress.calibration.data`). A domain with fewer than
     `max_windows` windows is scored on all it has (the report records the count); one with
     less than one full window of text is an error. reader: the checkpoint `model` (a meta
-    skeleton) is read from, one decoder layer at a time (`streamed_window_nll`).
+    skeleton) is read from, one decoder layer at a time (`streamed_window_nll`); the report's
+    `model_path` is then its folder (callers set it otherwise).
     """
     from moecompress.calibration.data import read_texts, token_stream, windows
 
@@ -278,6 +278,6 @@ def evaluate_perplexity(
         results=results,
         seq_len=seq_len,
         max_windows=max_windows,
-        model_path=model_path,
+        model_path=None if reader is None else str(reader.info.path),
         seconds=time.perf_counter() - started,
     )

@@ -103,9 +103,9 @@ def eval_command(
         max_windows=windows,
         batch_size=batch_size,
         progress=distributed.is_writer(),
-        model_path=str(model),
         reader=reader,
     )
+    report.model_path = str(model)
     report.extra["dtype"] = dtype
     report.extra["streaming"] = streaming
     report.extra["world_size"] = distributed.world_size()

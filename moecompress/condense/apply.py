@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moecompress.condense.cd_moe import CondensedExperts, condense_layer, experts_child_path, replace_submodule
+from moecompress.condense.cd_moe import CondensedExperts, CondensedShape, condense_layer, experts_child_path, replace_submodule
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import _is_non_persistent
 from moecompress.io.checkpoint import cast_model
@@ -226,8 +226,9 @@ def load_condensed(path: str | Path, dtype: str | torch.dtype | None = None) -> 
         if ref is None:
             raise MoecompressError(f"{LAYOUT_FILE}: layer {entry['layer']} is not an MoE layer of this config")
         act = adapter.expert_weights(ref, 0).act
-        module = CondensedExperts(entry["width"], entry["hidden_size"], entry["gated"], entry["gate_bias"],
-                                  entry["up_bias"], entry["down_bias"], act, dtype=stored_dtype, device="meta")
+        shape = CondensedShape(entry["width"], entry["hidden_size"], entry["gated"], entry["gate_bias"],
+                               entry["up_bias"], entry["down_bias"])
+        module = CondensedExperts(shape, act, dtype=stored_dtype, device="meta")
         replace_submodule(ref.block, experts_child_path(ref), module)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(set(layout["weight_map"].values())):

@@ -177,6 +177,24 @@ def condense_layer(adapter: MoEAdapter, layer: MoELayerRef, experts: Sequence[in
     return concatenate_experts(canonical, weights, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class CondensedShape:
+    """What a condensed MLP's tensors are: its width, the model's hidden size, and which optional tensors it has."""
+
+    width: int  # I
+    hidden_size: int  # H
+    gated: bool
+    gate_bias: bool = False
+    up_bias: bool = False
+    down_bias: bool = False
+
+    @classmethod
+    def of(cls, mlp: DenseMLPWeights) -> CondensedShape:
+        """The shape of a dense MLP's weights."""
+        return cls(mlp.width, int(mlp.up.shape[1]), mlp.gate is not None, mlp.gate_bias is not None,
+                   mlp.up_bias is not None, mlp.down_bias is not None)
+
+
 class CondensedExperts(nn.Module):
     """A dense MLP standing in for a block's routed-experts module; the routing arguments are ignored.
 
@@ -184,16 +202,17 @@ class CondensedExperts(nn.Module):
     experts' own elementwise gating function (taken from the adapter's canonical experts).
     """
 
-    def __init__(self, width: int, hidden_size: int, gated: bool, gate_bias: bool, up_bias: bool, down_bias: bool,
-                 act: Activation, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(self, shape: CondensedShape, act: Activation, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         kw: dict[str, Any] = dict(dtype=dtype, device=device)
-        self.gate = nn.Parameter(torch.empty(width, hidden_size, **kw), requires_grad=False) if gated else None
-        self.up = nn.Parameter(torch.empty(width, hidden_size, **kw), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(hidden_size, width, **kw), requires_grad=False)
-        self.gate_bias = nn.Parameter(torch.empty(width, **kw), requires_grad=False) if gate_bias else None
-        self.up_bias = nn.Parameter(torch.empty(width, **kw), requires_grad=False) if up_bias else None
-        self.down_bias = nn.Parameter(torch.empty(hidden_size, **kw), requires_grad=False) if down_bias else None
+        width, hidden = shape.width, shape.hidden_size
+        self.gate = nn.Parameter(torch.empty(width, hidden, **kw), requires_grad=False) if shape.gated else None
+        self.up = nn.Parameter(torch.empty(width, hidden, **kw), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(hidden, width, **kw), requires_grad=False)
+        self.gate_bias = nn.Parameter(torch.empty(width, **kw), requires_grad=False) if shape.gate_bias else None
+        self.up_bias = nn.Parameter(torch.empty(width, **kw), requires_grad=False) if shape.up_bias else None
+        self.down_bias = nn.Parameter(torch.empty(hidden, **kw), requires_grad=False) if shape.down_bias else None
         self.__dict__["act"] = act  # a plain callable, not a submodule or state
 
     @classmethod
@@ -201,8 +220,7 @@ class CondensedExperts(nn.Module):
         """A module holding `mlp`'s tensors (cast to `dtype`, default: their own)."""
         assert mlp.act is not None
         dtype = dtype or mlp.up.dtype
-        module = cls(mlp.width, mlp.up.shape[1], mlp.gate is not None, mlp.gate_bias is not None,
-                     mlp.up_bias is not None, mlp.down_bias is not None, mlp.act, dtype=dtype, device=mlp.up.device)
+        module = cls(CondensedShape.of(mlp), mlp.act, dtype=dtype, device=mlp.up.device)
         with torch.no_grad():
             for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
                 value = getattr(mlp, name)

@@ -28,6 +28,7 @@ from torch import nn
 
 from moecompress.errors import MoecompressError
 from moecompress.models.adapters.base import MoEAdapter
+from moecompress.models.load import CheckpointInfo
 from moecompress.prune.plan import PrunePlan
 
 TRANSFORMERS_LOADER = "transformers.AutoModelForCausalLM.from_pretrained"
@@ -282,15 +283,19 @@ def _stored_tensors(info: Any) -> Any:
     return files if isinstance(files, StoredTensors) else None
 
 
-def write_pruned_by_copy(files: Any, adapter: MoEAdapter, plan: PrunePlan, config: Any, output: str | Path,
-                         manifest: dict[str, Any], source: Path, force: bool = False, progress: bool = True) -> Written:
-    """Write a uniform expert or neuron plan by copying the kept tensors from the input shards (no model built).
+def write_pruned_by_copy(info: CheckpointInfo, plan: PrunePlan, output: str | Path, manifest: dict[str, Any],
+                         force: bool = False, progress: bool = True) -> Written:
+    """Write a uniform expert or neuron plan by copying the kept tensors from the input's shards (no model built).
 
+    The tensors are read as stored (FP8 blocks and MXFP4 experts stay in their format).
     Raises `ExpertCopyUnsupported` before writing anything when the layout needs the model.
     """
     from moecompress.io.output import atomic_output_dir
     from moecompress.io.expert_copy import check_copy, prune_by_copy
+    from moecompress.io.stored_formats import open_tensors
 
+    adapter, config, source = info.adapter, info.config, Path(info.path)
+    files = open_tensors(info.weight_files, config)
     new_config = pruned_config(config, adapter, plan)
     merges = {layer: plan.merges(layer) for layer in plan.merged}
     neurons = plan.neurons if plan.granularity == "neuron" else None

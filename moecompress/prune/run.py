@@ -478,7 +478,6 @@ def _write(loaded: tuple[Any, Any], info: Any, plan: PrunePlan, output: str | Pa
     counts or widths) and layouts the copy cannot express are materialised on the whole model.
     """
     from moecompress.io.manifest import build_manifest
-    from moecompress.io.stored_formats import open_tensors
     from moecompress.io.expert_copy import ExpertCopyUnsupported
     from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
 
@@ -490,8 +489,7 @@ def _write(loaded: tuple[Any, Any], info: Any, plan: PrunePlan, output: str | Pa
     copyable = plan.uniform if plan.granularity == "expert" else plan.allocation == "uniform"
     if copyable:
         try:
-            return write_pruned_by_copy(open_tensors(info.weight_files, config), adapter, plan, config, output, manifest,
-                                        source, force=force, progress=progress)
+            return write_pruned_by_copy(info, plan, output, manifest, force=force, progress=progress)
         except ExpertCopyUnsupported as reason:
             log.info("writing through the whole model: %s", reason)
     if model is None:

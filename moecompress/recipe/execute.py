@@ -132,7 +132,8 @@ def run_eval(step: EvalStep, model: Path, output: Path, progress: bool = True) -
 
     loaded, reader = open_for_evaluation(model, step.dtype, step.streaming)
     report = evaluate_perplexity(loaded, tokenizer, sources, seq_len=step.seq_len, max_windows=step.windows,  # type: ignore[arg-type]
-                                 batch_size=step.batch_size, progress=progress, model_path=str(model), reader=reader)
+                                 batch_size=step.batch_size, progress=progress, reader=reader)
+    report.model_path = str(model)
     report.extra["dtype"] = step.dtype
     report.extra["streaming"] = step.streaming
     report.extra["data"] = [{"name": s.name, "path": str(s.path), "field": s.field} for s in sources]

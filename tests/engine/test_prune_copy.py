@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moecompress.io.safetensors_stream import TensorFiles
 from moecompress.models.load import inspect_checkpoint
 from moecompress.io.expert_copy import ExpertCopyUnsupported, supports_expert_copy
 from moecompress.prune.materialize import write_pruned, write_pruned_by_copy
@@ -67,12 +66,10 @@ def test_copy_equals_whole_model(model_type, tmp_path) -> None:
     if model_type in OWN_DROP:
         assert not supports_expert_copy(adapter)
         with pytest.raises(ExpertCopyUnsupported):
-            write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, info.config, tmp_path / "copy", {},
-                                 source, progress=False)
+            write_pruned_by_copy(info, plan, tmp_path / "copy", {}, progress=False)
         assert not (tmp_path / "copy").exists()
         return
-    write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, info.config, tmp_path / "copy", {}, source,
-                         progress=False)
+    write_pruned_by_copy(info, plan, tmp_path / "copy", {}, progress=False)
     reference, _ = AutoModelForCausalLM.from_pretrained(source).eval(), None
     write_pruned(reference, adapter, plan, None, tmp_path / "whole", {}, source)
 
@@ -149,12 +146,10 @@ def test_neuron_copy_equals_whole_model(model_type, tmp_path) -> None:
         write_pruned(reference, adapter, plan, None, tmp_path / "whole", {}, source)
     except MoecompressError:  # no stock config for this width (shared experts sized by it, ...): the copy refuses too
         with pytest.raises((MoecompressError, ExpertCopyUnsupported)):
-            write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, info.config, tmp_path / "copy", {},
-                                 source, progress=False)
+            write_pruned_by_copy(info, plan, tmp_path / "copy", {}, progress=False)
         return
     try:
-        write_pruned_by_copy(TensorFiles(info.weight_files), adapter, plan, info.config, tmp_path / "copy", {},
-                             source, progress=False)
+        write_pruned_by_copy(info, plan, tmp_path / "copy", {}, progress=False)
     except ExpertCopyUnsupported:
         assert model_type not in PER_EXPERT_ON_DISK
         assert not (tmp_path / "copy").exists()

@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from moecompress.engine.layers import LayerEngine

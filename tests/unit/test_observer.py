@@ -147,7 +147,6 @@ def test_gradient_statistic_uses_exact_identity(setup) -> None:
     observer = collect_statistics(model, adapter, ids, torch.zeros(1, dtype=torch.long), ["all"],
                                   ObservedPass(statistics=["count", "neuron_grad_proj"], mode="whole-model"), False)
     ref = adapter.moe_layers(model)[-1]
-    grads = {}
     # Reference: retain the grad of each expert output through a forward hook on the down projection input.
     captured = []
 
