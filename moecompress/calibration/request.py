@@ -43,9 +43,22 @@ class CalibrationRequest(BaseModel):
 
     def fingerprint(self) -> dict[str, Any]:
         """The request as plain values, for a resumed run to check it is the same run."""
-        data = self.model_dump(exclude={"sources"})
-        data["sources"] = [repr(item) for item in self.sources or []]
-        return data
+        return plain_values(self, listed=("sources",))
+
+
+def plain_values(request: BaseModel, listed: Sequence[str] = (), as_text: Sequence[str] = ()) -> dict[str, Any]:
+    """A request's fields as JSON-ready values (a resumed run compares them with the stored run's).
+
+    listed: fields holding lists of objects (data sources), kept as their reprs; as_text:
+    fields holding one object (a path, a pattern set), kept as its text or None.
+    """
+    data = request.model_dump(exclude=set(listed) | set(as_text))
+    for name in listed:
+        data[name] = [repr(item) for item in getattr(request, name) or []]
+    for name in as_text:
+        value = getattr(request, name)
+        data[name] = None if value is None else str(value)
+    return data
 
 
 @dataclass

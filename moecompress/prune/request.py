@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from moecompress.calibration.request import CalibrationRequest
+from moecompress.calibration.request import CalibrationRequest, plain_values
 from moecompress.prune.merge import DEFAULT_MERGE
 from moecompress.prune.scorer_names import DEFAULT_PRUNE_METHOD
 from moecompress.prune.sequential import DEFAULT_SCORING
@@ -57,7 +57,4 @@ class PruneRequest(BaseModel):
 
     def fingerprint(self) -> dict[str, Any]:
         """The options as plain values, for a resumed run to check it is the same run."""
-        data = self.model_dump(exclude={"sources", "patterns"})
-        data["sources"] = [repr(item) for item in self.sources or []]
-        data["patterns"] = None if self.patterns is None else str(self.patterns)
-        return data
+        return plain_values(self, listed=("sources",), as_text=("patterns",))
