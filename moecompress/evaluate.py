@@ -232,8 +232,8 @@ def evaluate_perplexity(
     sources: `DomainSource`s (see `moecompress.calibration.data`). A domain with fewer than
     `max_windows` windows is scored on all it has (the report records the count); one with
     less than one full window of text is an error. reader: the checkpoint `model` (a meta
-    skeleton) is read from, one decoder layer at a time (`streamed_window_nll`); the report's
-    `model_path` is then its folder (callers set it otherwise).
+    skeleton) is read from, one decoder layer at a time (`streamed_window_nll`). The report's
+    `model_path` is left for the caller, which knows what folder it opened.
     """
     from moecompress.calibration.data import read_texts, token_stream, windows
 
@@ -278,6 +278,5 @@ def evaluate_perplexity(
         results=results,
         seq_len=seq_len,
         max_windows=max_windows,
-        model_path=None if reader is None else str(reader.info.path),
         seconds=time.perf_counter() - started,
     )
